@@ -1,0 +1,1 @@
+"""Multi-head Latent Attention, rotary embeddings and the paged latent KV cache."""

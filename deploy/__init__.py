@@ -1,0 +1,1 @@
+"""Ray Serve application: ingress, LLM server deployment, gRPC servicer, serve configs."""

@@ -1,0 +1,1 @@
+"""Routed-expert math: the expert FFN and grouped compute over a shard of stacked weights."""

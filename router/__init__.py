@@ -1,0 +1,1 @@
+"""Gate scoring, dispatch plans and expert maps: which expert each token goes to."""
