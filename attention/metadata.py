@@ -1,0 +1,67 @@
+"""Per-step attention metadata over the paged latent cache: where each token reads and writes.
+
+A step runs a ragged batch of sequences flattened to ``T`` tokens. Sequence ``i`` brings
+``query_lens[i]`` new tokens, the last ones of its ``context_lens[i]`` tokens; token at
+position ``p`` of a sequence lives in cache slot ``block_table[p // block_size] * block_size +
+p % block_size``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    positions: torch.Tensor  # [T] int64 absolute position of each token
+    slot_mapping: torch.Tensor  # [T] int64 cache slot each token's latent is written to
+    block_tables: torch.Tensor  # [N, max_blocks] int64, padded with 0
+    query_lens: list[int]  # [N] new tokens per sequence; sum = T
+    context_lens: list[int]  # [N] tokens in the cache per sequence once this step's are written
+    context_lens_t: torch.Tensor  # [N] int64, same values as context_lens
+    block_size: int
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.query_lens)
+
+    @property
+    def is_decode_only(self) -> bool:
+        return all(q == 1 for q in self.query_lens)
+
+    @classmethod
+    def build(
+        cls,
+        block_tables: Sequence[Sequence[int]],
+        num_computed: Sequence[int],
+        query_lens: Sequence[int],
+        block_size: int,
+        device: torch.device | str = "cpu",
+    ) -> AttentionMetadata:
+        """Metadata for sequences with ``num_computed[i]`` cached tokens and ``query_lens[i]`` new ones."""
+        positions: list[int] = []
+        slots: list[int] = []
+        for table, start, n in zip(block_tables, num_computed, query_lens):
+            for p in range(start, start + n):
+                positions.append(p)
+                slots.append(table[p // block_size] * block_size + p % block_size)
+        context_lens = [c + q for c, q in zip(num_computed, query_lens)]
+        width = max((len(t) for t in block_tables), default=0) or 1
+        padded = [list(t) + [0] * (width - len(t)) for t in block_tables]
+        return cls(
+            positions=torch.tensor(positions, dtype=torch.int64, device=device),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+            block_tables=torch.tensor(padded, dtype=torch.int64, device=device),
+            query_lens=list(query_lens),
+            context_lens=context_lens,
+            context_lens_t=torch.tensor(context_lens, dtype=torch.int64, device=device),
+            block_size=block_size,
+        )
+
+    def context_slots(self, i: int) -> torch.Tensor:
+        """Cache slots ``[context_lens[i]]`` holding sequence i's tokens in position order."""
+        pos = torch.arange(self.context_lens[i], device=self.block_tables.device)
+        return self.block_tables[i, pos // self.block_size] * self.block_size + pos % self.block_size

@@ -1,0 +1,128 @@
+"""Multi-head Latent Attention over the paged latent cache, in two switchable forms.
+
+* ``naive`` — decompress per-head keys and values from the cached latent (``W_UK c_kv``,
+  ``W_UV c_kv``) and run ordinary attention. Readable; the oracle.
+* ``absorbed`` — fold ``W_UK`` into the query and ``W_UV`` into the output, and attend over the
+  latent directly: MQA with C + R wide keys and C wide values, the cache read once for all
+  heads. Decode steps batch all sequences into one gathered read.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from attention.metadata import AttentionMetadata
+from attention.rope import RotaryEmbedding
+from dsray.config import ModelArgs
+from dsray.layers import RMSNorm
+
+MLA_MODES = ("naive", "absorbed")
+
+
+class MLA(nn.Module):
+    def __init__(self, args: ModelArgs, rope: RotaryEmbedding, mode: str = "absorbed"):
+        super().__init__()
+        if mode not in MLA_MODES:
+            raise ValueError(f"mla mode {mode!r} is not supported; supported: {MLA_MODES}")
+        self.mode = mode
+        self.n_heads = args.num_attention_heads
+        self.qk_nope_head_dim = args.qk_nope_head_dim
+        self.qk_rope_head_dim = args.qk_rope_head_dim
+        self.v_head_dim = args.v_head_dim
+        self.kv_lora_rank = args.kv_lora_rank
+        self.q_lora_rank = args.q_lora_rank
+        self.softmax_scale = args.softmax_scale
+        self.rope = rope
+        dim, H = args.hidden_size, self.n_heads
+        if self.q_lora_rank:
+            self.q_a_proj = nn.Linear(dim, self.q_lora_rank, bias=args.attention_bias)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, H * args.qk_head_dim, bias=False)
+        else:
+            self.q_proj = nn.Linear(dim, H * args.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(dim, args.kv_cache_dim, bias=args.attention_bias)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank)
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, H * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(H * self.v_head_dim, dim, bias=args.attention_bias)
+
+    def _up_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``W_UK [H, d_nope, C]`` and ``W_UV [H, d_v, C]``, views into ``kv_b_proj``."""
+        w = self.kv_b_proj.weight.view(self.n_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        return w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim :]
+
+    def forward(self, x: torch.Tensor, meta: AttentionMetadata, kv_cache: torch.Tensor) -> torch.Tensor:
+        """``x [T, D]`` → ``[T, D]``; writes this step's latents into ``kv_cache [slots, C + R]`` first."""
+        T, C = x.shape[0], self.kv_lora_rank
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora_rank else self.q_proj(x)
+        q = q.view(T, self.n_heads, -1)  # [T, H, d_nope + R]
+        q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        q_pe = self.rope(q_pe, meta.positions)
+        kv = self.kv_a_proj_with_mqa(x)  # [T, C + R]
+        c_kv = self.kv_a_layernorm(kv[:, :C])  # [T, C]
+        k_pe = self.rope(kv[:, C:], meta.positions)  # [T, R]
+        kv_cache[meta.slot_mapping] = torch.cat([c_kv, k_pe], dim=-1).to(kv_cache.dtype)
+
+        if self.mode == "absorbed":
+            w_uk, w_uv = self._up_weights()
+            q_lat = torch.einsum("thd,hdc->thc", q_nope, w_uk)  # [T, H, C]
+            q_full = torch.cat([q_lat, q_pe], dim=-1)  # [T, H, C + R]
+            if meta.is_decode_only:
+                o_lat = self._absorbed_decode(q_full, meta, kv_cache)
+            else:
+                o_lat = torch.cat(
+                    [self._absorbed_seq(q_full[a:b], kv_cache[meta.context_slots(i)]) for i, (a, b) in _spans(meta)]
+                )
+            out = torch.einsum("thc,hdc->thd", o_lat, w_uv)  # [T, H, d_v]
+        else:
+            out = torch.cat(
+                [self._naive_seq(q_nope[a:b], q_pe[a:b], kv_cache[meta.context_slots(i)]) for i, (a, b) in _spans(meta)]
+            )
+        return self.o_proj(out.reshape(T, -1))
+
+    def _scores_to_output(self, scores: torch.Tensor, mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        probs = (scores.float() * self.softmax_scale).masked_fill(mask, float("-inf")).softmax(dim=-1)
+        return torch.matmul(probs.to(values.dtype), values)
+
+    def _absorbed_seq(self, q_full: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+        """One sequence: ``q_full [q, H, C + R]`` over ``latent [L, C + R]`` → ``o_lat [q, H, C]``."""
+        q, L = q_full.shape[0], latent.shape[0]
+        scores = torch.einsum("qhc,lc->hql", q_full, latent.to(q_full.dtype))  # [H, q, L]
+        o_lat = self._scores_to_output(
+            scores, _causal_mask(q, L, q_full.device), latent[:, : self.kv_lora_rank].to(q_full.dtype)
+        )
+        return o_lat.transpose(0, 1)  # [q, H, C]
+
+    def _absorbed_decode(self, q_full: torch.Tensor, meta: AttentionMetadata, kv_cache: torch.Tensor) -> torch.Tensor:
+        """All sequences at once, one new token each: ``q_full [N, H, C + R]`` → ``[N, H, C]``."""
+        N = q_full.shape[0]
+        latent = kv_cache.view(-1, meta.block_size, kv_cache.shape[-1])[meta.block_tables]  # [N, B, bs, C + R]
+        latent = latent.view(N, -1, kv_cache.shape[-1]).to(q_full.dtype)  # [N, S, C + R]
+        scores = torch.bmm(q_full, latent.transpose(1, 2))  # [N, H, S]
+        pad = torch.arange(latent.shape[1], device=q_full.device) >= meta.context_lens_t[:, None]  # [N, S]
+        return self._scores_to_output(scores, pad[:, None, :], latent[..., : self.kv_lora_rank])  # [N, H, C]
+
+    def _naive_seq(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+        """Oracle: decompress per-head K/V from ``latent [L, C + R]`` → attention output ``[q, H, d_v]``."""
+        q, L = q_nope.shape[0], latent.shape[0]
+        latent = latent.to(q_nope.dtype)
+        kv = self.kv_b_proj(latent[:, : self.kv_lora_rank]).view(L, self.n_heads, -1)  # [L, H, d_nope + d_v]
+        k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        k_pe = latent[:, self.kv_lora_rank :]  # [L, R], shared by all heads
+        scores = torch.einsum("qhd,lhd->hql", q_nope, k_nope) + torch.einsum("qhr,lr->hql", q_pe, k_pe)
+        out = self._scores_to_output(scores, _causal_mask(q, L, q_nope.device), v.transpose(0, 1))  # [H, q, d_v]
+        return out.transpose(0, 1)
+
+
+def _spans(meta: AttentionMetadata):
+    """``(i, (start, end))`` token spans of each sequence in the flattened batch."""
+    start = 0
+    for i, n in enumerate(meta.query_lens):
+        yield i, (start, start + n)
+        start += n
+
+
+def _causal_mask(q: int, L: int, device: torch.device) -> torch.Tensor:
+    """True where query j (the last q of L positions) must not see key l: ``l > L - q + j``."""
+    rows = torch.arange(L - q, L, device=device)[:, None]
+    return torch.arange(L, device=device)[None, :] > rows  # [q, L]

@@ -1,0 +1,102 @@
+"""Test fixtures that need no network: tiny DeepSeek checkpoints written by HF transformers.
+
+Importable by tests and benchmarks (``transformers`` is a test dependency, imported lazily).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+YARN = {
+    "rope_type": "yarn",
+    "rope_theta": 10000.0,
+    "factor": 4.0,
+    "original_max_position_embeddings": 256,
+    "beta_fast": 32,
+    "beta_slow": 1,
+    "mscale": 0.707,
+    "mscale_all_dim": 0.707,
+}
+
+_COMMON: dict[str, Any] = dict(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    moe_intermediate_size=32,
+    num_hidden_layers=3,
+    first_k_dense_replace=1,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    kv_lora_rank=32,
+    qk_nope_head_dim=16,
+    qk_rope_head_dim=8,
+    v_head_dim=16,
+    n_routed_experts=16,
+    num_experts_per_tok=4,
+    n_shared_experts=1,
+    max_position_embeddings=1024,
+    initializer_range=0.05,
+    bos_token_id=0,
+    eos_token_id=1,
+)
+
+# The parity matrix of the model issue: name → (model_type, config overrides).
+HF_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "v3": ("deepseek_v3", dict(q_lora_rank=48, n_group=4, topk_group=2, rope_parameters=YARN)),
+    "v3-dense0": ("deepseek_v3", dict(q_lora_rank=48, n_group=4, topk_group=2, first_k_dense_replace=0)),
+    "v3-dense2": (
+        "deepseek_v3",
+        dict(
+            q_lora_rank=48, n_group=4, topk_group=2, first_k_dense_replace=2, num_hidden_layers=4, rope_parameters=YARN
+        ),
+    ),
+    "v3-halves": (
+        "deepseek_v3",
+        dict(q_lora_rank=48, n_group=2, topk_group=1, rope_interleave=False, rope_parameters=YARN),
+    ),
+    "v2": (
+        "deepseek_v2",
+        dict(
+            q_lora_rank=48,
+            topk_method="group_limited_greedy",
+            n_group=4,
+            topk_group=2,
+            n_shared_experts=2,
+            routed_scaling_factor=16.0,
+            rope_parameters=YARN,
+        ),
+    ),
+    "v2-lite": (
+        "deepseek_v2",
+        dict(q_lora_rank=None, topk_method="greedy", n_shared_experts=2, num_experts_per_tok=6, rope_parameters=YARN),
+    ),
+}
+
+
+def hf_config(name: str):
+    """The transformers config object of a matrix entry."""
+    from transformers import DeepseekV2Config, DeepseekV3Config
+
+    model_type, overrides = HF_CONFIGS[name]
+    cls = DeepseekV3Config if model_type == "deepseek_v3" else DeepseekV2Config
+    return cls(**(_COMMON | overrides))
+
+
+def make_hf_checkpoint(name: str, out_dir: str | Path, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """Write a random checkpoint of matrix entry ``name`` with HF's ``save_pretrained``; return the HF model."""
+    from transformers import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
+
+    config = hf_config(name)
+    cls = DeepseekV3ForCausalLM if config.model_type == "deepseek_v3" else DeepseekV2ForCausalLM
+    torch.manual_seed(seed)
+    model = cls(config).to(dtype).eval()
+    generator = torch.Generator().manual_seed(seed + 1)
+    for module in model.modules():
+        bias = getattr(module, "e_score_correction_bias", None)
+        if isinstance(bias, torch.Tensor):  # HF initialises it to zero; make it matter
+            bias.data.copy_(torch.randn(bias.shape, generator=generator) * 0.05)
+    model.save_pretrained(out_dir)
+    return model

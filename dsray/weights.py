@@ -1,0 +1,117 @@
+"""Checkpoint tensor names per role, and loading them into a ``Transformer``.
+
+A role reads only its own tensors: the attention side (everything but routed experts) or an
+expert shard ``[first, end)`` of every MoE layer. HF checkpoints store each routed expert's
+``gate_proj``/``up_proj``/``down_proj`` separately; we stack them per shard.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from dsray.checkpoint import Checkpoint
+from dsray.config import ModelArgs
+from dsray.model import Transformer
+from experts.shard import ExpertShard
+
+FP32_SUFFIXES = (".mlp.gate.weight", ".mlp.gate.e_score_correction_bias")
+
+
+def attention_tensor_specs(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Every tensor but the routed experts: what an attention worker (or the full model) reads."""
+    D, H = args.hidden_size, args.num_attention_heads
+    specs: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (args.vocab_size, D), "model.norm.weight": (D,)}
+    if not args.tie_word_embeddings:
+        specs["lm_head.weight"] = (args.vocab_size, D)
+    for i in range(args.num_hidden_layers):
+        p = f"model.layers.{i}."
+        specs[p + "input_layernorm.weight"] = (D,)
+        specs[p + "post_attention_layernorm.weight"] = (D,)
+        a = p + "self_attn."
+        if args.q_lora_rank:
+            specs[a + "q_a_proj.weight"] = (args.q_lora_rank, D)
+            specs[a + "q_a_layernorm.weight"] = (args.q_lora_rank,)
+            specs[a + "q_b_proj.weight"] = (H * args.qk_head_dim, args.q_lora_rank)
+            if args.attention_bias:
+                specs[a + "q_a_proj.bias"] = (args.q_lora_rank,)
+        else:
+            specs[a + "q_proj.weight"] = (H * args.qk_head_dim, D)
+        specs[a + "kv_a_proj_with_mqa.weight"] = (args.kv_cache_dim, D)
+        specs[a + "kv_a_layernorm.weight"] = (args.kv_lora_rank,)
+        specs[a + "kv_b_proj.weight"] = (H * (args.qk_nope_head_dim + args.v_head_dim), args.kv_lora_rank)
+        specs[a + "o_proj.weight"] = (D, H * args.v_head_dim)
+        if args.attention_bias:
+            specs[a + "kv_a_proj_with_mqa.bias"] = (args.kv_cache_dim,)
+            specs[a + "o_proj.bias"] = (D,)
+        if args.is_moe_layer(i):
+            specs[p + "mlp.gate.weight"] = (args.n_routed_experts, D)
+            if args.topk_method == "noaux_tc":
+                specs[p + "mlp.gate.e_score_correction_bias"] = (args.n_routed_experts,)
+            if args.n_shared_experts:
+                _mlp_specs(specs, p + "mlp.shared_experts.", D, args.moe_intermediate_size * args.n_shared_experts)
+        else:
+            _mlp_specs(specs, p + "mlp.", D, args.intermediate_size)
+    return specs
+
+
+def expert_tensor_specs(args: ModelArgs, first: int, end: int) -> dict[str, tuple[int, ...]]:
+    """The routed experts ``[first, end)`` of every MoE layer: what an expert worker reads."""
+    specs: dict[str, tuple[int, ...]] = {}
+    for i in args.moe_layer_ids:
+        for e in range(first, end):
+            _mlp_specs(specs, f"model.layers.{i}.mlp.experts.{e}.", args.hidden_size, args.moe_intermediate_size)
+    return specs
+
+
+def _mlp_specs(specs: dict[str, tuple[int, ...]], prefix: str, dim: int, inter: int) -> None:
+    specs[prefix + "gate_proj.weight"] = (inter, dim)
+    specs[prefix + "up_proj.weight"] = (inter, dim)
+    specs[prefix + "down_proj.weight"] = (dim, inter)
+
+
+def keep_fp32(name: str) -> bool:
+    """The gate scores experts in fp32 whatever the model dtype (as HF and DeepSeek do)."""
+    return name.endswith(FP32_SUFFIXES)
+
+
+def load_expert_shard(shard: ExpertShard, tensors: dict[str, torch.Tensor], layer_id: int) -> None:
+    """Stack experts ``shard.expert_range`` of one layer into ``w13``/``w2``."""
+    first, end = shard.expert_range
+    inter = shard.inter_dim
+    for local, e in enumerate(range(first, end)):
+        p = f"model.layers.{layer_id}.mlp.experts.{e}."
+        shard.w13.data[local, :inter].copy_(tensors[p + "gate_proj.weight"])
+        shard.w13.data[local, inter:].copy_(tensors[p + "up_proj.weight"])
+        shard.w2.data[local].copy_(tensors[p + "down_proj.weight"])
+
+
+def load_transformer(
+    path: str | Path,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    mla_mode: str = "absorbed",
+    expert_mode: str = "grouped",
+    progress: bool = True,
+) -> Transformer:
+    """Build the full model (attention side and every expert) from a checkpoint directory."""
+    args = ModelArgs.from_pretrained(path)
+    start = time.perf_counter()
+    with torch.device("meta"):
+        model = Transformer(args, mla_mode, expert_mode)
+    model = model.to_empty(device=device).to(dtype)
+    for moe in model.moe_layers.values():
+        moe.gate.float()
+    specs = attention_tensor_specs(args) | expert_tensor_specs(args, 0, args.n_routed_experts)
+    tensors = Checkpoint(path).load(specs, dtype=dtype, keep_fp32=keep_fp32, progress=progress)
+    params = dict(model.named_parameters())
+    for name in attention_tensor_specs(args):
+        params[name].data = tensors.pop(name)  # take the loaded tensor; no second copy
+    if args.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    for layer_id, moe in model.moe_layers.items():
+        load_expert_shard(moe.experts, tensors, layer_id)
+    model.load_seconds = time.perf_counter() - start
+    return model.eval()

@@ -1,0 +1,55 @@
+"""An expert shard: routed experts ``[first, first + E_local)`` of one MoE layer, stacked.
+
+Weights are stacked per shard — ``w13 [E_local, 2I, D]`` (gate rows then up rows) and
+``w2 [E_local, D, I]`` — so grouped compute indexes one tensor instead of E small modules.
+Two compute paths: ``forward_loop`` (one expert at a time over a token mask; the oracle) and
+``run_sorted`` (rows pre-sorted by expert, one matmul pair per active expert; the fast path
+that the dispatch seam feeds).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ExpertShard(nn.Module):
+    def __init__(self, first_expert: int, num_local_experts: int, dim: int, inter_dim: int):
+        super().__init__()
+        self.first_expert = first_expert
+        self.num_local_experts = num_local_experts
+        self.inter_dim = inter_dim
+        self.w13 = nn.Parameter(torch.empty(num_local_experts, 2 * inter_dim, dim), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(num_local_experts, dim, inter_dim), requires_grad=False)
+
+    @property
+    def expert_range(self) -> tuple[int, int]:
+        return self.first_expert, self.first_expert + self.num_local_experts
+
+    def expert_ffn(self, local_id: int, x: torch.Tensor) -> torch.Tensor:
+        """SwiGLU of one local expert over rows ``x [M, D]``."""
+        gate_up = F.linear(x, self.w13[local_id])  # [M, 2I]
+        gate, up = gate_up.split(self.inter_dim, dim=-1)
+        return F.linear(F.silu(gate) * up, self.w2[local_id])  # [M, D]
+
+    def forward_loop(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        """Reference: weighted sum over this shard's experts of ``x [T, D]`` (other experts add 0)."""
+        out = torch.zeros_like(x, dtype=torch.float32)  # [T, D]
+        for local_id in range(self.num_local_experts):
+            token_ids, k = torch.where(topk_ids == self.first_expert + local_id)
+            if token_ids.numel() == 0:
+                continue
+            y = self.expert_ffn(local_id, x[token_ids])  # [M, D]
+            out.index_add_(0, token_ids, y.float() * topk_weights[token_ids, k, None])
+        return out.to(x.dtype)
+
+    def run_sorted(self, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """Fast path: ``rows [M, D]`` sorted by local expert, ``counts[e]`` rows each → ``[M, D]``."""
+        out = torch.empty_like(rows)
+        start = 0
+        for local_id, n in enumerate(counts):
+            if n:
+                out[start : start + n] = self.expert_ffn(local_id, rows[start : start + n])
+            start += n
+        return out
