@@ -1,0 +1,1 @@
+"""The engine's control plane: sequences, paged KV block bookkeeping and the scheduler (no torch)."""
