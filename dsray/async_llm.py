@@ -1,0 +1,139 @@
+"""AsyncLLM: the engine loop on a background thread, with per-request async streams and abort.
+
+The server's handlers call ``generate`` (an async iterator of incremental outputs) and
+``abort``. Validation happens in the caller before anything is queued, so a bad request raises
+at once and never reaches the loop. If the consumer stops iterating (a client disconnect
+cancels the task), the request is aborted and its KV blocks freed at the next step boundary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import Any
+
+from dsray.engine.llm_engine import LLMEngine
+from dsray.engine_config import EngineConfig
+from dsray.outputs import RequestOutput
+from dsray.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop stopped on an error; no request can be served."""
+
+
+class AsyncLLM:
+    def __init__(self, config: EngineConfig, engine: LLMEngine | None = None):
+        self.engine = engine or LLMEngine(config)
+        self._commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._wake = threading.Event()
+        self._stopped = False
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="dsray-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def is_healthy(self) -> bool:
+        return self.error is None and not self._stopped and self._thread.is_alive()
+
+    def check_health(self) -> None:
+        if not self.is_healthy:
+            raise EngineDeadError(f"engine loop is not running: {self.error!r}")
+
+    async def generate(
+        self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream incremental outputs (``new_text``/``new_token_ids`` per step) until finished."""
+        self.check_health()
+        params = params or SamplingParams()
+        ids = self.engine.tokenize(prompt)
+        params = self.engine.validate(ids, params)
+        request_id = request_id or self.engine.new_request_id()
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        stream: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = (asyncio.get_running_loop(), stream)
+        self._send("add", (prompt, ids, params, request_id))
+        finished = False
+        try:
+            while True:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self._send("abort", request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._send("abort", request_id)
+
+    def shutdown(self) -> None:
+        self._stopped = True
+        self._wake.set()
+        self._thread.join(timeout=30)
+        self.engine.executor.shutdown()
+
+    # Engine thread ----------------------------------------------------------------------------
+
+    def _send(self, kind: str, payload: Any) -> None:
+        self._commands.put((kind, payload))
+        self._wake.set()
+
+    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        target = self._streams.get(request_id)
+        if target is not None:
+            loop, stream = target
+            loop.call_soon_threadsafe(stream.put_nowait, item)
+
+    def _drain_commands(self) -> None:
+        while True:
+            try:
+                kind, payload = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                prompt, ids, params, request_id = payload
+                try:
+                    self.engine.add_request(prompt, params, request_id=request_id, prompt_ids=ids)
+                except ValueError as exc:
+                    self._deliver(request_id, exc)
+            else:
+                self.engine.abort(payload)
+
+    def _loop(self) -> None:
+        try:
+            while not self._stopped:
+                self._drain_commands()
+                if not self.engine.has_unfinished():
+                    self._wake.wait(timeout=1.0)
+                    self._wake.clear()
+                    continue
+                for out in self.engine.step():
+                    self._deliver(out.request_id, _snapshot(out))
+        except BaseException as exc:  # the loop must never die silently: fail every waiter
+            logger.exception("dsray engine loop failed")
+            self.error = exc
+            for request_id in list(self._streams):
+                self._deliver(request_id, EngineDeadError(f"engine failed: {exc!r}"))
+
+
+def _snapshot(out: RequestOutput) -> RequestOutput:
+    """A copy the consumer may keep while the engine goes on updating the original."""
+    return replace(
+        out,
+        token_ids=list(out.token_ids),
+        new_token_ids=list(out.new_token_ids),
+        logprobs=list(out.logprobs) if out.logprobs is not None else None,
+    )

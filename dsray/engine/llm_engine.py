@@ -1,0 +1,207 @@
+"""LLMEngine: requests in, token streams out — tokenizer, scheduler, executor and the step loop.
+
+``step()`` is the whole engine loop: schedule → run the batch → postprocess (append tokens,
+detokenize, stop strings). It is synchronous and single-threaded; ``AsyncLLM`` runs it on a
+thread for the server.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+
+from dsray.config import ModelArgs
+from dsray.engine.block_manager import BlockManager
+from dsray.engine.scheduler import Scheduler, SchedulerOutput
+from dsray.engine.sequence import Sequence
+from dsray.engine_config import EngineConfig
+from dsray.executor import Executor, create_executor
+from dsray.outputs import RequestOutput
+from dsray.protocol import SeqStep, StepInput
+from dsray.sampler import SampleRequest
+from dsray.sampling_params import SamplingParams
+from dsray.tokenizer import IncrementalDetokenizer, Tokenizer
+
+
+@dataclass
+class _Request:
+    seq: Sequence
+    output: RequestOutput
+    detokenizer: IncrementalDetokenizer | None
+    full_text: str = ""  # text including a possible stop string, for matching across steps
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, executor: Executor | None = None):
+        self.config = config
+        self.args = ModelArgs.from_pretrained(config.model)
+        try:
+            self.tokenizer: Tokenizer | None = Tokenizer(config.model)
+        except FileNotFoundError:
+            self.tokenizer = None  # token-id prompts still work
+        self.executor = executor or create_executor(config)
+        self.max_model_len = config.max_model_len or self.args.max_position_embeddings
+        block_manager = BlockManager(self.executor.num_blocks, config.block_size, config.enable_prefix_caching)
+        eos = self.args.eos_token_ids[0] if self.args.eos_token_ids else None
+        self.scheduler = Scheduler(config.scheduler_config(), block_manager, eos)
+        self.requests: dict[str, _Request] = {}
+        self._next_id = 0
+
+    # Requests ---------------------------------------------------------------------------------
+
+    def new_request_id(self) -> str:
+        self._next_id += 1
+        return f"req-{self._next_id}"
+
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer.json: give the prompt as token ids")
+            return self.tokenizer.encode(prompt)
+        ids = list(prompt)
+        if not ids:
+            raise ValueError("prompt must not be empty")
+        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.args.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids must be integers in [0, {self.args.vocab_size}); got {bad[:5]}")
+        return ids
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> SamplingParams:
+        """Refuse what cannot fit the model's context; fill ``max_tokens=None`` with what is left."""
+        if not prompt_ids:
+            raise ValueError("prompt must not be empty")
+        n = len(prompt_ids)
+        if n >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {n} tokens; this model's context is {self.max_model_len} tokens "
+                "(prompt plus at least one generated token must fit)"
+            )
+        if params.max_tokens is None:
+            params = _with_max_tokens(params, self.max_model_len - n)
+        elif n + params.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) = {n + params.max_tokens} exceeds "
+                f"this model's context of {self.max_model_len} tokens; lower max_tokens"
+            )
+        if n + params.max_tokens > self.scheduler.max_seq_len:
+            raise ValueError(
+                f"prompt + max_tokens = {n + params.max_tokens} tokens exceeds the KV cache "
+                f"({self.scheduler.max_seq_len} tokens); lower max_tokens or give the cache more memory"
+            )
+        return params
+
+    def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        prompt_ids: list[int] | None = None,
+    ) -> str:
+        """Validate and queue a request; raises ``ValueError`` saying what is wrong, changing nothing."""
+        params = params or SamplingParams()
+        ids = prompt_ids if prompt_ids is not None else self.tokenize(prompt)
+        params = self.validate(ids, params)
+        request_id = request_id or self.new_request_id()
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        seq = Sequence(request_id, ids, params)
+        self.scheduler.add(seq)
+        detok = None
+        if self.tokenizer is not None:
+            detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
+        output = RequestOutput(
+            request_id=request_id,
+            prompt=prompt if isinstance(prompt, str) else None,
+            prompt_token_ids=ids,
+            logprobs=[] if params.logprobs is not None else None,
+            arrival_time=time.monotonic(),
+        )
+        self.requests[request_id] = _Request(seq, output, detok)
+        return request_id
+
+    def abort(self, request_id: str) -> bool:
+        """Abort a request; its KV blocks are freed at once."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return False
+        self.scheduler.abort(request_id)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # The loop ---------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """One engine iteration; returns an output for every request that advanced or finished."""
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            return []
+        result = self.executor.execute(self._step_input(out))
+        sampled = [r.token_id if r is not None else None for r in result.results]
+        by_id = {s.seq.request_id: r for s, r in zip(out.scheduled, result.results)}
+        updates = []
+        now = time.monotonic()
+        for seq in self.scheduler.postprocess(out, sampled):
+            req = self.requests.get(seq.request_id)
+            if req is None:
+                continue
+            self._update(req, seq.output_token_ids[-1], by_id[seq.request_id].logprobs, now)
+            updates.append(req.output)
+            if req.output.finished:
+                del self.requests[seq.request_id]
+        return updates
+
+    def _step_input(self, out: SchedulerOutput) -> StepInput:
+        seqs = []
+        for s in out.scheduled:
+            seq = s.seq
+            start = s.num_computed_tokens
+            sample = None
+            if s.needs_sample:
+                sample = SampleRequest(seq.sampling_params, seq.prompt_token_ids, seq.output_token_ids)
+            tokens = seq.all_token_ids[start : start + s.num_new_tokens]
+            seqs.append(SeqStep(seq.request_id, tokens, start, list(seq.block_table), sample))
+        return StepInput(seqs)
+
+    def _update(self, req: _Request, token_id: int, logprobs: dict[int, float] | None, now: float) -> None:
+        seq, output = req.seq, req.output
+        params = seq.sampling_params
+        output.token_ids = list(seq.output_token_ids)
+        output.new_token_ids = [token_id]
+        output.num_cached_tokens = seq.num_cached_tokens
+        if output.first_token_time is None:
+            output.first_token_time = now
+        if output.logprobs is not None and logprobs is not None:
+            output.logprobs.append(logprobs)
+        new_text = ""
+        if req.detokenizer is not None:
+            new_text = req.detokenizer.add(token_id)
+            req.full_text += new_text
+            stop = _find_stop(req.full_text, len(new_text), params.stop)
+            if stop is not None and not seq.is_finished:
+                stop_str, at = stop
+                cut = at + len(stop_str) if params.include_stop_str_in_output else at
+                new_text = req.full_text[len(output.text) : cut] if cut > len(output.text) else ""
+                req.full_text = req.full_text[:cut]
+                self.scheduler.finish(seq, "stop", stop_str)
+        output.new_text = new_text
+        output.text += new_text
+        if seq.is_finished:
+            output.finish_reason = seq.finish_reason
+            output.stop_reason = seq.stop_reason
+
+
+def _find_stop(text: str, num_new: int, stops: list[str]) -> tuple[str, int] | None:
+    """Earliest stop string that ends in the newly added text: (stop, index where it starts)."""
+    best = None
+    for stop in stops:
+        start = max(0, len(text) - num_new - len(stop) + 1)
+        at = text.find(stop, start)
+        if at != -1 and (best is None or at < best[1]):
+            best = (stop, at)
+    return best
+
+
+def _with_max_tokens(params: SamplingParams, max_tokens: int) -> SamplingParams:
+    return replace(params, max_tokens=max_tokens)

@@ -1,0 +1,54 @@
+"""EngineConfig: everything that shapes one model instance — model, dtype, cache, batching, executor."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from dsray.engine.scheduler import SchedulerConfig
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class EngineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str = Field(description="Checkpoint directory (safetensors + config.json + tokenizer files).")
+    dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="Weights and KV cache dtype.")
+    kv_cache_memory_gb: float = Field(
+        1.0, gt=0, description="Memory for the paged latent KV cache, in GiB; the block count follows from it."
+    )
+    max_num_blocks: int | None = Field(
+        None, ge=1, description="Cap on KV blocks regardless of memory (small values force preemption in tests)."
+    )
+    block_size: int = Field(16, ge=1, le=1024, description="Tokens per KV block.")
+    max_num_seqs: int = Field(256, ge=1, description="Most sequences in one batch.")
+    max_num_batched_tokens: int = Field(2048, ge=1, description="Token budget per step (decodes + prefill chunks).")
+    enable_chunked_prefill: bool = Field(True, description="Split long prompts over steps under the token budget.")
+    enable_prefix_caching: bool = Field(True, description="Reuse KV blocks of identical prompt prefixes.")
+    max_model_len: int | None = Field(
+        None, ge=1, description="Longest prompt + output; default the model's max_position_embeddings."
+    )
+    mla_mode: Literal["absorbed", "naive"] = Field("absorbed", description="MLA path: absorbed (fast) or naive.")
+    expert_mode: Literal["grouped", "loop"] = Field("grouped", description="Routed experts: grouped or loop.")
+    executor: Literal["local"] = Field("local", description="Where the model runs: in-process ('local').")
+    num_threads: int | None = Field(None, ge=1, description="Torch CPU threads; default torch's choice.")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def kv_cache_memory_bytes(self) -> int:
+        return int(self.kv_cache_memory_gb * 2**30)
+
+    def scheduler_config(self) -> SchedulerConfig:
+        return SchedulerConfig(
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            enable_chunked_prefill=self.enable_chunked_prefill,
+            block_size=self.block_size,
+            enable_prefix_caching=self.enable_prefix_caching,
+        )
