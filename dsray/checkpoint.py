@@ -149,9 +149,7 @@ class Checkpoint:
                 f"{self.path} holds only pickle checkpoints ({_names_preview(pickles)}); dsray refuses "
                 f"them because unpickling can run arbitrary code. It reads safetensors. {CONVERT_HINT}"
             )
-        raise CheckpointError(
-            f"no weights in {self.path}: expected {SINGLE_FILE} or {INDEX_FILE} with its shard files"
-        )
+        raise CheckpointError(f"no weights in {self.path}: expected {SINGLE_FILE} or {INDEX_FILE} with its shard files")
 
     def _read_config(self) -> dict[str, Any]:
         config_file = self.path / "config.json"

@@ -121,9 +121,7 @@ def test_mis_shaped_tensor_names_expected_and_found(sharded):
     wanted = {**shapes(role), "model.layers.0.self_attn.o_proj.weight": (D, D + 1)}
     with pytest.raises(ShapeMismatchError) as info:
         Checkpoint(path).load(wanted, torch.float32)
-    assert f"model.layers.0.self_attn.o_proj.weight: expected ({D}, {D + 1}), found ({D}, {D})" in str(
-        info.value
-    )
+    assert f"model.layers.0.self_attn.o_proj.weight: expected ({D}, {D + 1}), found ({D}, {D})" in str(info.value)
 
 
 def test_pickle_only_directory_is_refused_without_unpickling(tmp_path):
