@@ -1,0 +1,51 @@
+"""Typed messages between the Serve deployments (ingress, gRPC servicer) and the LLMServer.
+
+Small picklable dataclasses: they cross Ray actor boundaries on every streamed chunk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class GenerateRequest:
+    """One completion request as the LLMServer takes it.
+
+    Exactly one of ``prompt`` (text) and ``prompt_token_ids`` is set; chat requests arrive here
+    already rendered through the chat template by the caller (``messages`` set instead; the
+    server renders them with the checkpoint's template). ``sampling`` holds SamplingParams
+    fields by name.
+    """
+
+    request_id: str
+    prompt: str | None = None
+    prompt_token_ids: list[int] | None = None
+    messages: list[dict[str, Any]] | None = None
+    sampling: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StreamChunk:
+    """One step's delta of a request, plus the totals once it finishes."""
+
+    request_id: str
+    new_text: str
+    new_token_ids: list[int]
+    logprobs: list[dict[int, float]] | None = None  # for the new tokens, when asked for
+    finish_reason: str | None = None  # "stop" | "length" | "abort" on the last chunk
+    num_prompt_tokens: int = 0
+    num_generated_tokens: int = 0
+    num_cached_tokens: int = 0
+
+
+@dataclass
+class ErrorInfo:
+    """A request the server refused: OpenAI error fields and the HTTP status to use."""
+
+    message: str
+    type: str = "BadRequestError"
+    param: str | None = None
+    code: str | None = None
+    status: int = 400
