@@ -33,7 +33,29 @@ class EngineConfig(BaseModel):
     )
     mla_mode: Literal["absorbed", "naive"] = Field("absorbed", description="MLA path: absorbed (fast) or naive.")
     expert_mode: Literal["grouped", "loop"] = Field("grouped", description="Routed experts: grouped or loop.")
-    executor: Literal["local"] = Field("local", description="Where the model runs: in-process ('local').")
+    executor: Literal["local", "ray"] = Field(
+        "local", description="Where the model runs: in-process ('local') or attention/expert Ray actors ('ray')."
+    )
+    num_attention_workers: int = Field(1, ge=1, description="Data-parallel attention workers (ray executor).")
+    num_expert_workers: int = Field(1, ge=1, description="Expert workers sharing the routed experts (ray executor).")
+    ray_address: str | None = Field(
+        None, description="Ray cluster to join; default RAY_ADDRESS, else a local cluster is started."
+    )
+    placement_strategy: Literal["SPREAD", "PACK", "STRICT_SPREAD", "STRICT_PACK"] = Field(
+        "SPREAD", description="How the placement group spreads workers over nodes."
+    )
+    attention_worker_resources: dict[str, float] = Field(
+        default_factory=lambda: {"CPU": 1.0},
+        description="Ray resources per attention worker, e.g. {'CPU': 4, 'GPU': 1, 'dsray_attention': 1}.",
+    )
+    expert_worker_resources: dict[str, float] = Field(
+        default_factory=lambda: {"CPU": 1.0},
+        description="Ray resources per expert worker, e.g. {'CPU': 4, 'GPU': 1, 'dsray_expert': 1}.",
+    )
+    placement_timeout_s: float = Field(60.0, gt=0, description="Wait this long for the cluster to place workers.")
+    step_timeout_s: float = Field(
+        60.0, gt=0, description="A step (and each collective) failing to finish in this time fails the engine."
+    )
     num_threads: int | None = Field(None, ge=1, description="Torch CPU threads; default torch's choice.")
 
     @property

@@ -18,13 +18,23 @@ from dsray.weights import load_transformer
 
 
 class Executor(ABC):
-    """Runs steps on the model. ``num_blocks`` is the KV cache size the scheduler may hand out."""
+    """Runs steps on the model.
+
+    ``num_attention_ranks`` data-parallel attention ranks each own a KV cache of ``num_blocks``
+    blocks; the engine keeps one scheduler per rank.
+    """
 
     num_blocks: int
+    num_attention_ranks: int = 1
 
     @abstractmethod
-    def execute(self, step: StepInput) -> StepOutput:
-        """Run one step; results align with ``step.seqs``. Raises if a worker fails."""
+    def execute(self, steps: list[StepInput]) -> list[StepOutput]:
+        """Run one step on every attention rank (``steps[r]`` may be empty); results align with
+        each rank's ``seqs``. Raises ``WorkerError`` naming the worker if one fails."""
+
+    def expert_load(self) -> list[list[int]]:
+        """Tokens routed to each (MoE layer, expert) since start: ``[num_moe_layers][n_routed_experts]``."""
+        return []
 
     def check_health(self) -> None:
         """Raise when the executor cannot serve (e.g. a worker died). In-process: always healthy."""
@@ -45,11 +55,18 @@ class LocalExecutor(Executor):
         self.runner = ModelRunner(model, config.kv_cache_memory_bytes, config.block_size, config.max_num_blocks)
         self.num_blocks = self.runner.num_blocks
 
-    def execute(self, step: StepInput) -> StepOutput:
-        return self.runner.execute(step)
+    def execute(self, steps: list[StepInput]) -> list[StepOutput]:
+        return [self.runner.execute(steps[0])]
+
+    def expert_load(self) -> list[list[int]]:
+        return self.runner.model.expert_load()
 
 
 def create_executor(config: EngineConfig) -> Executor:
-    if config.executor == "local":
-        return LocalExecutor(config)
-    raise ValueError(f"executor {config.executor!r} is not supported; supported: 'local'")
+    if config.executor == "ray":
+        from dsray.ray_executor import RayExecutor  # Ray only when asked for
+
+        return RayExecutor(config)
+    if config.num_attention_workers != 1 or config.num_expert_workers != 1:
+        raise ValueError("num_attention_workers/num_expert_workers need executor='ray'")
+    return LocalExecutor(config)

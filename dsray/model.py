@@ -18,7 +18,7 @@ from attention.metadata import AttentionMetadata
 from attention.mla import MLA
 from attention.rope import RotaryEmbedding
 from dsray.config import ModelArgs
-from dsray.layers import MLP, RMSNorm
+from dsray.layers import MLP, Linear, RMSNorm, linear
 from experts.shard import ExpertShard
 from router.dispatch import build_plan
 from router.gate import Gate
@@ -41,6 +41,8 @@ def combine_sorted(
     shard: ExpertShard, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
 ) -> torch.Tensor:
     """Grouped path on one shard: dispatch plan → rows sorted by expert → one matmul pair per expert → combine."""
+    if x.shape[0] == 1:
+        return shard.forward_single(x, topk_ids, topk_weights)  # batch-1 decode: no plan to build
     plan = build_plan(topk_ids, shard.first_expert + shard.num_local_experts)
     first, end = shard.expert_range
     counts = plan.expert_counts[first:end].tolist()
@@ -57,17 +59,24 @@ def combine_sorted(
 class MoE(nn.Module):
     """Gate, routed experts (through the ``routed`` seam) and the always-on shared experts."""
 
-    def __init__(self, args: ModelArgs, expert_mode: str = "grouped"):
+    def __init__(self, args: ModelArgs, expert_mode: str = "grouped", with_experts: bool = True):
         super().__init__()
         if expert_mode not in EXPERT_MODES:
             raise ValueError(f"expert mode {expert_mode!r} is not supported; supported: {EXPERT_MODES}")
         self.gate = Gate(args)
-        self.experts = ExpertShard(0, args.n_routed_experts, args.hidden_size, args.moe_intermediate_size)
+        # Without local experts (an attention worker), ``routed`` must be replaced by a dispatcher.
+        self.experts = (
+            ExpertShard(0, args.n_routed_experts, args.hidden_size, args.moe_intermediate_size)
+            if with_experts
+            else None
+        )
         self.shared_experts = (
             MLP(args.hidden_size, args.moe_intermediate_size * args.n_shared_experts) if args.n_shared_experts else None
         )
         self.expert_mode = expert_mode
         self.routed: RoutedExperts = self._local_routed
+        # Tokens routed to each expert since start: the load the metrics export and placement reads.
+        self.register_buffer("expert_load", torch.zeros(args.n_routed_experts, dtype=torch.int64), persistent=False)
 
     def _local_routed(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         if self.expert_mode == "loop":
@@ -76,6 +85,7 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         topk_weights, topk_ids = self.gate(x)  # [T, K]
+        self.expert_load += torch.bincount(topk_ids.reshape(-1), minlength=self.expert_load.shape[0])
         out = self.routed(x, topk_ids, topk_weights)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
@@ -83,14 +93,18 @@ class MoE(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, args: ModelArgs, layer_id: int, rope: RotaryEmbedding, mla_mode: str, expert_mode: str):
+    def __init__(
+        self, args: ModelArgs, layer_id: int, rope: RotaryEmbedding, mla_mode: str, expert_mode: str, with_experts: bool
+    ):
         super().__init__()
         self.layer_id = layer_id
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.self_attn = MLA(args, rope, mla_mode)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp: nn.Module = (
-            MoE(args, expert_mode) if args.is_moe_layer(layer_id) else MLP(args.hidden_size, args.intermediate_size)
+            MoE(args, expert_mode, with_experts)
+            if args.is_moe_layer(layer_id)
+            else MLP(args.hidden_size, args.intermediate_size)
         )
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata, kv_cache: torch.Tensor) -> torch.Tensor:
@@ -101,22 +115,26 @@ class Block(nn.Module):
 class Decoder(nn.Module):
     """HF's ``model.*`` submodule: embeddings, blocks and the final norm."""
 
-    def __init__(self, args: ModelArgs, mla_mode: str, expert_mode: str):
+    def __init__(self, args: ModelArgs, mla_mode: str, expert_mode: str, with_experts: bool = True):
         super().__init__()
         rope = RotaryEmbedding(args)
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = nn.ModuleList(Block(args, i, rope, mla_mode, expert_mode) for i in range(args.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            Block(args, i, rope, mla_mode, expert_mode, with_experts) for i in range(args.num_hidden_layers)
+        )
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
 
 class Transformer(nn.Module):
     """The causal LM. ``forward`` runs a flattened ragged batch and returns final hidden states."""
 
-    def __init__(self, args: ModelArgs, mla_mode: str = "absorbed", expert_mode: str = "grouped"):
+    def __init__(
+        self, args: ModelArgs, mla_mode: str = "absorbed", expert_mode: str = "grouped", with_experts: bool = True
+    ):
         super().__init__()
         self.args = args
-        self.model = Decoder(args, mla_mode, expert_mode)
-        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.model = Decoder(args, mla_mode, expert_mode, with_experts)
+        self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
 
     @property
     def moe_layers(self) -> dict[int, MoE]:
@@ -141,6 +159,10 @@ class Transformer(nn.Module):
             x = blk(x, meta, kv_cache[i])
         return self.model.norm(x)
 
+    def expert_load(self) -> list[list[int]]:
+        """Tokens routed to each expert of each MoE layer since start: ``[num_moe_layers][E]``."""
+        return [moe.expert_load.tolist() for moe in self.moe_layers.values()]
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``hidden [N, D]`` → fp32 logits ``[N, V]``."""
-        return F.linear(hidden, self.lm_head.weight).float()
+        return linear(hidden, self.lm_head.weight).float()

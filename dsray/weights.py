@@ -95,23 +95,29 @@ def load_transformer(
     mla_mode: str = "absorbed",
     expert_mode: str = "grouped",
     progress: bool = True,
+    with_experts: bool = True,
 ) -> Transformer:
-    """Build the full model (attention side and every expert) from a checkpoint directory."""
+    """Build the model from a checkpoint directory: the attention side and, ``with_experts``, every
+    routed expert (without them, it reads no expert tensor: an attention worker's role)."""
     args = ModelArgs.from_pretrained(path)
     start = time.perf_counter()
     with torch.device("meta"):
-        model = Transformer(args, mla_mode, expert_mode)
+        model = Transformer(args, mla_mode, expert_mode, with_experts)
     model = model.to_empty(device=device).to(dtype)
     for moe in model.moe_layers.values():
         moe.gate.float()
-    specs = attention_tensor_specs(args) | expert_tensor_specs(args, 0, args.n_routed_experts)
+        moe.expert_load.zero_()
+    specs = attention_tensor_specs(args)
+    if with_experts:
+        specs |= expert_tensor_specs(args, 0, args.n_routed_experts)
     tensors = Checkpoint(path).load(specs, dtype=dtype, keep_fp32=keep_fp32, progress=progress)
     params = dict(model.named_parameters())
     for name in attention_tensor_specs(args):
         params[name].data = tensors.pop(name)  # take the loaded tensor; no second copy
     if args.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    for layer_id, moe in model.moe_layers.items():
-        load_expert_shard(moe.experts, tensors, layer_id)
+    if with_experts:
+        for layer_id, moe in model.moe_layers.items():
+            load_expert_shard(moe.experts, tensors, layer_id)
     model.load_seconds = time.perf_counter() - start
     return model.eval()

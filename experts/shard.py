@@ -2,9 +2,9 @@
 
 Weights are stacked per shard — ``w13 [E_local, 2I, D]`` (gate rows then up rows) and
 ``w2 [E_local, D, I]`` — so grouped compute indexes one tensor instead of E small modules.
-Two compute paths: ``forward_loop`` (one expert at a time over a token mask; the oracle) and
+Compute paths: ``forward_loop`` (one expert at a time over a token mask; the oracle),
 ``run_sorted`` (rows pre-sorted by expert, one matmul pair per active expert; the fast path
-that the dispatch seam feeds).
+that the dispatch seam feeds) and ``forward_single`` (one token: its K experts directly).
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from dsray.layers import linear
 
 
 class ExpertShard(nn.Module):
@@ -29,9 +31,9 @@ class ExpertShard(nn.Module):
 
     def expert_ffn(self, local_id: int, x: torch.Tensor) -> torch.Tensor:
         """SwiGLU of one local expert over rows ``x [M, D]``."""
-        gate_up = F.linear(x, self.w13[local_id])  # [M, 2I]
+        gate_up = linear(x, self.w13[local_id])  # [M, 2I]
         gate, up = gate_up.split(self.inter_dim, dim=-1)
-        return F.linear(F.silu(gate) * up, self.w2[local_id])  # [M, D]
+        return linear(F.silu(gate) * up, self.w2[local_id])  # [M, D]
 
     def forward_loop(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         """Reference: weighted sum over this shard's experts of ``x [T, D]`` (other experts add 0)."""
@@ -42,6 +44,20 @@ class ExpertShard(nn.Module):
                 continue
             y = self.expert_ffn(local_id, x[token_ids])  # [M, D]
             out.index_add_(0, token_ids, y.float() * topk_weights[token_ids, k, None])
+        return out.to(x.dtype)
+
+    def forward_single(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        """Fast path for one token ``x [1, D]``: its experts straight from the stacked weights.
+
+        A batch-1 decode step has at most K experts to run: no dispatch plan (argsort, bincount,
+        gathers, scatter), only K matmul pairs. Sums in expert order in fp32, as ``forward_loop``.
+        """
+        out = torch.zeros_like(x, dtype=torch.float32)  # [1, D]
+        first, end = self.expert_range
+        ids, weights = topk_ids[0].tolist(), topk_weights[0].tolist()
+        for expert, weight in sorted(zip(ids, weights)):
+            if first <= expert < end:
+                out += self.expert_ffn(expert - first, x).float() * weight
         return out.to(x.dtype)
 
     def run_sorted(self, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:

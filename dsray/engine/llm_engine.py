@@ -41,11 +41,36 @@ class LLMEngine:
             self.tokenizer = None  # token-id prompts still work
         self.executor = executor or create_executor(config)
         self.max_model_len = config.max_model_len or self.args.max_position_embeddings
-        block_manager = BlockManager(self.executor.num_blocks, config.block_size, config.enable_prefix_caching)
         eos = self.args.eos_token_ids[0] if self.args.eos_token_ids else None
-        self.scheduler = Scheduler(config.scheduler_config(), block_manager, eos)
+        # One scheduler per data-parallel attention rank: each rank owns the KV cache of its sequences.
+        self.schedulers = [
+            Scheduler(
+                config.scheduler_config(),
+                BlockManager(self.executor.num_blocks, config.block_size, config.enable_prefix_caching),
+                eos,
+            )
+            for _ in range(self.executor.num_attention_ranks)
+        ]
         self.requests: dict[str, _Request] = {}
+        self._rank_of: dict[str, int] = {}
         self._next_id = 0
+
+    @property
+    def scheduler(self) -> Scheduler:
+        """The first (with one attention rank, the only) scheduler."""
+        return self.schedulers[0]
+
+    def stats(self) -> dict[str, float]:
+        """Load and cache figures summed over attention ranks (for metrics and health)."""
+        bms = [s.block_manager for s in self.schedulers]
+        return {
+            "num_running": sum(s.num_running for s in self.schedulers),
+            "num_waiting": sum(s.num_waiting for s in self.schedulers),
+            "kv_cache_usage": sum(b.usage for b in bms) / len(bms),
+            "num_preemptions": sum(s.num_preemptions for s in self.schedulers),
+            "prefix_cache_queries": sum(b.num_prefix_queries for b in bms),
+            "prefix_cache_hits": sum(b.num_prefix_hits for b in bms),
+        }
 
     # Requests ---------------------------------------------------------------------------------
 
@@ -83,7 +108,7 @@ class LLMEngine:
                 f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) = {n + params.max_tokens} exceeds "
                 f"this model's context of {self.max_model_len} tokens; lower max_tokens"
             )
-        if n + params.max_tokens > self.scheduler.max_seq_len:
+        if n + params.max_tokens > self.scheduler.max_seq_len:  # every rank's cache has the same size
             raise ValueError(
                 f"prompt + max_tokens = {n + params.max_tokens} tokens exceeds the KV cache "
                 f"({self.scheduler.max_seq_len} tokens); lower max_tokens or give the cache more memory"
@@ -105,7 +130,12 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         seq = Sequence(request_id, ids, params)
-        self.scheduler.add(seq)
+        # Least-loaded attention rank; ties go to the lowest rank.
+        rank = min(
+            range(len(self.schedulers)), key=lambda r: self.schedulers[r].num_running + self.schedulers[r].num_waiting
+        )
+        self.schedulers[rank].add(seq)
+        self._rank_of[request_id] = rank
         detok = None
         if self.tokenizer is not None:
             detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
@@ -124,32 +154,38 @@ class LLMEngine:
         req = self.requests.pop(request_id, None)
         if req is None:
             return False
-        self.scheduler.abort(request_id)
+        self.schedulers[self._rank_of.pop(request_id)].abort(request_id)
         return True
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return any(s.has_unfinished() for s in self.schedulers)
 
     # The loop ---------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """One engine iteration; returns an output for every request that advanced or finished."""
-        out = self.scheduler.schedule()
-        if out.is_empty:
+        """One engine iteration; returns an output for every request that advanced or finished.
+
+        Every attention rank steps together (ranks with nothing to run still take part in the
+        MoE all-to-all), so a step schedules all ranks, then runs them as one.
+        """
+        outs = [s.schedule() for s in self.schedulers]
+        if all(o.is_empty for o in outs):
             return []
-        result = self.executor.execute(self._step_input(out))
-        sampled = [r.token_id if r is not None else None for r in result.results]
-        by_id = {s.seq.request_id: r for s, r in zip(out.scheduled, result.results)}
+        results = self.executor.execute([self._step_input(o) for o in outs])
         updates = []
         now = time.monotonic()
-        for seq in self.scheduler.postprocess(out, sampled):
-            req = self.requests.get(seq.request_id)
-            if req is None:
-                continue
-            self._update(req, seq.output_token_ids[-1], by_id[seq.request_id].logprobs, now)
-            updates.append(req.output)
-            if req.output.finished:
-                del self.requests[seq.request_id]
+        for sched, out, result in zip(self.schedulers, outs, results):
+            sampled = [r.token_id if r is not None else None for r in result.results]
+            by_id = {s.seq.request_id: r for s, r in zip(out.scheduled, result.results)}
+            for seq in sched.postprocess(out, sampled):
+                req = self.requests.get(seq.request_id)
+                if req is None:
+                    continue
+                self._update(sched, req, seq.output_token_ids[-1], by_id[seq.request_id].logprobs, now)
+                updates.append(req.output)
+                if req.output.finished:
+                    del self.requests[seq.request_id]
+                    self._rank_of.pop(seq.request_id, None)
         return updates
 
     def _step_input(self, out: SchedulerOutput) -> StepInput:
@@ -164,7 +200,9 @@ class LLMEngine:
             seqs.append(SeqStep(seq.request_id, tokens, start, list(seq.block_table), sample))
         return StepInput(seqs)
 
-    def _update(self, req: _Request, token_id: int, logprobs: dict[int, float] | None, now: float) -> None:
+    def _update(
+        self, sched: Scheduler, req: _Request, token_id: int, logprobs: dict[int, float] | None, now: float
+    ) -> None:
         seq, output = req.seq, req.output
         params = seq.sampling_params
         output.token_ids = list(seq.output_token_ids)
@@ -184,7 +222,7 @@ class LLMEngine:
                 cut = at + len(stop_str) if params.include_stop_str_in_output else at
                 new_text = req.full_text[len(output.text) : cut] if cut > len(output.text) else ""
                 req.full_text = req.full_text[:cut]
-                self.scheduler.finish(seq, "stop", stop_str)
+                sched.finish(seq, "stop", stop_str)
         output.new_text = new_text
         output.text += new_text
         if seq.is_finished:

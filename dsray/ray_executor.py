@@ -1,0 +1,157 @@
+"""The Ray executor: attention and expert workers as actors in one placement group, driven in lock-step.
+
+Each step the engine hands one ``StepInput`` per attention rank; every attention worker runs its
+batch (or idles through the MoE exchanges) and every expert worker serves one round per MoE layer.
+A worker that dies or a step that outlives ``step_timeout_s`` fails the step with a ``WorkerError``
+naming the worker; the executor then kills the rest (they may sit in a collective) and reports
+itself dead, so nothing hangs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayError
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from dsray.engine_config import EngineConfig
+from dsray.executor import Executor
+from dsray.protocol import StepInput, StepOutput
+from dsray.workers import AttentionWorker, ExpertWorker
+from router.expert_map import ExpertMap
+
+logger = logging.getLogger(__name__)
+
+
+class WorkerError(RuntimeError):
+    """A worker died or a step timed out; the executor cannot serve any more."""
+
+
+def _connect(config: EngineConfig, num_cpus_wanted: float) -> None:
+    if ray.is_initialized():
+        return
+    address = config.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        # A local cluster offers at least the logical CPUs the workers ask for (oversubscribed on a small box).
+        ray.init(num_cpus=max(os.cpu_count() or 1, int(num_cpus_wanted + 0.999)))
+
+
+def _bundle(resources: dict[str, float]) -> dict[str, float]:
+    return {k: float(v) for k, v in resources.items() if v}
+
+
+class RayExecutor(Executor):
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        A, E = config.num_attention_workers, config.num_expert_workers
+        bundles = [_bundle(config.attention_worker_resources)] * A + [_bundle(config.expert_worker_resources)] * E
+        _connect(config, sum(b.get("CPU", 0) for b in bundles))
+        self.num_attention_ranks = A
+        self.dead: str | None = None
+        from dsray.config import ModelArgs
+
+        args = ModelArgs.from_pretrained(config.model)
+        self.map = ExpertMap(args.n_routed_experts, E, first_rank=A)
+        self.pg = placement_group(bundles, strategy=config.placement_strategy)
+        self._wait_for_placement(bundles)
+        world = A + E
+        self.attention = [self._spawn(AttentionWorker, i, world, config.attention_worker_resources) for i in range(A)]
+        self.experts = [self._spawn(ExpertWorker, A + i, world, config.expert_worker_resources) for i in range(E)]
+        self.workers = self.attention + self.experts
+        self.names = [f"attention worker {i}" for i in range(A)] + [f"expert worker {i}" for i in range(E)]
+        start = time.perf_counter()
+        address, port = ray.get(self.workers[0].rendezvous_address.remote())
+        self._get([w.join_group.remote(address, port, config.step_timeout_s) for w in self.workers], "group rendezvous")
+        blocks = self._get(
+            [w.load.remote() for w in self.attention] + [e.load.remote(i) for i, e in enumerate(self.experts)],
+            "loading weights",
+            timeout=max(600.0, config.step_timeout_s),
+        )
+        self.num_blocks = min(blocks[:A])
+        logger.info("dsray: %d attention + %d expert workers ready in %.1fs", A, E, time.perf_counter() - start)
+
+    def _wait_for_placement(self, bundles: list[dict[str, float]]) -> None:
+        try:
+            ray.get(self.pg.ready(), timeout=self.config.placement_timeout_s)
+        except GetTimeoutError:
+            remove_placement_group(self.pg)
+            raise RuntimeError(
+                f"the Ray cluster could not place {self.config.num_attention_workers} attention worker(s) "
+                f"{self.config.attention_worker_resources} and {self.config.num_expert_workers} expert worker(s) "
+                f"{self.config.expert_worker_resources} (strategy {self.config.placement_strategy}) within "
+                f"{self.config.placement_timeout_s:.0f}s; the cluster offers {ray.available_resources()}. "
+                "Add nodes with those resources or ask for fewer/smaller workers."
+            ) from None
+
+    def _spawn(self, cls, rank: int, world: int, resources: dict[str, float]):
+        custom = {k: v for k, v in resources.items() if k not in ("CPU", "GPU", "memory")}
+        actor = ray.remote(cls).options(
+            num_cpus=resources.get("CPU", 0),
+            num_gpus=resources.get("GPU", 0),
+            resources=custom or None,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=rank),
+            max_concurrency=1,
+        )
+        return actor.remote(self.config, rank, world, self.map, int(resources.get("CPU", 1)))
+
+    def _get(self, refs: list, what: str, timeout: float | None = None) -> list:
+        """Wait for every ref; the first failure (or the deadline) fails the executor, naming the worker."""
+        deadline = time.monotonic() + (timeout or self.config.step_timeout_s)
+        index = {ref: i for i, ref in enumerate(refs)}
+        pending = list(refs)
+        results: list = [None] * len(refs)
+        while pending:
+            remaining = deadline - time.monotonic()
+            ready, pending = ray.wait(pending, num_returns=1, timeout=max(remaining, 0))
+            if not ready:
+                stuck = ", ".join(self.names[index[r]] for r in pending)
+                self._fail(f"{what} timed out after {timeout or self.config.step_timeout_s:.0f}s waiting for {stuck}")
+            for ref in ready:
+                try:
+                    results[index[ref]] = ray.get(ref)
+                except (RayActorError, RayError) as exc:
+                    self._fail(f"{self.names[index[ref]]} failed during {what}: {type(exc).__name__}: {exc}")
+        return results
+
+    def _fail(self, reason: str) -> None:
+        self.dead = reason
+        self.shutdown()
+        raise WorkerError(reason)
+
+    def execute(self, steps: list[StepInput]) -> list[StepOutput]:
+        self.check_health()
+        refs = [w.execute.remote(s) for w, s in zip(self.attention, steps)]
+        refs += [e.serve_step.remote() for e in self.experts]
+        return self._get(refs, "a step")[: self.num_attention_ranks]
+
+    def check_health(self) -> None:
+        if self.dead:
+            raise WorkerError(f"the Ray executor is dead: {self.dead}")
+
+    def expert_load(self) -> list[list[int]]:
+        per_rank = self._get([w.expert_load.remote() for w in self.attention], "reading expert load")
+        return [[sum(col) for col in zip(*layers)] for layers in zip(*per_rank)]
+
+    def locations(self) -> list[dict]:
+        """Where each worker runs: node id, pid and group rank (attention first)."""
+        return self._get([w.location.remote() for w in self.workers], "locating workers")
+
+    def shutdown(self) -> None:
+        for w in getattr(self, "workers", []):
+            try:
+                ray.kill(w)
+            except Exception:  # already gone
+                pass
+        self.workers = []
+        if getattr(self, "pg", None) is not None:
+            try:
+                remove_placement_group(self.pg)
+            except Exception:
+                pass
+            self.pg = None
