@@ -61,9 +61,8 @@ class TorchDistAllToAll(AllToAll):
         return out
 
 
-def free_address() -> tuple[str, int]:
-    """This node's IP and a free TCP port for the group's rendezvous (found at run time, never fixed)."""
-    host = socket.gethostbyname(socket.gethostname())
+def free_address(host: str) -> tuple[str, int]:
+    """``host`` (this node's IP as the cluster sees it) and a free TCP port on it, found at run time."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("", 0))
         return host, s.getsockname()[1]

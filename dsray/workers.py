@@ -40,7 +40,9 @@ class _Worker:
 
     def rendezvous_address(self) -> tuple[str, int]:
         """Rank 0 names the address every rank joins (found at run time, never a fixed port)."""
-        return free_address()
+        import ray
+
+        return free_address(ray.util.get_node_ip_address())
 
     def join_group(self, address: str, port: int, timeout_s: float) -> None:
         self.comm = init_group(address, port, self.rank, self.world_size, "gloo", timeout_s)
