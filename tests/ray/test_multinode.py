@@ -16,11 +16,12 @@ PROMPTS = [[5, 6, 7, 8, 9], list(range(10, 40)), [100, 200]]
 @pytest.fixture(scope="module")
 def three_nodes():
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
-    for _ in range(2):
-        cluster.add_node(num_cpus=2)
+    # Like cluster.yaml's node types: one node offers the attention role, one the expert role.
+    attention = cluster.add_node(num_cpus=2, resources={"dsray_attention": 2})
+    expert = cluster.add_node(num_cpus=2, resources={"dsray_expert": 2})
     cluster.wait_for_nodes()
     ray.init(address=cluster.address)
-    yield cluster
+    yield {"attention": attention.node_id, "expert": expert.node_id}
     ray.shutdown()
     cluster.shutdown()
 
@@ -32,6 +33,27 @@ def test_workers_on_distinct_nodes_and_outputs_identical(three_nodes, tmp_path):
     try:
         nodes = {loc["node_id"] for loc in llm.engine.executor.locations()}
         assert len(nodes) == 3
+        assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == expected
+    finally:
+        llm.engine.executor.shutdown()
+
+
+def test_role_resources_pin_workers_to_their_node_type(three_nodes, tmp_path):
+    model = make_model("tiny", tmp_path / "tiny", dtype="float32")
+    expected = [o.token_ids for o in LLM(model, dtype="float32").generate(PROMPTS, GREEDY)]
+    llm = LLM(
+        model,
+        dtype="float32",
+        executor="ray",
+        num_attention_workers=2,
+        num_expert_workers=2,
+        attention_worker_resources={"CPU": 0.5, "dsray_attention": 1},
+        expert_worker_resources={"CPU": 0.5, "dsray_expert": 1},
+    )
+    try:
+        locations = llm.engine.executor.locations()
+        assert [loc["node_id"] for loc in locations[:2]] == [three_nodes["attention"]] * 2
+        assert [loc["node_id"] for loc in locations[2:]] == [three_nodes["expert"]] * 2
         assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == expected
     finally:
         llm.engine.executor.shutdown()
