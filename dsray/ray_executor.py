@@ -138,6 +138,11 @@ class RayExecutor(Executor):
         per_rank = self._get([w.expert_load.remote() for w in self.attention], "reading expert load")
         return [[sum(col) for col in zip(*layers)] for layers in zip(*per_rank)]
 
+    def timings(self) -> dict[str, list[dict[str, float]]]:
+        """Per-worker cumulative step, exchange and expert-compute seconds (for step-time breakdowns)."""
+        got = self._get([w.timings.remote() for w in self.workers], "reading timings")
+        return {"attention": got[: self.num_attention_ranks], "expert": got[self.num_attention_ranks :]}
+
     def locations(self) -> list[dict]:
         """Where each worker runs: node id, pid and group rank (attention first)."""
         return self._get([w.location.remote() for w in self.workers], "locating workers")

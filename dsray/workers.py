@@ -12,6 +12,7 @@ Group ranks: attention ranks ``0 … A-1``, expert ranks ``A … A+E-1``.
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 
@@ -62,14 +63,24 @@ class AttentionWorker(_Worker):
             moe.routed = AllToAllDispatcher(self.comm, self.map)
         self.runner = ModelRunner(model, c.kv_cache_memory_bytes, c.block_size, c.max_num_blocks)
         self.dtype = c.torch_dtype
+        self.step_seconds = 0.0
         return self.runner.num_blocks
 
     def execute(self, step: StepInput) -> StepOutput:
+        start = time.perf_counter()
         if not step.seqs:
             for _ in self.args.moe_layer_ids:  # nothing to run, but every collective needs this rank
                 idle_round(self.comm, self.map.max_local_experts, self.args.hidden_size, self.dtype)
-            return StepOutput([])
-        return self.runner.execute(step)
+            out = StepOutput([])
+        else:
+            out = self.runner.execute(step)
+        self.step_seconds += time.perf_counter() - start
+        return out
+
+    def timings(self) -> dict[str, float]:
+        """Seconds since start: whole steps, and the part spent in MoE exchanges (incl. waiting on experts)."""
+        comm = sum(m.routed.comm_seconds for m in self.runner.model.moe_layers.values())
+        return {"step_seconds": self.step_seconds, "exchange_seconds": comm}
 
     def expert_load(self) -> list[list[int]]:
         return self.runner.model.expert_load()
@@ -90,15 +101,25 @@ class ExpertWorker(_Worker):
             self.shards[layer_id] = shard
         self.dtype = c.torch_dtype
         self.rows_served = 0
+        self.compute_seconds = 0.0
+        self.step_seconds = 0.0
         return first, end
 
     @torch.inference_mode()
     def serve_step(self) -> int:
         """Serve every MoE layer of one forward step; returns rows computed."""
+        start = time.perf_counter()
         rows = 0
         for layer_id in self.args.moe_layer_ids:
-            rows += serve_round(
+            n, compute = serve_round(
                 self.comm, self.shards[layer_id], self.map.max_local_experts, self.args.hidden_size, self.dtype
             )
+            rows += n
+            self.compute_seconds += compute
         self.rows_served += rows
+        self.step_seconds += time.perf_counter() - start
         return rows
+
+    def timings(self) -> dict[str, float]:
+        """Seconds since start: whole steps, and expert compute within them (the rest is exchanges/waiting)."""
+        return {"step_seconds": self.step_seconds, "compute_seconds": self.compute_seconds, "rows": self.rows_served}
