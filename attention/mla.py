@@ -15,7 +15,7 @@ from torch import nn
 from attention.metadata import AttentionMetadata
 from attention.rope import RotaryEmbedding
 from dsray.config import ModelArgs
-from dsray.layers import RMSNorm
+from dsray.layers import Linear, RMSNorm
 
 MLA_MODES = ("naive", "absorbed")
 
@@ -36,20 +36,37 @@ class MLA(nn.Module):
         self.rope = rope
         dim, H = args.hidden_size, self.n_heads
         if self.q_lora_rank:
-            self.q_a_proj = nn.Linear(dim, self.q_lora_rank, bias=args.attention_bias)
+            self.q_a_proj = Linear(dim, self.q_lora_rank, bias=args.attention_bias)
             self.q_a_layernorm = RMSNorm(self.q_lora_rank)
-            self.q_b_proj = nn.Linear(self.q_lora_rank, H * args.qk_head_dim, bias=False)
+            self.q_b_proj = Linear(self.q_lora_rank, H * args.qk_head_dim, bias=False)
         else:
-            self.q_proj = nn.Linear(dim, H * args.qk_head_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(dim, args.kv_cache_dim, bias=args.attention_bias)
+            self.q_proj = Linear(dim, H * args.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = Linear(dim, args.kv_cache_dim, bias=args.attention_bias)
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank)
-        self.kv_b_proj = nn.Linear(self.kv_lora_rank, H * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
-        self.o_proj = nn.Linear(H * self.v_head_dim, dim, bias=args.attention_bias)
+        self.kv_b_proj = Linear(self.kv_lora_rank, H * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
+        self.o_proj = Linear(H * self.v_head_dim, dim, bias=args.attention_bias)
+        self._absorbed: tuple[torch.Tensor, torch.Tensor] | None = None  # see _absorb_weights
+        self._absorbed_key: tuple | None = None
 
     def _up_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``W_UK [H, d_nope, C]`` and ``W_UV [H, d_v, C]``, views into ``kv_b_proj``."""
         w = self.kv_b_proj.weight.view(self.n_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         return w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim :]
+
+    def _absorb_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``W_UK [H, d_nope, C]`` and ``W_UVᵀ [H, C, d_v]``, contiguous for ``bmm``.
+
+        Copied once and kept: sliced views of ``kv_b_proj`` make every ``bmm`` copy them first.
+        Rebuilt when ``kv_b_proj``'s weight is replaced (loading assigns a new tensor); an in-place
+        edit of that weight is not seen.
+        """
+        weight = self.kv_b_proj.weight
+        key = (weight.data_ptr(), weight.dtype, weight.device)
+        if self._absorbed_key != key:
+            w_uk, w_uv = self._up_weights()
+            self._absorbed = (w_uk.contiguous(), w_uv.transpose(1, 2).contiguous())
+            self._absorbed_key = key
+        return self._absorbed
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata, kv_cache: torch.Tensor) -> torch.Tensor:
         """``x [T, D]`` → ``[T, D]``; writes this step's latents into ``kv_cache [slots, C + R]`` first."""
@@ -64,8 +81,8 @@ class MLA(nn.Module):
         kv_cache[meta.slot_mapping] = torch.cat([c_kv, k_pe], dim=-1).to(kv_cache.dtype)
 
         if self.mode == "absorbed":
-            w_uk, w_uv = self._up_weights()
-            q_lat = torch.einsum("thd,hdc->thc", q_nope, w_uk)  # [T, H, C]
+            w_uk, w_uv_t = self._absorb_weights()
+            q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [T, H, C]
             q_full = torch.cat([q_lat, q_pe], dim=-1)  # [T, H, C + R]
             if meta.is_decode_only:
                 o_lat = self._absorbed_decode(q_full, meta, kv_cache)
@@ -73,7 +90,7 @@ class MLA(nn.Module):
                 o_lat = torch.cat(
                     [self._absorbed_seq(q_full[a:b], kv_cache[meta.context_slots(i)]) for i, (a, b) in _spans(meta)]
                 )
-            out = torch.einsum("thc,hdc->thd", o_lat, w_uv)  # [T, H, d_v]
+            out = torch.bmm(o_lat.transpose(0, 1), w_uv_t).transpose(0, 1)  # [T, H, d_v]
         else:
             out = torch.cat(
                 [self._naive_seq(q_nope[a:b], q_pe[a:b], kv_cache[meta.context_slots(i)]) for i, (a, b) in _spans(meta)]

@@ -50,12 +50,12 @@ class ExpertShard(nn.Module):
         """Fast path for one token ``x [1, D]``: its experts straight from the stacked weights.
 
         A batch-1 decode step has at most K experts to run: no dispatch plan (argsort, bincount,
-        gathers, scatter), only K matmul pairs. Sums in expert order in fp32, as ``forward_loop``.
+        gathers, scatter), only K matmul pairs. Sums in expert order in fp32, as ``forward_loop``
+        does, so the two agree bit for bit.
         """
         out = torch.zeros_like(x, dtype=torch.float32)  # [1, D]
         first, end = self.expert_range
-        ids, weights = topk_ids[0].tolist(), topk_weights[0].tolist()
-        for expert, weight in sorted(zip(ids, weights)):
+        for expert, weight in sorted(zip(topk_ids[0].tolist(), topk_weights[0].tolist())):
             if first <= expert < end:
                 out += self.expert_ffn(expert - first, x).float() * weight
         return out.to(x.dtype)

@@ -1,0 +1,201 @@
+"""Offline engine throughput: dsray's ``LLM`` vs Hugging Face transformers ``generate()``, same run.
+
+Workloads (BENCHMARKS.md, the engine issue):
+  (a) batch 1: a 32-token prompt, 128 new tokens — decode tok/s, and as a fraction of the decode
+      roofline (bytes a step reads ÷ step time, over the read bandwidth measured in this run);
+  (b) 64 prompts of mixed lengths × 128 new tokens — output tok/s;
+  (c) KV-cache bytes per token, measured from allocated caches (ours: the latent pools; HF: the
+      tensors in its cache after generate).
+
+    python benchmarks/offline.py                      # the `small` bench model, bf16
+    python benchmarks/offline.py --executor ray --attention-workers 1 --expert-workers 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from model_decode import decode_step_bytes, read_bandwidth  # noqa: E402
+
+from attention.kv_cache import cache_bytes_per_token  # noqa: E402
+from dsray import LLM, SamplingParams  # noqa: E402
+
+
+def make_prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(4, vocab) for _ in range(rng.randrange(16, 129))] for _ in range(n)]
+
+
+def ours_decode_batch1(llm: LLM, prompt: list[int], new_tokens: int) -> dict:
+    engine = llm.engine
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    engine.add_request(prompt, params)
+    start = time.perf_counter()
+    first = last = None
+    while engine.has_unfinished():
+        for _ in engine.step():
+            last = time.perf_counter()
+            first = first or last
+    return {
+        "ttft_s": first - start,
+        "decode_tok_s": (new_tokens - 1) / (last - first),
+        "step_s": (last - first) / (new_tokens - 1),
+    }
+
+
+def ours_batched(llm: LLM, prompts: list[list[int]], new_tokens: int) -> dict:
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    elapsed = time.perf_counter() - start
+    num = sum(len(o.token_ids) for o in outs)
+    return {"output_tok_s": num / elapsed, "seconds": elapsed, "tokens": num}
+
+
+def hf_decode_batch1(hf, prompt: list[int], new_tokens: int) -> dict:
+    ids = torch.tensor([prompt])
+    times = {}
+    for n in (1, new_tokens):
+        start = time.perf_counter()
+        with torch.inference_mode():
+            hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        times[n] = time.perf_counter() - start
+    return {"decode_tok_s": (new_tokens - 1) / (times[new_tokens] - times[1]), "ttft_s": times[1]}
+
+
+def hf_batched(hf, prompts: list[list[int]], new_tokens: int, pad_id: int) -> dict:
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])  # left padding
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = hf.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=pad_id,
+            return_dict_in_generate=True,
+        )
+    elapsed = time.perf_counter() - start
+    cache = out.past_key_values
+    cache_bytes = sum(t.numel() * t.element_size() for t in _cache_tensors(cache))
+    tokens_cached = len(prompts) * (out.sequences.shape[1] - 1)
+    return {
+        "output_tok_s": len(prompts) * new_tokens / elapsed,
+        "seconds": elapsed,
+        "kv_bytes_per_token": cache_bytes / tokens_cached if tokens_cached else None,
+    }
+
+
+def _cache_tensors(cache) -> list[torch.Tensor]:
+    tensors = []
+    for layer in getattr(cache, "layers", []):
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if isinstance(t, torch.Tensor):
+                tensors.append(t)
+    return tensors
+
+
+def step_breakdown(before: dict, after: dict, wall: float) -> dict:
+    """Where the batched run's wall time went on the Ray executor (seconds, per attention rank)."""
+
+    def delta(role: str, key: str) -> float:
+        values = [a[key] - b[key] for a, b in zip(after[role], before[role])]
+        return sum(values) / len(values)
+
+    attention_step = delta("attention", "step_seconds")
+    exchange = delta("attention", "exchange_seconds")
+    expert_compute = delta("expert", "compute_seconds")
+    return {
+        "wall_s": wall,
+        "attention_compute_s": attention_step - exchange,
+        "expert_compute_s": expert_compute,
+        "communication_and_wait_s": max(exchange - expert_compute, 0.0),
+        "ray_and_engine_overhead_s": wall - attention_step,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="checkpoint dir (default: the `small` bench model, made once)")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--num-prompts", type=int, default=64)
+    parser.add_argument("--executor", default="local", choices=["local", "ray"])
+    parser.add_argument("--attention-workers", type=int, default=1)
+    parser.add_argument("--expert-workers", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--out", help="also write the JSON here")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.model is None:
+        from dsray.make_model import ensure_default_model
+
+        args.model = str(ensure_default_model("small"))
+    engine_args = dict(dtype=args.dtype, executor=args.executor)
+    if args.executor == "ray":
+        engine_args |= dict(num_attention_workers=args.attention_workers, num_expert_workers=args.expert_workers)
+    llm = LLM(args.model, **engine_args)
+    vocab = llm.engine.args.vocab_size
+    prompt = [random.Random(1).randrange(4, vocab) for _ in range(32)]
+    prompts = make_prompts(args.num_prompts, vocab)
+    report: dict = {
+        "benchmark": "offline",
+        "model": args.model,
+        "dtype": args.dtype,
+        "executor": args.executor,
+        "threads": torch.get_num_threads(),
+    }
+    ours_decode_batch1(llm, prompt, 8)  # warm-up
+    report["ours_batch1"] = ours_decode_batch1(llm, prompt, args.new_tokens)
+    before = llm.engine.executor.timings() if args.executor == "ray" else None
+    report["ours_batched"] = ours_batched(llm, prompts, args.new_tokens)
+    if before is not None:
+        report["ray_step_breakdown"] = step_breakdown(
+            before, llm.engine.executor.timings(), report["ours_batched"]["seconds"]
+        )
+    if args.executor == "local":
+        runner = llm.engine.executor.runner
+        report["ours_kv_bytes_per_token"] = cache_bytes_per_token(runner.kv_cache)
+        step_bytes = decode_step_bytes(runner.model, context_len=32 + args.new_tokens // 2)
+        bandwidth = read_bandwidth()
+        report["roofline"] = {
+            "bytes_per_step": step_bytes,
+            "read_bandwidth_gb_s": bandwidth / 1e9,
+            "achieved_gb_s": step_bytes["total"] / report["ours_batch1"]["step_s"] / 1e9,
+            "fraction": step_bytes["total"] / report["ours_batch1"]["step_s"] / bandwidth,
+        }
+    if not args.skip_hf:
+        from transformers import AutoModelForCausalLM
+
+        del llm
+        hf = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).eval()
+        hf_decode_batch1(hf, prompt, 8)  # warm-up
+        report["hf_batch1"] = hf_decode_batch1(hf, prompt, args.new_tokens)
+        report["hf_batched"] = hf_batched(hf, prompts, args.new_tokens, pad_id=1)
+        report["ratios"] = {
+            "batch1_decode": report["ours_batch1"]["decode_tok_s"] / report["hf_batch1"]["decode_tok_s"],
+            "batched_output": report["ours_batched"]["output_tok_s"] / report["hf_batched"]["output_tok_s"],
+        }
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
