@@ -9,7 +9,7 @@ p % block_size``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -23,14 +23,20 @@ class AttentionMetadata:
     context_lens: list[int]  # [N] tokens in the cache per sequence once this step's are written
     context_lens_t: torch.Tensor  # [N] int64, same values as context_lens
     block_size: int
+    # Decode-only steps read whole blocks (S = max_blocks * block_size slots per sequence): where
+    # that read is padding, or None when no sequence has any. Built once per step for every layer.
+    decode_pad: torch.Tensor | None = None  # [N, 1, S] bool, True on padding
+    # Rotary rotations at ``positions``, attached by the model once per forward (see Transformer).
+    rope_cis: torch.Tensor | None = None  # [T, 1, R/2] complex64
+    is_decode_only: bool = field(init=False)
+    _context_slots: dict[int, torch.Tensor] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.is_decode_only = all(q == 1 for q in self.query_lens)
 
     @property
     def num_seqs(self) -> int:
         return len(self.query_lens)
-
-    @property
-    def is_decode_only(self) -> bool:
-        return all(q == 1 for q in self.query_lens)
 
     @classmethod
     def build(
@@ -51,7 +57,7 @@ class AttentionMetadata:
         context_lens = [c + q for c, q in zip(num_computed, query_lens)]
         width = max((len(t) for t in block_tables), default=0) or 1
         padded = [list(t) + [0] * (width - len(t)) for t in block_tables]
-        return cls(
+        meta = cls(
             positions=torch.tensor(positions, dtype=torch.int64, device=device),
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
             block_tables=torch.tensor(padded, dtype=torch.int64, device=device),
@@ -60,8 +66,16 @@ class AttentionMetadata:
             context_lens_t=torch.tensor(context_lens, dtype=torch.int64, device=device),
             block_size=block_size,
         )
+        if meta.is_decode_only and min(context_lens, default=0) < width * block_size:
+            pos = torch.arange(width * block_size, device=device)  # [S]
+            meta.decode_pad = (pos >= meta.context_lens_t[:, None])[:, None, :]  # [N, 1, S]
+        return meta
 
     def context_slots(self, i: int) -> torch.Tensor:
-        """Cache slots ``[context_lens[i]]`` holding sequence i's tokens in position order."""
-        pos = torch.arange(self.context_lens[i], device=self.block_tables.device)
-        return self.block_tables[i, pos // self.block_size] * self.block_size + pos % self.block_size
+        """Cache slots ``[context_lens[i]]`` holding sequence i's tokens in position order (cached per step)."""
+        slots = self._context_slots.get(i)
+        if slots is None:
+            pos = torch.arange(self.context_lens[i], device=self.block_tables.device)
+            slots = self.block_tables[i, pos // self.block_size] * self.block_size + pos % self.block_size
+            self._context_slots[i] = slots
+        return slots

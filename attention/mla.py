@@ -70,14 +70,17 @@ class MLA(nn.Module):
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata, kv_cache: torch.Tensor) -> torch.Tensor:
         """``x [T, D]`` → ``[T, D]``; writes this step's latents into ``kv_cache [slots, C + R]`` first."""
-        T, C = x.shape[0], self.kv_lora_rank
+        T, C, H = x.shape[0], self.kv_lora_rank, self.n_heads
         q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora_rank else self.q_proj(x)
-        q = q.view(T, self.n_heads, -1)  # [T, H, d_nope + R]
-        q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
-        q_pe = self.rope(q_pe, meta.positions)
+        q = q.view(T, H, -1)  # [T, H, d_nope + R]
+        q_nope = q[..., : self.qk_nope_head_dim]  # [T, H, d_nope]
         kv = self.kv_a_proj_with_mqa(x)  # [T, C + R]
+        # Query and key rope dims rotate at the same positions: one rotation for both.
+        cis = meta.rope_cis if meta.rope_cis is not None else self.rope.cis(meta.positions)
+        pe = torch.cat([q[..., self.qk_nope_head_dim :], kv[:, None, C:]], dim=1)  # [T, H + 1, R]
+        pe = self.rope.rotate(pe, cis)
+        q_pe, k_pe = pe[:, :H], pe[:, H]  # [T, H, R], [T, R]
         c_kv = self.kv_a_layernorm(kv[:, :C])  # [T, C]
-        k_pe = self.rope(kv[:, C:], meta.positions)  # [T, R]
         kv_cache[meta.slot_mapping] = torch.cat([c_kv, k_pe], dim=-1).to(kv_cache.dtype)
 
         if self.mode == "absorbed":
@@ -97,9 +100,11 @@ class MLA(nn.Module):
             )
         return self.o_proj(out.reshape(T, -1))
 
-    def _scores_to_output(self, scores: torch.Tensor, mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        probs = (scores.float() * self.softmax_scale).masked_fill(mask, float("-inf")).softmax(dim=-1)
-        return torch.matmul(probs.to(values.dtype), values)
+    def _scores_to_output(self, scores: torch.Tensor, mask: torch.Tensor | None, values: torch.Tensor) -> torch.Tensor:
+        scores = scores.float() * self.softmax_scale
+        if mask is not None:
+            scores = scores.masked_fill(mask, float("-inf"))
+        return torch.matmul(scores.softmax(dim=-1).to(values.dtype), values)
 
     def _absorbed_seq(self, q_full: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
         """One sequence: ``q_full [q, H, C + R]`` over ``latent [L, C + R]`` → ``o_lat [q, H, C]``."""
@@ -111,13 +116,17 @@ class MLA(nn.Module):
         return o_lat.transpose(0, 1)  # [q, H, C]
 
     def _absorbed_decode(self, q_full: torch.Tensor, meta: AttentionMetadata, kv_cache: torch.Tensor) -> torch.Tensor:
-        """All sequences at once, one new token each: ``q_full [N, H, C + R]`` → ``[N, H, C]``."""
-        N = q_full.shape[0]
+        """All sequences at once, one new token each: ``q_full [N, H, C + R]`` → ``[N, H, C]``.
+
+        One gather of every sequence's blocks (padded to the longest table; ``meta.decode_pad`` masks
+        the padding). Whole blocks, not exact lengths: oneDNN builds a kernel per matmul shape, and
+        a length that grows each step would pay that build every step in every layer.
+        """
+        N, width = meta.block_tables.shape
         latent = kv_cache.view(-1, meta.block_size, kv_cache.shape[-1])[meta.block_tables]  # [N, B, bs, C + R]
-        latent = latent.view(N, -1, kv_cache.shape[-1]).to(q_full.dtype)  # [N, S, C + R]
+        latent = latent.view(N, width * meta.block_size, -1).to(q_full.dtype)  # [N, S, C + R]
         scores = torch.bmm(q_full, latent.transpose(1, 2))  # [N, H, S]
-        pad = torch.arange(latent.shape[1], device=q_full.device) >= meta.context_lens_t[:, None]  # [N, S]
-        return self._scores_to_output(scores, pad[:, None, :], latent[..., : self.kv_lora_rank])  # [N, H, C]
+        return self._scores_to_output(scores, meta.decode_pad, latent[..., : self.kv_lora_rank])  # [N, H, C]
 
     def _naive_seq(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
         """Oracle: decompress per-head K/V from ``latent [L, C + R]`` → attention output ``[q, H, d_v]``."""

@@ -49,28 +49,38 @@ def rope_frequencies(args: ModelArgs) -> tuple[torch.Tensor, float]:
 
 
 class RotaryEmbedding:
-    """Precomputed cos/sin tables for every position up to ``max_position_embeddings``."""
+    """Precomputed rotations for every position up to ``max_position_embeddings``.
+
+    A rotation by angle θ of the pair (x1, x2) is the complex product ``(x1 + i·x2) · e^{iθ}``,
+    so the table holds ``attention_factor · e^{iθ}`` per position and pair: one complex multiply
+    rotates a whole tensor. ``cis(positions)`` looks the rows up once per step (every layer
+    rotates at the same positions), ``rotate`` applies them.
+    """
 
     def __init__(self, args: ModelArgs):
         inv_freq, attention_factor = rope_frequencies(args)
         positions = torch.arange(args.max_position_embeddings, dtype=torch.float32, device="cpu")
         freqs = torch.outer(positions, inv_freq)  # [P, R/2]
-        self.cos = freqs.cos() * attention_factor
-        self.sin = freqs.sin() * attention_factor
+        self.table = torch.complex(freqs.cos() * attention_factor, freqs.sin() * attention_factor)  # [P, R/2]
         self.interleaved = args.rope_interleave
 
+    def cis(self, positions: torch.Tensor) -> torch.Tensor:
+        """Rotations ``[T, 1, R/2]`` (complex64) at ``positions [T]``, broadcastable over heads."""
+        if self.table.device != positions.device:
+            self.table = self.table.to(positions.device)
+        return self.table[positions].unsqueeze(1)
+
+    def rotate(self, x: torch.Tensor, cis: torch.Tensor) -> torch.Tensor:
+        """Rotate ``x [T, H, R]`` by ``cis [T, 1, R/2]``; computed in fp32, returned in x's dtype."""
+        if self.interleaved:  # pairs (x0, x1), (x2, x3), … are already (real, imag) in memory
+            pairs = x.float().contiguous().view(*x.shape[:-1], -1, 2)  # [T, H, R/2, 2]
+            return torch.view_as_real(torch.view_as_complex(pairs) * cis).flatten(-2).to(x.dtype)  # [T, H, R]
+        # Halves layout: pair i is (x[i], x[i + R/2]); make the pairs adjacent, rotate, and put back.
+        pairs = torch.stack(x.float().chunk(2, dim=-1), dim=-1)  # [T, H, R/2, 2]
+        out = torch.view_as_real(torch.view_as_complex(pairs) * cis)  # [T, H, R/2, 2]
+        return out.transpose(-1, -2).reshape(x.shape).to(x.dtype)
+
     def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Rotate ``x [T, ..., R]`` at ``positions [T]``; computed in fp32, returned in x's dtype."""
-        if self.cos.device != x.device:
-            self.cos, self.sin = self.cos.to(x.device), self.sin.to(x.device)
-        shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (-1,)
-        cos = self.cos[positions].view(shape)  # [T, 1.., R/2]
-        sin = self.sin[positions].view(shape)
-        x32 = x.float()
-        if self.interleaved:
-            x1, x2 = x32[..., 0::2], x32[..., 1::2]
-            out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
-        else:
-            x1, x2 = x32.chunk(2, dim=-1)
-            out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-        return out.to(x.dtype)
+        """Rotate ``x [T, ..., R]`` at ``positions [T]``."""
+        shape = x.shape
+        return self.rotate(x.reshape(shape[0], -1, shape[-1]), self.cis(positions)).view(shape)

@@ -8,6 +8,7 @@ maps the names).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Protocol
 
 import torch
@@ -116,10 +117,10 @@ class Decoder(nn.Module):
 
     def __init__(self, args: ModelArgs, mla_mode: str, expert_mode: str, with_experts: bool = True):
         super().__init__()
-        rope = RotaryEmbedding(args)
+        self.rope = RotaryEmbedding(args)  # tables only, no parameters: shared by every layer's MLA
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = nn.ModuleList(
-            Block(args, i, rope, mla_mode, expert_mode, with_experts) for i in range(args.num_hidden_layers)
+            Block(args, i, self.rope, mla_mode, expert_mode, with_experts) for i in range(args.num_hidden_layers)
         )
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
@@ -153,6 +154,8 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, kv_cache: torch.Tensor) -> torch.Tensor:
         """``input_ids [T]`` → hidden ``[T, D]``; ``kv_cache [layers, slots, C + R]`` is read and written."""
+        # Every layer rotates at the same positions: look the rotations up once per forward.
+        meta = dataclasses.replace(meta, rope_cis=self.model.rope.cis(meta.positions))
         x = self.model.embed_tokens(input_ids)  # [T, D]
         for i, blk in enumerate(self.model.layers):
             x = blk(x, meta, kv_cache[i])

@@ -56,6 +56,6 @@ class Gate(nn.Module):
     def _mask_groups(self, scores: torch.Tensor, group_scores: torch.Tensor, fill: float) -> torch.Tensor:
         """Keep the experts of the ``topk_group`` best groups; set the others to ``fill``."""
         kept = torch.topk(group_scores, self.topk_group, dim=-1)[1]  # [T, topk_group]
-        group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept, True)
-        expert_mask = group_mask.repeat_interleave(self.num_experts // self.n_group, dim=-1)  # [T, E]
-        return scores.masked_fill(~expert_mask, fill)
+        dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, kept, False)  # [T, G]
+        grouped = scores.view(-1, self.n_group, self.num_experts // self.n_group)  # [T, G, E/G]
+        return grouped.masked_fill(dropped[..., None], fill).view_as(scores)  # [T, E]
