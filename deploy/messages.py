@@ -28,7 +28,9 @@ class GenerateRequest:
 
 @dataclass
 class StreamChunk:
-    """One step's delta of a request, plus the totals once it finishes."""
+    """A request's delta since its previous chunk (one engine step, or several merged when the
+    consumer lags), with the running totals. ``token_texts`` maps every token id in ``logprobs``
+    (and ``new_token_ids``) to its text, for OpenAI's logprobs fields; set only with logprobs."""
 
     request_id: str
     new_text: str
@@ -38,6 +40,7 @@ class StreamChunk:
     num_prompt_tokens: int = 0
     num_generated_tokens: int = 0
     num_cached_tokens: int = 0
+    token_texts: dict[int, str] | None = None
 
 
 @dataclass

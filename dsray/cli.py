@@ -1,4 +1,4 @@
-"""The ``dsray`` command: make-model, generate (and later serve)."""
+"""The ``dsray`` command: make-model, generate, serve."""
 
 from __future__ import annotations
 
@@ -37,6 +37,75 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    # deploy/ owns everything Serve; imported here so `generate` never pays for Ray Serve.
+    from pydantic import ValidationError
+
+    from deploy.config import DsrayServeArgs
+    from deploy.launch import serve_forever
+
+    engine = {"dtype": args.dtype}
+    for name in ("max_num_seqs", "max_num_batched_tokens", "kv_cache_memory_gb", "max_model_len"):
+        if getattr(args, name) is not None:
+            engine[name] = getattr(args, name)
+    fields = dict(
+        model=args.model,
+        served_model_name=args.served_model_name,
+        engine=engine,
+        api_key=args.api_key,
+        host=args.host,
+        port=args.port,
+        attention_workers=args.attention_workers,
+        expert_workers=args.expert_workers,
+    )
+    if args.max_waiting_requests is not None:
+        fields["max_waiting_requests"] = args.max_waiting_requests
+    try:
+        serve_args = DsrayServeArgs(**fields)
+        return serve_forever(serve_args)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'args'}: {e['msg']}" for e in exc.errors())
+        print(f"dsray serve: error: {problems}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"dsray serve: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
+    srv = sub.add_parser(
+        "serve",
+        help="OpenAI-compatible server on Ray Serve (default model: the embedded tiny one)",
+        description="Start (or join, with RAY_ADDRESS) a Ray cluster and serve MODEL over the OpenAI API "
+        "until Ctrl-C. Environment: DSRAY_API_KEY (default --api-key), RAY_ADDRESS.",
+    )
+    srv.add_argument("model", nargs="?", default=None, help="checkpoint directory (default: embedded tiny model)")
+    srv.add_argument("--served-model-name", default=None, help="model name for clients (default: directory name)")
+    srv.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default 127.0.0.1)")
+    srv.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default $DSRAY_API_KEY)")
+    srv.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    srv.add_argument("--max-num-seqs", type=int, default=None, help="most sequences in one batch")
+    srv.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget per engine step")
+    srv.add_argument("--kv-cache-memory-gb", type=float, default=None, help="KV cache memory per model instance")
+    srv.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output")
+    srv.add_argument(
+        "--max-waiting-requests", type=int, default=None, help="queue beyond a full batch; more get 429 (default 1024)"
+    )
+    srv.add_argument(
+        "--attention-workers",
+        type=int,
+        default=1,
+        help="attention workers per model instance (stored for the Ray executor; only 1 works yet)",
+    )
+    srv.add_argument(
+        "--expert-workers",
+        type=int,
+        default=1,
+        help="expert workers per model instance (stored for the Ray executor; only 1 works yet)",
+    )
+
+
 def _make_model(argv: list[str]) -> int:
     from dsray.make_model import main
 
@@ -58,7 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    _add_serve_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
     try:
         return _generate(args)
     except (ValueError, FileNotFoundError) as exc:

@@ -19,3 +19,13 @@ def num_threads() -> int | None:
     """Torch intra-op threads for model compute (``DSRAY_NUM_THREADS``); None keeps torch's default."""
     value = os.environ.get("DSRAY_NUM_THREADS")
     return int(value) if value else None
+
+
+def api_key() -> str | None:
+    """Bearer token the OpenAI server requires (``DSRAY_API_KEY``); None or empty leaves it open."""
+    return os.environ.get("DSRAY_API_KEY") or None
+
+
+def ray_address() -> str | None:
+    """The Ray cluster ``dsray serve`` joins (``RAY_ADDRESS``, read by Ray itself too); None starts a local one."""
+    return os.environ.get("RAY_ADDRESS") or None

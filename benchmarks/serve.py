@@ -1,0 +1,258 @@
+"""Online serving benchmark: N concurrent streaming clients against the OpenAI server, and the offline peer.
+
+For each concurrency C, ``--num-prompts`` requests (token-id prompts of ``--input-len``, exactly
+``--output-len`` tokens each with ``ignore_eos``) are sent by C closed-loop streaming clients
+(asyncio + aiohttp) to ``/v1/completions``. Metrics are ``vllm bench serve``'s: TTFT (sent →
+first streamed chunk), TPOT ((E2E − TTFT) ÷ (tokens − 1)), ITL (every gap between chunks), E2E
+(mean, p50, p99), output tok/s, request/s, failures.
+
+The peer, in the same run and on the same prompts: the same engine configuration driven
+offline (``dsray.LLM``'s engine, C requests kept in flight, refilled as they finish). The
+ratio serving ÷ offline output tok/s is the serving overhead (Ray Serve hops, HTTP, SSE, and —
+on a small machine — the client's own CPU share).
+
+Without ``--url`` the benchmark starts a local Ray cluster and the dsray app itself (same
+engine options as the offline peer). Prints one JSON object (and writes it to ``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import resource
+import socket
+import statistics
+import time
+from typing import Any
+
+import aiohttp
+
+
+def _percentiles(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"mean": None, "p50": None, "p99": None}
+    ordered = sorted(values)
+    return {
+        "mean": statistics.fmean(ordered),
+        "p50": ordered[len(ordered) // 2],
+        "p99": ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))],
+    }
+
+
+def make_prompts(num: int, input_len: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    """Distinct random token-id prompts (ids clear of the special tokens at the low end)."""
+    rng = random.Random(seed)
+    return [[rng.randrange(10, vocab) for _ in range(input_len)] for _ in range(num)]
+
+
+# Serving side ---------------------------------------------------------------------------------
+
+
+async def _one_request(session: aiohttp.ClientSession, url: str, body: dict, headers: dict) -> dict[str, Any]:
+    start = time.perf_counter()
+    chunk_times: list[float] = []
+    num_tokens = 0
+    try:
+        async with session.post(url, json=body, headers=headers) as resp:
+            if resp.status != 200:
+                return {"ok": False, "error": f"HTTP {resp.status}: {(await resp.text())[:200]}"}
+            async for raw in resp.content:
+                line = raw.strip()
+                if not line.startswith(b"data: "):
+                    continue
+                if line == b"data: [DONE]":
+                    break
+                now = time.perf_counter()
+                event = json.loads(line[6:])
+                if "error" in event:
+                    return {"ok": False, "error": str(event["error"])[:200]}
+                if event.get("usage"):
+                    num_tokens = event["usage"]["completion_tokens"]
+                if event["choices"]:
+                    chunk_times.append(now)
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        return {"ok": False, "error": repr(exc)[:200]}
+    if not chunk_times:
+        return {"ok": False, "error": "no chunks"}
+    end = chunk_times[-1]
+    ttft = chunk_times[0] - start
+    return {
+        "ok": True,
+        "ttft": ttft,
+        "e2e": end - start,
+        "tpot": (end - start - ttft) / (num_tokens - 1) if num_tokens > 1 else None,
+        "itl": [b - a for a, b in zip(chunk_times, chunk_times[1:])],
+        "num_tokens": num_tokens,
+        "num_chunks": len(chunk_times),
+    }
+
+
+async def run_serving(
+    url: str, model: str, prompts: list[list[int]], output_len: int, concurrency: int, api_key: str | None
+) -> dict[str, Any]:
+    """C closed-loop streaming clients over all ``prompts``; vLLM bench's metrics."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    queue = list(reversed(prompts))
+    results: list[dict[str, Any]] = []
+    connector = aiohttp.TCPConnector(limit=0)  # the default pool of 100 would cap concurrency
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=600)
+
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+
+        async def client() -> None:
+            while queue:
+                prompt = queue.pop()
+                body = {
+                    "model": model,
+                    "prompt": prompt,
+                    "max_tokens": output_len,
+                    "temperature": 0,
+                    "ignore_eos": True,
+                    "stream": True,
+                    "stream_options": {"include_usage": True},
+                }
+                results.append(await _one_request(session, f"{url}/v1/completions", body, headers))
+
+        start = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+        duration = time.perf_counter() - start
+
+    ok = [r for r in results if r["ok"]]
+    failures = [r["error"] for r in results if not r["ok"]]
+    total_tokens = sum(r["num_tokens"] for r in ok)
+    return {
+        "num_requests": len(results),
+        "failures": len(failures),
+        "failure_examples": failures[:3],
+        "duration_s": duration,
+        "output_tok_s": total_tokens / duration,
+        "request_throughput": len(ok) / duration,
+        "tokens_per_chunk": total_tokens / max(1, sum(r["num_chunks"] for r in ok)),
+        "ttft_s": _percentiles([r["ttft"] for r in ok]),
+        "tpot_s": _percentiles([r["tpot"] for r in ok if r["tpot"] is not None]),
+        "itl_s": _percentiles([gap for r in ok for gap in r["itl"]]),
+        "e2e_s": _percentiles([r["e2e"] for r in ok]),
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# Offline peer ---------------------------------------------------------------------------------
+
+
+def run_offline(llm, prompts: list[list[int]], output_len: int, concurrency: int) -> dict[str, Any]:
+    """The same workload through the engine in this process: ``concurrency`` requests in flight."""
+    from dsray import SamplingParams
+
+    engine = llm.engine
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    pending = list(reversed(prompts))
+    in_flight, total_tokens = 0, 0
+    start = time.perf_counter()
+    while pending or in_flight:
+        while pending and in_flight < concurrency:
+            engine.add_request(pending.pop(), params)
+            in_flight += 1
+        for out in engine.step():
+            if out.finished:
+                in_flight -= 1
+                total_tokens += len(out.token_ids)
+    duration = time.perf_counter() - start
+    return {"duration_s": duration, "output_tok_s": total_tokens / duration, "num_requests": len(prompts)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--url", help="a running server (http://host:port); default: start one here")
+    parser.add_argument("--model", default=None, help="checkpoint directory (default: the embedded tiny model)")
+    parser.add_argument("--served-model-name", default=None, help="model name the server answers to")
+    parser.add_argument("--api-key", default=None)
+    parser.add_argument("--concurrency", default="1,64,1000", help="comma-separated client counts")
+    parser.add_argument("--num-prompts", type=int, default=None, help="requests per level (default max(32, 2C))")
+    parser.add_argument("--input-len", type=int, default=32)
+    parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--num-threads", type=int, default=None, help="torch threads of the engine (both sides)")
+    parser.add_argument("--stream-interval-ms", type=float, default=0.0, help="LLMServer: least gather time")
+    parser.add_argument("--stream-chunks-per-s", type=float, default=500.0, help="LLMServer: chunk rate target")
+    parser.add_argument("--no-offline", action="store_true", help="skip the offline peer")
+    parser.add_argument("--out", help="also write the JSON here")
+    args = parser.parse_args(argv)
+
+    from deploy import launch
+    from deploy.config import DsrayServeArgs
+    from dsray import LLM
+    from dsray.make_model import ensure_default_model
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # one socket per concurrent client
+    model = args.model or str(ensure_default_model())
+    served = args.served_model_name or model.rstrip("/").rsplit("/", 1)[-1]
+    engine = {"dtype": args.dtype, "max_num_seqs": args.max_num_seqs, "num_threads": args.num_threads}
+    levels = [int(c) for c in args.concurrency.split(",")]
+
+    llm = None if args.no_offline else LLM(model, **engine)
+    vocab = json.load(open(f"{model}/config.json"))["vocab_size"]
+    workloads = {c: make_prompts(args.num_prompts or max(32, 2 * c), args.input_len, vocab, seed=c) for c in levels}
+    url = args.url
+    if url is None:
+        server_args = DsrayServeArgs(
+            model=model,
+            served_model_name=served,
+            api_key=args.api_key or "",
+            engine=engine,
+            stream_interval_ms=args.stream_interval_ms,
+            stream_chunks_per_s=args.stream_chunks_per_s,
+            port=_free_port(),
+        )
+        # Ray starts workers at nice 15; the offline peer runs at 0. Same priority for both sides,
+        # or a busy shared machine would measure the niceness instead of the serving overhead.
+        url = launch.start(
+            server_args, include_dashboard=False, log_to_driver=False, _system_config={"worker_niceness": 0}
+        )
+    try:
+        asyncio.run(run_serving(url, served, workloads[levels[0]][:4], args.output_len, 4, args.api_key))  # warm-up
+        if llm is not None:
+            run_offline(llm, workloads[levels[0]][:4], args.output_len, 4)  # warm-up
+        results = []
+        for c in levels:
+            # Back to back, so both sides see the same machine (the idle server takes ~no CPU).
+            row: dict[str, Any] = {"concurrency": c}
+            if llm is not None:
+                row["offline"] = run_offline(llm, workloads[c], args.output_len, c)
+            row["serving"] = serving = asyncio.run(
+                run_serving(url, served, workloads[c], args.output_len, c, args.api_key)
+            )
+            if llm is not None:
+                row["ratio_serving_over_offline"] = serving["output_tok_s"] / row["offline"]["output_tok_s"]
+            results.append(row)
+    finally:
+        if args.url is None:
+            launch.stop()
+    report = {
+        "benchmark": "serve",
+        "model": model,
+        "engine": engine,
+        "input_len": args.input_len,
+        "output_len": args.output_len,
+        "stream_interval_ms": args.stream_interval_ms,
+        "stream_chunks_per_s": args.stream_chunks_per_s,
+        "results": results,
+    }
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,139 @@
+"""DsrayServeArgs: the typed arguments of the Serve application (what ``build_app`` and serve.yaml take)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from dsray import envs
+from dsray.engine_config import EngineConfig
+
+# Serve's default max_ongoing_requests (5) would let a replica stream only five responses at a
+# time; a model instance batches hundreds, so both deployments take far more.
+DEFAULT_INGRESS_MAX_ONGOING = 4096
+# Stats, health and model-list calls ride the same handle as generate and count as ongoing.
+_CONTROL_CALLS_HEADROOM = 64
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class LLMServerDeploymentArgs(_Strict):
+    """How many model instances (LLMServer replicas) run, and how much each takes."""
+
+    min_replicas: int = Field(1, ge=0, description="Fewest LLMServer replicas (autoscaling lower bound).")
+    max_replicas: int = Field(1, ge=1, description="Most LLMServer replicas; equal to min_replicas: no autoscaling.")
+    target_ongoing_requests: float = Field(
+        256, gt=0, description="Autoscaling target of concurrent requests per replica (about one full batch)."
+    )
+    max_ongoing_requests: int | None = Field(
+        None,
+        ge=1,
+        description="Concurrent calls one replica accepts from Serve; default max_num_seqs + "
+        "max_waiting_requests + headroom, so the replica's own queue limit (429) decides first.",
+    )
+    max_queued_requests: int = Field(
+        -1,
+        ge=-1,
+        description="Calls Serve's router may hold while no replica has room (-1: no limit; beyond it: 503). "
+        "Bursts queue there briefly even when replicas have room, so keep it well above the burst size; "
+        "the replica's own limit (max_waiting_requests, 429) is the real queue bound.",
+    )
+    num_cpus: float = Field(1.0, ge=0, description="Ray CPUs reserved per replica (logical; the engine's threads).")
+    health_check_period_s: float = Field(10.0, gt=0, description="How often Serve calls check_health().")
+    health_check_timeout_s: float = Field(30.0, gt=0, description="How long a health check may take.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> LLMServerDeploymentArgs:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})")
+        return self
+
+
+class IngressDeploymentArgs(_Strict):
+    """The stateless OpenAI front door."""
+
+    num_replicas: int = Field(1, ge=1, description="Ingress replicas (HTTP parsing, SSE framing, metrics).")
+    max_ongoing_requests: int = Field(
+        DEFAULT_INGRESS_MAX_ONGOING, ge=1, description="Concurrent HTTP requests one ingress replica handles."
+    )
+    num_cpus: float = Field(0.0, ge=0, description="Ray CPUs reserved per ingress replica (logical).")
+
+
+class DsrayServeArgs(_Strict):
+    """Everything that shapes one dsray Serve application.
+
+    ``engine`` holds ``EngineConfig`` fields other than ``model`` (dtype, kv_cache_memory_gb,
+    max_num_seqs, …). ``host``/``port`` apply where dsray starts Serve itself (``dsray serve``);
+    under ``serve run deploy/serve.yaml`` the YAML's ``http_options`` set them.
+    """
+
+    model: str | None = Field(None, description="Checkpoint directory; None uses the embedded tiny model.")
+    served_model_name: str | None = Field(
+        None, description="Model name clients send and /v1/models lists; default the checkpoint directory's name."
+    )
+    engine: dict[str, Any] = Field(
+        default_factory=dict, description="EngineConfig fields (except model) for every model instance."
+    )
+    api_key: str | None = Field(
+        None, description="Bearer token required on every route but /health; default env DSRAY_API_KEY; None: open."
+    )
+    max_waiting_requests: int = Field(
+        1024,
+        ge=0,
+        description="Requests a replica queues beyond a full batch (max_num_seqs); more are refused with 429.",
+    )
+    stream_interval_ms: float = Field(
+        0.0, ge=0, description="Streaming: after the first token, gather tokens at least this long per chunk."
+    )
+    stream_chunks_per_s: float = Field(
+        500.0,
+        ge=0,
+        description="Streaming: chunks a replica aims to send per second over all its streams; under load "
+        "each stream's chunks carry more tokens instead (0: no target, a chunk per engine step).",
+    )
+    host: str = Field("127.0.0.1", description="HTTP bind address when dsray starts Serve.")
+    port: int = Field(8000, ge=0, le=65535, description="HTTP port when dsray starts Serve.")
+    llm_server: LLMServerDeploymentArgs = Field(
+        default_factory=LLMServerDeploymentArgs, description="LLMServer deployment options."
+    )
+    ingress: IngressDeploymentArgs = Field(
+        default_factory=IngressDeploymentArgs, description="Ingress deployment options."
+    )
+    attention_workers: int = Field(
+        1, ge=1, description="Attention worker actors per model instance (needs the Ray executor; 1 for now)."
+    )
+    expert_workers: int = Field(
+        1, ge=1, description="Expert worker actors per model instance (needs the Ray executor; 1 for now)."
+    )
+
+    @field_validator("engine")
+    @classmethod
+    def _engine_fields(cls, engine: dict[str, Any]) -> dict[str, Any]:
+        if "model" in engine:
+            raise ValueError("give the checkpoint as the top-level 'model' argument, not engine.model")
+        EngineConfig(model="<checkpoint>", **engine)  # fail here, naming the bad field, not in a replica
+        return engine
+
+    @model_validator(mode="after")
+    def _resolve(self) -> DsrayServeArgs:
+        if self.attention_workers != 1 or self.expert_workers != 1:
+            raise ValueError(
+                "only the local executor exists yet: attention_workers and expert_workers must be 1 "
+                f"(got {self.attention_workers} and {self.expert_workers}); the Ray executor will use them"
+            )
+        if self.api_key is None:
+            self.api_key = envs.api_key()
+        if self.served_model_name is None:
+            self.served_model_name = Path(self.model).name if self.model else "tiny"
+        if self.llm_server.max_ongoing_requests is None:
+            limit = self.engine_config("<checkpoint>").max_num_seqs + self.max_waiting_requests
+            self.llm_server.max_ongoing_requests = limit + _CONTROL_CALLS_HEADROOM
+        return self
+
+    def engine_config(self, model: str) -> EngineConfig:
+        """The EngineConfig of one model instance, for the checkpoint at ``model``."""
+        return EngineConfig(model=model, **self.engine)

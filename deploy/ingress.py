@@ -1,0 +1,297 @@
+"""The OpenAI-compatible HTTP front door: routes, API key, validation, SSE framing, error bodies, metrics.
+
+Holds no model state: every request becomes a ``GenerateRequest`` streamed through a handle
+to an LLMServer replica. The first message decides the HTTP status (an ``ErrorInfo`` becomes
+an OpenAI error body; a chunk starts a 200 stream), so refusals are real 4xx/5xx responses,
+never an error hidden inside a 200. The FastAPI routes are methods of ``OpenAIIngress``;
+``serve.ingress`` is applied where the class is defined because it rewrites the route
+signatures, and a replica importing this module must get the rewritten ones.
+"""
+
+# No `from __future__ import annotations` here: FastAPI must see the route parameters' real
+# types after Serve rewrites the signatures, not strings.
+import asyncio
+import hmac
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import ValidationError
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from deploy.config import DsrayServeArgs
+from deploy.messages import ErrorInfo, GenerateRequest, StreamChunk
+from deploy.metrics import RequestObserver, ServingMetrics
+from deploy.openai_protocol import ChatCompletionRequest, CompletionRequest, ResponseBuilder
+
+logger = logging.getLogger(__name__)
+
+REQUEST_ID_HEADER = "x-request-id"
+RETRY_AFTER_S = 1  # a full queue drains within a few decode steps of the running batch
+CONTROL_TIMEOUT_S = 5.0  # health, stats and model-list calls to an LLMServer
+
+app = FastAPI(title="dsray", description="OpenAI-compatible serving of DeepSeek-architecture models.")
+
+
+# Errors ---------------------------------------------------------------------------------------
+
+
+def error_response(info: ErrorInfo) -> JSONResponse:
+    """An OpenAI error body (``{"error": {message, type, param, code}}``) with ``info.status``."""
+    headers = {}
+    if info.status in (429, 503):
+        headers["Retry-After"] = str(RETRY_AFTER_S)
+    body = {"error": {"message": info.message, "type": info.type, "param": info.param, "code": info.code}}
+    return JSONResponse(body, status_code=info.status, headers=headers)
+
+
+def validation_error_info(exc: ValidationError | RequestValidationError) -> ErrorInfo:
+    """Pydantic's first complaint as a 400 naming the field (FastAPI's default would be a 422)."""
+    errors = exc.errors()
+    if not errors:
+        return ErrorInfo("invalid request body")
+    first = errors[0]
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    if first.get("type") == "json_invalid":
+        return ErrorInfo(f"request body is not valid JSON: {first.get('msg')}", code="invalid_json")
+    param = ".".join(loc) or None
+    message = first.get("msg", "invalid value")
+    return ErrorInfo(f"{param}: {message}" if param else message, param=param)
+
+
+_STATUS_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 405: "BadRequestError"}
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    kind = _STATUS_TYPES.get(exc.status_code, "APIError")
+    return error_response(ErrorInfo(str(exc.detail), type=kind, status=exc.status_code))
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return error_response(validation_error_info(exc))
+
+
+@app.exception_handler(Exception)
+async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("unhandled error on %s", request.url.path)
+    return error_response(ErrorInfo(f"internal error: {exc!r}", type="InternalServerError", status=500))
+
+
+def _handle_error_info(exc: BaseException) -> ErrorInfo:
+    """A failed handle call (no replica, replica died, Serve queue full) as an OpenAI error."""
+    if isinstance(exc, BackPressureError):
+        return ErrorInfo(f"server is overloaded: {exc}", type="ServiceUnavailableError", status=503)
+    return ErrorInfo(f"model instance unavailable: {exc}", type="ServiceUnavailableError", status=503)
+
+
+def _sse(data: dict[str, Any]) -> str:
+    return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+# The deployment ---------------------------------------------------------------------------
+# serve.ingress pickles the app while this class is being defined, so the route methods are
+# copied by value with the module globals that exist at that moment: everything they use is
+# defined above this line.
+
+
+@serve.ingress(app)
+class OpenAIIngress:
+    """Routes of the OpenAI API, one LLMServer handle behind them."""
+
+    def __init__(self, llm_server: DeploymentHandle, args: DsrayServeArgs | dict[str, Any]):
+        self.args = DsrayServeArgs.model_validate(args)
+        self.model_name = self.args.served_model_name
+        self.api_key = self.args.api_key or None
+        self.server = llm_server
+        self.stream_server = llm_server.options(stream=True)
+        self.metrics = ServingMetrics(self.model_name)
+        self._models: list[dict[str, Any]] | None = None
+
+    # Routes -----------------------------------------------------------------------------------
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request) -> Response:
+        return await self._generate(request, CompletionRequest)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._generate(request, ChatCompletionRequest)
+
+    @app.get("/v1/models")
+    async def list_models(self, request: Request) -> Response:
+        if (refusal := self._auth_error(request)) is not None:
+            return error_response(refusal)
+        if self._models is None:
+            try:
+                self._models = await self._control(self.server.models.remote())
+            except Exception as exc:
+                return error_response(_handle_error_info(exc))
+        return JSONResponse({"object": "list", "data": self._models})
+
+    @app.get("/health")
+    async def health(self) -> Response:
+        """200 when a model instance answers its health check; 503 while none can serve (dead, starting)."""
+        try:
+            await self._control(self.server.check_health.remote())
+        except Exception as exc:
+            return error_response(ErrorInfo(f"unhealthy: {exc}", type="ServiceUnavailableError", status=503))
+        return Response(status_code=200)
+
+    @app.get("/metrics")
+    async def metrics(self, request: Request) -> Response:
+        if (refusal := self._auth_error(request)) is not None:
+            return error_response(refusal)
+        try:
+            self.metrics.engine_stats.update(await self._control(self.server.stats.remote()))
+        except Exception as exc:  # still export what this ingress observed itself
+            logger.warning("could not read LLMServer stats: %r", exc)
+        return Response(self.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    # Generation -------------------------------------------------------------------------------
+
+    async def _generate(self, request: Request, body_cls: type[CompletionRequest | ChatCompletionRequest]) -> Response:
+        # Serve's proxy puts an x-request-id on every request (the client's, or a fresh one) and
+        # echoes it on the response; it is this request's id in the engine too.
+        request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+        if len(request_id) > 256 or not request_id.isprintable():
+            return error_response(ErrorInfo("x-request-id must be printable and at most 256 characters"))
+        if (refusal := self._auth_error(request)) is not None:
+            return error_response(refusal)
+        try:
+            body = body_cls.model_validate_json(await request.body())
+            generate_request = self._generate_request(body, request_id)
+        except ValidationError as exc:
+            return error_response(validation_error_info(exc))
+        except ValueError as exc:
+            return error_response(ErrorInfo(str(exc), param="prompt"))
+        if body.model is not None and body.model != self.model_name:
+            info = ErrorInfo(
+                f"The model `{body.model}` does not exist.", "NotFoundError", "model", "model_not_found", 404
+            )
+            return error_response(info)
+
+        observer = self.metrics.observer()
+        stream: DeploymentResponseGenerator = self.stream_server.generate.remote(generate_request)
+        try:
+            first = await stream.__anext__()
+        except asyncio.CancelledError:
+            stream.cancel()
+            raise
+        except Exception as exc:
+            stream.cancel()
+            return error_response(_handle_error_info(exc))
+        if isinstance(first, ErrorInfo):
+            return error_response(first)
+        chat = body_cls is ChatCompletionRequest
+        response = ResponseBuilder(request_id, self.model_name, chat, body)
+        if body.stream:
+            events = self._stream_events(response, first, stream, observer)
+            return StreamingResponse(events, media_type="text/event-stream")
+        try:
+            final = await self._collect(response, first, stream, observer)
+        finally:
+            if not observer.done:
+                stream.cancel()  # the client left (or the stream failed): abort the request
+        if isinstance(final, ErrorInfo):
+            return error_response(final)
+        return JSONResponse(response.full(final))
+
+    def _generate_request(self, body: CompletionRequest | ChatCompletionRequest, request_id: str) -> GenerateRequest:
+        if isinstance(body, ChatCompletionRequest):
+            fields: dict[str, Any] = {"messages": [m.plain() for m in body.messages]}
+        else:
+            fields = body.prompt_fields()
+        return GenerateRequest(request_id=request_id, sampling=body.sampling(), **fields)
+
+    async def _chunks(
+        self, first: StreamChunk, stream: DeploymentResponseGenerator, observer: RequestObserver
+    ) -> AsyncIterator[StreamChunk | ErrorInfo]:
+        """The LLMServer's chunks, timed; a failed handle turns into a final ErrorInfo."""
+        chunk: StreamChunk | ErrorInfo = first
+        while True:
+            if isinstance(chunk, ErrorInfo):
+                yield chunk
+                return
+            observer.on_chunk(chunk)
+            if chunk.finish_reason is not None:
+                observer.on_finish(chunk)
+            yield chunk
+            if chunk.finish_reason is not None:
+                return
+            try:
+                chunk = await stream.__anext__()
+            except StopAsyncIteration:
+                chunk = ErrorInfo("stream ended without a finish reason", "InternalServerError", status=500)
+            except Exception as exc:
+                chunk = _handle_error_info(exc)
+
+    async def _collect(
+        self,
+        response: ResponseBuilder,
+        first: StreamChunk,
+        stream: DeploymentResponseGenerator,
+        observer: RequestObserver,
+    ) -> StreamChunk | ErrorInfo:
+        async for chunk in self._chunks(first, stream, observer):
+            if isinstance(chunk, ErrorInfo):
+                return chunk
+            response.add(chunk)
+            if chunk.finish_reason is not None:
+                return chunk
+        raise AssertionError("unreachable: _chunks ends with a finished chunk or an error")
+
+    async def _stream_events(
+        self,
+        response: ResponseBuilder,
+        first: StreamChunk,
+        stream: DeploymentResponseGenerator,
+        observer: RequestObserver,
+    ) -> AsyncIterator[str]:
+        """SSE events: one per chunk, an error event if the request fails midway, usage, ``[DONE]``."""
+        try:
+            async for chunk in self._chunks(first, stream, observer):
+                if isinstance(chunk, ErrorInfo):
+                    error = {"message": chunk.message, "type": chunk.type, "param": chunk.param}
+                    yield _sse({"error": {**error, "code": chunk.code or chunk.status}})
+                    break
+                yield _sse(response.delta(chunk))
+                if chunk.finish_reason is not None and response.include_usage:
+                    yield _sse(response.usage_event(chunk))
+            yield "data: [DONE]\n\n"
+        finally:
+            if not observer.done:
+                stream.cancel()  # the client disconnected: abort the request in the engine
+
+    # Helpers ----------------------------------------------------------------------------------
+
+    def _auth_error(self, request: Request) -> ErrorInfo | None:
+        if not self.api_key:
+            return None
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+            return None
+        message = "Missing API key: send 'Authorization: Bearer <key>'." if not token else "Incorrect API key provided."
+        return ErrorInfo(message, type="AuthenticationError", code="invalid_api_key", status=401)
+
+    async def _control(self, call: Any) -> Any:
+        """Await a small handle call, giving up (and cancelling it) after CONTROL_TIMEOUT_S."""
+
+        async def result() -> Any:
+            return await call
+
+        try:
+            return await asyncio.wait_for(result(), CONTROL_TIMEOUT_S)
+        except BaseException:
+            call.cancel()
+            raise

@@ -1,0 +1,320 @@
+"""LLMServer: one model instance behind Serve — admission, streaming chunks, health and stats.
+
+A plain class (``deploy/app.py`` turns it into a Serve deployment), so tests can drive it
+without Ray. It owns one engine (``AsyncLLM`` unless another engine class is injected) and
+speaks the typed messages of ``deploy/messages.py``: a refused request gets exactly one
+``ErrorInfo`` and nothing else; an admitted one gets ``StreamChunk``s until its finish reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from typing import Any
+
+from deploy.messages import ErrorInfo, GenerateRequest, StreamChunk
+from dsray.async_llm import AsyncLLM, EngineDeadError
+from dsray.engine_config import EngineConfig
+from dsray.outputs import RequestOutput
+from dsray.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+GIL_SWITCH_INTERVAL_S = 0.02
+
+# Error messages of SamplingParams and of the prompt checks start with the parameter's name.
+_PARAMS = set(SamplingParams.__dataclass_fields__) | {"prompt", "messages"}
+
+
+def value_error_info(exc: Exception, prompt_param: str = "prompt") -> ErrorInfo:
+    """An engine or SamplingParams ``ValueError`` as an OpenAI 400, naming the parameter where it can."""
+    message = str(exc)
+    if "context" in message or "exceeds" in message:
+        return ErrorInfo(message, param=prompt_param, code="context_length_exceeded")
+    if "already in use" in message:
+        return ErrorInfo(message, type="ConflictError", param="x-request-id", status=409)
+    first = message.split(" ", 1)[0].rstrip(":")
+    return ErrorInfo(message, param=first if first in _PARAMS else None)
+
+
+def engine_dead_info(exc: BaseException) -> ErrorInfo:
+    return ErrorInfo(f"the model instance cannot serve: {exc}", type="ServiceUnavailableError", status=503)
+
+
+class LLMServer:
+    """One model instance: an engine plus the queue limit in front of it.
+
+    ``engine_config`` is an ``EngineConfig`` or its fields; a dict whose ``model`` is None gets
+    the embedded tiny model.
+
+    ``max_waiting_requests`` bounds what a replica takes beyond a full batch: with
+    ``max_num_seqs + max_waiting_requests`` requests already admitted, another is refused at once
+    with a 429 and the admitted ones are untouched. ``stream_interval_ms`` and
+    ``stream_chunks_per_s`` set how long a stream gathers tokens into one chunk (see
+    ``_stream_interval``); with both 0 a chunk carries whatever tokens are ready.
+    """
+
+    def __init__(
+        self,
+        engine_config: EngineConfig | dict[str, Any],
+        served_model_name: str | None = None,
+        max_waiting_requests: int = 1024,
+        stream_interval_ms: float = 0.0,
+        stream_chunks_per_s: float = 500.0,
+        engine_cls: type = AsyncLLM,
+    ):
+        if isinstance(engine_config, dict) and engine_config.get("model") is None:
+            from dsray.make_model import ensure_default_model
+
+            # Made here, on the replica's node, so a cluster needs no shared filesystem for it.
+            engine_config = {**engine_config, "model": str(ensure_default_model())}
+        config = EngineConfig.model_validate(engine_config)
+        self.config = config
+        self.model_name = served_model_name or config.model.rstrip("/").rsplit("/", 1)[-1]
+        self.replica_id = uuid.uuid4().hex[:8]
+        # The engine thread is CPU-bound Python; at the default 5 ms GIL switch interval the event
+        # loops streaming its chunks take the GIL from it hundreds of times a second, and each
+        # hand-over costs both sides. 20 ms raised serving throughput by a quarter or more in our
+        # 2-core runs (benchmarks/serve.py). The setting is per process; a replica is its own.
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+        self.llm = engine_cls(config)
+        self.tokenizer = self.llm.engine.tokenizer
+        self.max_admitted = config.max_num_seqs + max_waiting_requests
+        self.stream_interval_s = stream_interval_ms / 1000
+        self.stream_chunks_per_s = stream_chunks_per_s
+        self.created = int(time.time())
+        self.num_admitted = 0  # requests between admission and their last chunk
+        self.counters = {"num_finished": 0, "num_refused": 0, "num_failed": 0, "num_cancelled": 0}
+
+    # Requests ---------------------------------------------------------------------------------
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[StreamChunk | ErrorInfo]:
+        """Stream ``request``'s chunks; one ``ErrorInfo`` (and nothing else) when it is refused or fails."""
+        refusal = self._admission_error()
+        if refusal is not None:
+            self.counters["num_refused"] += 1
+            yield refusal
+            return
+        prompt_param = "messages" if request.messages is not None else "prompt"
+        try:
+            prompt = self._prompt(request)
+            params = SamplingParams(**request.sampling)
+        except (ValueError, TypeError) as exc:
+            yield value_error_info(exc, prompt_param)
+            return
+        self.num_admitted += 1
+        finished = False
+        try:
+            stream = self.llm.generate(prompt, params, request.request_id)
+            num_tokens, num_chars = 0, 0
+            async with contextlib.aclosing(_batched(stream, self._stream_interval)) as batches:
+                async for outputs in batches:
+                    chunk = self._chunk(outputs[-1], num_tokens, num_chars, params.logprobs is not None)
+                    num_tokens, num_chars = chunk.num_generated_tokens, num_chars + len(chunk.new_text)
+                    finished = chunk.finish_reason is not None
+                    yield chunk
+        except ValueError as exc:  # validation inside the engine (context length, token ids)
+            yield value_error_info(exc, prompt_param)
+        except EngineDeadError as exc:
+            self.counters["num_failed"] += 1
+            yield engine_dead_info(exc)
+        except asyncio.CancelledError:
+            self.counters["num_cancelled"] += 1  # client went away; the engine aborts the request
+            raise
+        except Exception as exc:  # never let one request's surprise take the replica's stream down silently
+            logger.exception("request %s failed", request.request_id)
+            self.counters["num_failed"] += 1
+            yield ErrorInfo(f"internal error: {exc!r}", type="InternalServerError", status=500)
+        finally:
+            self.num_admitted -= 1
+            if finished:
+                self.counters["num_finished"] += 1
+
+    def _stream_interval(self) -> float:
+        """Seconds a stream gathers tokens before its next chunk (the first token never waits).
+
+        At least ``stream_interval_ms``; with ``stream_chunks_per_s`` set, also long enough that all
+        running streams together send about that many chunks a second. Every chunk costs the
+        Serve pipeline (handle stream, ingress, proxy, client) the same CPU whatever it carries,
+        so under load chunks grow instead of multiplying, and the engine keeps its share.
+        """
+        interval = self.stream_interval_s
+        if self.stream_chunks_per_s:
+            interval = max(interval, self.llm.engine.scheduler.num_running / self.stream_chunks_per_s)
+        return interval
+
+    def _admission_error(self) -> ErrorInfo | None:
+        if not self.llm.is_healthy:
+            return engine_dead_info(self.llm.error or RuntimeError("engine stopped"))
+        if self.num_admitted >= self.max_admitted:
+            return ErrorInfo(
+                f"server is at capacity ({self.num_admitted} requests admitted, limit {self.max_admitted}); "
+                "retry later",
+                type="RateLimitError",
+                code="queue_full",
+                status=429,
+            )
+        return None
+
+    def _prompt(self, request: GenerateRequest) -> str | list[int]:
+        given = [x is not None for x in (request.prompt, request.prompt_token_ids, request.messages)]
+        if sum(given) != 1:
+            raise ValueError("give exactly one of prompt, prompt_token_ids and messages")
+        if request.prompt_token_ids is not None:
+            return list(request.prompt_token_ids)
+        if request.prompt is not None:
+            return request.prompt
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer, so it cannot render chat messages")
+        messages = [_plain_message(m) for m in request.messages or []]
+        if not messages:
+            raise ValueError("messages must not be empty")
+        try:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        except ValueError:
+            raise
+        except Exception as exc:  # a template tripping over odd content is the request's fault
+            raise ValueError(f"chat template could not render these messages: {exc}") from exc
+        return self.tokenizer.encode(text, add_special_tokens=False)  # the template wrote bos itself
+
+    def _chunk(self, out: RequestOutput, num_tokens: int, num_chars: int, want_logprobs: bool) -> StreamChunk:
+        """The delta of ``out`` (cumulative) since ``num_tokens`` tokens and ``num_chars`` characters."""
+        new_ids = out.token_ids[num_tokens:]
+        logprobs = out.logprobs[num_tokens:] if want_logprobs and out.logprobs is not None else None
+        token_texts = None
+        if logprobs is not None and self.tokenizer is not None:
+            ids = set(new_ids).union(*(d.keys() for d in logprobs))
+            token_texts = {i: self.tokenizer.decode([i], skip_special_tokens=False) for i in ids}
+        return StreamChunk(
+            request_id=out.request_id,
+            new_text=out.text[num_chars:],
+            new_token_ids=new_ids,
+            logprobs=logprobs,
+            finish_reason=out.finish_reason,
+            num_prompt_tokens=len(out.prompt_token_ids),
+            num_generated_tokens=len(out.token_ids),
+            num_cached_tokens=out.num_cached_tokens,
+            token_texts=token_texts,
+        )
+
+    # Control ----------------------------------------------------------------------------------
+
+    def check_health(self) -> None:
+        """Raise when this instance cannot serve (Serve then replaces the replica)."""
+        self.llm.check_health()
+
+    def models(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "id": self.model_name,
+                "object": "model",
+                "created": self.created,
+                "owned_by": "dsray",
+                "root": self.config.model,
+                "max_model_len": self.llm.engine.max_model_len,
+            }
+        ]
+
+    def stats(self) -> dict[str, Any]:
+        """A snapshot for metrics: queue, KV cache, prefix cache and request counters.
+
+        Engine fields are read from another thread without a lock: each is one int or float
+        read, good enough for a gauge. An engine that reports ``expert_load`` (tokens per MoE
+        layer and expert) has it passed through for the exporter.
+        """
+        scheduler = self.llm.engine.scheduler
+        blocks = scheduler.block_manager
+        stats: dict[str, Any] = {
+            "model_name": self.model_name,
+            "replica": self.replica_id,
+            "healthy": self.llm.is_healthy,
+            "num_requests_running": scheduler.num_running,
+            "num_requests_waiting": scheduler.num_waiting,
+            "num_requests_admitted": self.num_admitted,
+            "kv_cache_usage_perc": blocks.usage,
+            "prefix_cache_queries": blocks.num_prefix_queries,
+            "prefix_cache_hits": blocks.num_prefix_hits,
+            **self.counters,
+        }
+        expert_load = getattr(self.llm.engine, "expert_load", None)
+        if expert_load is not None:
+            stats["expert_load"] = expert_load() if callable(expert_load) else expert_load
+        return stats
+
+    def __del__(self) -> None:
+        llm = getattr(self, "llm", None)
+        if llm is not None:
+            llm.shutdown()
+
+
+def _plain_message(message: dict[str, Any]) -> dict[str, Any]:
+    """A message whose content is a string, as chat templates expect (text parts joined, None → "")."""
+    content = message.get("content")
+    if isinstance(content, list):
+        content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    elif content is None:
+        content = ""
+    elif not isinstance(content, str):
+        raise ValueError(f"message content must be a string or a list of text parts, got {type(content).__name__}")
+    return {**message, "content": content}
+
+
+async def _batched(
+    stream: AsyncGenerator[RequestOutput, None], interval: Callable[[], float]
+) -> AsyncIterator[list[RequestOutput]]:
+    """Group a request's outputs: the first alone (time to first token), later ones as they pile up.
+
+    A pump task reads the engine stream into a list; this generator hands over whatever is in
+    it each time it wakes, after ``interval()`` more seconds unless the request ends first.
+    Closing it cancels the pump, which aborts the request in the engine.
+    """
+    task: asyncio.Task | None = None
+    try:
+        first = await stream.__anext__()
+        yield [first]
+        if first.finished:
+            return
+        pending: list[RequestOutput] = []
+        wake, ended = asyncio.Event(), asyncio.Event()
+        task = asyncio.create_task(_pump(stream, pending, wake, ended))
+        while True:
+            await wake.wait()
+            interval_s = interval()
+            if interval_s > 0 and not ended.is_set():
+                with contextlib.suppress(asyncio.TimeoutError):  # the last token must not wait
+                    await asyncio.wait_for(ended.wait(), interval_s)
+            wake.clear()
+            if pending:
+                batch = pending[:]
+                pending.clear()
+                yield batch
+                if batch[-1].finished:
+                    return
+                continue  # the pump may have added (and ended) while we yielded: look again first
+            if task.done():
+                task.result()  # re-raise what ended the stream (engine death, validation)
+                return
+    finally:
+        if task is None:
+            await stream.aclose()  # aborts the request unless it finished
+        elif not task.done():
+            task.cancel()  # raises CancelledError inside the engine stream, which aborts the request
+
+
+async def _pump(
+    stream: AsyncIterator[RequestOutput], pending: list[RequestOutput], wake: asyncio.Event, ended: asyncio.Event
+) -> None:
+    try:
+        async for out in stream:
+            pending.append(out)
+            wake.set()
+            if out.finished:
+                ended.set()
+    finally:
+        ended.set()
+        wake.set()

@@ -1,0 +1,56 @@
+"""`dsray serve` as a user runs it: starts, prints the URL, answers a chat completion, exits cleanly on SIGINT."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import openai
+
+
+def test_dsray_serve_starts_serves_and_stops_on_sigint(tiny_model, tmp_path):
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "dsray.cli", "serve", str(tiny_model), "--port", str(port), "--max-model-len", "128"]
+    env = {**os.environ, "DSRAY_API_KEY": "cli-key"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def read() -> None:  # keep draining the pipe so the server never blocks on a full one
+        for line in proc.stdout:
+            lines.append(line)
+            if "dsray: serving" in line:
+                ready.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert ready.wait(timeout=180), "".join(lines[-40:])
+        banner = next(line for line in lines if "dsray: serving" in line)
+        url = re.search(r"(http://\S+/v1)", banner).group(1)
+        assert url == f"http://127.0.0.1:{port}/v1"
+        time.sleep(0.5)  # the curl example follows the banner
+        assert any("curl" in line and "Bearer cli-key" in line for line in lines)
+        with openai.OpenAI(base_url=url, api_key="cli-key", max_retries=0, timeout=60) as client:
+            out = client.chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": "Hello"}], max_tokens=4
+            )
+        assert out.choices[0].message.content is not None and out.usage.completion_tokens <= 4
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=90) == 0, "".join(lines[-40:])
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    reader.join(timeout=10)
+    assert any("shutting down" in line for line in lines)

@@ -1,0 +1,70 @@
+"""DsrayServeArgs and deploy/serve.yaml, without Ray: defaults, resolution, and errors that name the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from deploy.app import build_app, llm_server_options
+from deploy.config import DsrayServeArgs
+
+SERVE_YAML = Path(__file__).resolve().parents[2] / "deploy" / "serve.yaml"
+
+
+def test_defaults(monkeypatch):
+    monkeypatch.delenv("DSRAY_API_KEY", raising=False)
+    args = DsrayServeArgs()
+    assert args.served_model_name == "tiny" and args.api_key is None
+    # Serve's default of 5 would cap streaming; ours leaves room for a full batch plus the queue.
+    assert args.llm_server.max_ongoing_requests > 256 + args.max_waiting_requests
+    assert args.ingress.max_ongoing_requests >= 1000
+
+
+def test_served_name_from_directory_and_api_key_from_env(monkeypatch):
+    monkeypatch.setenv("DSRAY_API_KEY", "from-env")
+    args = DsrayServeArgs(model="/models/DeepSeek-V3-tiny/")
+    assert args.served_model_name == "DeepSeek-V3-tiny" and args.api_key == "from-env"
+    assert DsrayServeArgs(api_key="given").api_key == "given"
+
+
+def test_engine_fields_are_checked_up_front():
+    with pytest.raises(ValidationError, match="max_num_seqs"):
+        DsrayServeArgs(engine={"max_num_seqs": 0})
+    with pytest.raises(ValidationError, match="not_a_field"):
+        DsrayServeArgs(engine={"not_a_field": 1})
+    with pytest.raises(ValidationError, match="top-level 'model'"):
+        DsrayServeArgs(engine={"model": "/x"})
+
+
+def test_workers_other_than_one_need_the_ray_executor():
+    assert DsrayServeArgs(attention_workers=1, expert_workers=1).attention_workers == 1
+    with pytest.raises(ValidationError, match="only the local executor"):
+        DsrayServeArgs(expert_workers=4)
+
+
+def test_autoscaling_options():
+    fixed = llm_server_options(DsrayServeArgs(llm_server={"min_replicas": 2, "max_replicas": 2}))
+    assert fixed["num_replicas"] == 2 and "autoscaling_config" not in fixed
+    scaled = llm_server_options(DsrayServeArgs(llm_server={"min_replicas": 1, "max_replicas": 3}))
+    assert scaled["autoscaling_config"]["max_replicas"] == 3 and "num_replicas" not in scaled
+    with pytest.raises(ValidationError, match="min_replicas"):
+        DsrayServeArgs(llm_server={"min_replicas": 3, "max_replicas": 2})
+
+
+def test_missing_checkpoint_fails_before_deploying(tmp_path):
+    with pytest.raises(ValueError, match="not a checkpoint directory"):
+        build_app({"model": str(tmp_path / "nowhere")})
+
+
+def test_serve_yaml_is_a_valid_serve_config_with_valid_args():
+    from ray.serve.schema import ServeDeploySchema
+
+    config = yaml.safe_load(SERVE_YAML.read_text())
+    schema = ServeDeploySchema.model_validate(config)
+    (application,) = schema.applications
+    assert application.import_path == "deploy.app:build_app"
+    DsrayServeArgs.model_validate(application.args)
+    build_app(application.args)  # builds the application graph (nothing is started)

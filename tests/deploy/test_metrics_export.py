@@ -1,0 +1,92 @@
+"""The metrics exporter on its own: engine stats summed over replicas, expert-load metrics from a fake stats dict."""
+
+from __future__ import annotations
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from deploy.messages import StreamChunk
+from deploy.metrics import ServingMetrics, expert_load_metrics
+
+
+def _samples(metrics: ServingMetrics) -> dict[tuple[str, tuple], float]:
+    text = metrics.render().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def _stats(replica: str, **extra) -> dict:
+    return {
+        "replica": replica,
+        "num_requests_running": 3,
+        "num_requests_waiting": 1,
+        "kv_cache_usage_perc": 0.5,
+        "prefix_cache_queries": 100,
+        "prefix_cache_hits": 40,
+        "num_refused": 2,
+        **extra,
+    }
+
+
+def test_engine_gauges_and_counters_sum_over_replicas():
+    metrics = ServingMetrics("m")
+    metrics.engine_stats.update(_stats("a"))
+    metrics.engine_stats.update(_stats("b", kv_cache_usage_perc=0.25))
+    metrics.engine_stats.update(_stats("a", num_requests_running=5))  # a newer snapshot replaces the old one
+    samples = _samples(metrics)
+    label = (("model_name", "m"),)
+    assert samples[("dsray:num_requests_running", label)] == 8
+    assert samples[("dsray:num_requests_waiting", label)] == 2
+    assert samples[("dsray:kv_cache_usage_perc", label)] == 0.375
+    assert samples[("dsray:prefix_cache_queries_total", label)] == 200
+    assert samples[("dsray:prefix_cache_hits_total", label)] == 80
+    assert samples[("dsray:request_refused_total", label)] == 4
+
+
+def test_expert_load_becomes_tokens_and_imbalance():
+    load = {1: [10, 10, 10, 10], 2: [40, 0, 0, 0], 3: [0, 0, 0, 0]}
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in expert_load_metrics(load, "m")
+        for s in family.samples
+    }
+    assert samples[("dsray:expert_tokens_total", (("expert", "0"), ("layer", "2"), ("model_name", "m")))] == 40
+    assert samples[("dsray:expert_tokens_total", (("expert", "3"), ("layer", "1"), ("model_name", "m")))] == 10
+    assert samples[("dsray:expert_imbalance", (("layer", "1"), ("model_name", "m")))] == 1.0
+    assert samples[("dsray:expert_imbalance", (("layer", "2"), ("model_name", "m")))] == 4.0
+    assert samples[("dsray:expert_imbalance", (("layer", "3"), ("model_name", "m")))] == 1.0  # no tokens yet
+
+
+def test_expert_load_in_stats_is_summed_and_exported():
+    metrics = ServingMetrics("m")
+    metrics.engine_stats.update(_stats("a", expert_load=[[1, 2], [3, 4]]))
+    metrics.engine_stats.update(_stats("b", expert_load={"0": [1, 0], "1": [0, 4]}))
+    samples = _samples(metrics)
+    key = ("dsray:expert_tokens_total", (("expert", "1"), ("layer", "1"), ("model_name", "m")))
+    assert samples[key] == 8
+    assert samples[("dsray:expert_imbalance", (("layer", "0"), ("model_name", "m")))] == 1.0  # [2, 2]
+    assert samples[("dsray:expert_imbalance", (("layer", "1"), ("model_name", "m")))] == 8 / 5.5  # [3, 8]
+
+
+def test_no_stats_yet_exports_only_observations():
+    text = ServingMetrics("m").render().decode()
+    assert "dsray:num_requests_running" not in text and "dsray:e2e_request_latency_seconds" in text
+
+
+def test_request_observer_records_ttft_itl_e2e_and_tokens():
+    metrics = ServingMetrics("m")
+    observer = metrics.observer()
+    for i, ids in enumerate([[1], [2], [3, 4, 5]]):
+        observer.on_chunk(StreamChunk("r", "x", ids, num_prompt_tokens=7, num_generated_tokens=i + 1))
+    observer.on_finish(StreamChunk("r", "", [], finish_reason="stop", num_prompt_tokens=7, num_generated_tokens=5))
+    observer.on_finish(StreamChunk("r", "", [], finish_reason="stop", num_prompt_tokens=7, num_generated_tokens=5))
+    samples = _samples(metrics)
+    label = (("model_name", "m"),)
+    assert samples[("dsray:time_to_first_token_seconds_count", label)] == 1
+    assert samples[("dsray:inter_token_latency_seconds_count", label)] == 4  # one per token after the first
+    assert samples[("dsray:e2e_request_latency_seconds_count", label)] == 1  # finishing twice counts once
+    assert samples[("dsray:prompt_tokens_total", label)] == 7
+    assert samples[("dsray:generation_tokens_total", label)] == 5
+    assert samples[("dsray:request_success_total", (("finished_reason", "stop"), ("model_name", "m")))] == 1
