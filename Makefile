@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 run: setup
-	$(VENV)/bin/dsray generate
+	$(VENV)/bin/dsray serve
 
 lint: setup
 	$(VENV)/bin/ruff check .

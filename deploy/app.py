@@ -46,6 +46,8 @@ def llm_server_options(args: DsrayServeArgs) -> dict[str, Any]:
             "min_replicas": opts.min_replicas,
             "max_replicas": opts.max_replicas,
             "target_ongoing_requests": opts.target_ongoing_requests,
+            "upscale_delay_s": opts.upscale_delay_s,
+            "downscale_delay_s": opts.downscale_delay_s,
         }
     return options
 

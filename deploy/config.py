@@ -43,6 +43,10 @@ class LLMServerDeploymentArgs(_Strict):
         "the replica's own limit (max_waiting_requests, 429) is the real queue bound.",
     )
     num_cpus: float = Field(1.0, ge=0, description="Ray CPUs reserved per replica (logical; the engine's threads).")
+    upscale_delay_s: float = Field(30.0, ge=0, description="Autoscaling: load must persist this long to add a replica.")
+    downscale_delay_s: float = Field(
+        600.0, ge=0, description="Autoscaling: load must stay low this long to remove a replica."
+    )
     health_check_period_s: float = Field(10.0, gt=0, description="How often Serve calls check_health().")
     health_check_timeout_s: float = Field(30.0, gt=0, description="How long a health check may take.")
 
@@ -103,11 +107,11 @@ class DsrayServeArgs(_Strict):
     ingress: IngressDeploymentArgs = Field(
         default_factory=IngressDeploymentArgs, description="Ingress deployment options."
     )
-    attention_workers: int = Field(
-        1, ge=1, description="Attention worker actors per model instance (needs the Ray executor; 1 for now)."
+    attention_workers: int | None = Field(
+        None, ge=1, description="Attention worker actors per model instance; set → engine.executor 'ray'."
     )
-    expert_workers: int = Field(
-        1, ge=1, description="Expert worker actors per model instance (needs the Ray executor; 1 for now)."
+    expert_workers: int | None = Field(
+        None, ge=1, description="Expert worker actors per model instance; set → engine.executor 'ray'."
     )
 
     @field_validator("engine")
@@ -120,11 +124,14 @@ class DsrayServeArgs(_Strict):
 
     @model_validator(mode="after")
     def _resolve(self) -> DsrayServeArgs:
-        if self.attention_workers != 1 or self.expert_workers != 1:
-            raise ValueError(
-                "only the local executor exists yet: attention_workers and expert_workers must be 1 "
-                f"(got {self.attention_workers} and {self.expert_workers}); the Ray executor will use them"
-            )
+        if self.attention_workers is not None or self.expert_workers is not None:
+            # Worker counts mean expert parallelism: the Ray executor with that many actors per instance.
+            self.engine = {
+                **self.engine,
+                "executor": "ray",
+                "num_attention_workers": self.attention_workers or self.engine.get("num_attention_workers", 1),
+                "num_expert_workers": self.expert_workers or self.engine.get("num_expert_workers", 1),
+            }
         if self.api_key is None:
             self.api_key = envs.api_key()
         if self.served_model_name is None:

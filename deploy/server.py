@@ -227,18 +227,17 @@ class LLMServer:
         read, good enough for a gauge. An engine that reports ``expert_load`` (tokens per MoE
         layer and expert) has it passed through for the exporter.
         """
-        scheduler = self.llm.engine.scheduler
-        blocks = scheduler.block_manager
+        engine = self.llm.engine.stats()  # summed over the instance's attention ranks
         stats: dict[str, Any] = {
             "model_name": self.model_name,
             "replica": self.replica_id,
             "healthy": self.llm.is_healthy,
-            "num_requests_running": scheduler.num_running,
-            "num_requests_waiting": scheduler.num_waiting,
+            "num_requests_running": engine["num_running"],
+            "num_requests_waiting": engine["num_waiting"],
             "num_requests_admitted": self.num_admitted,
-            "kv_cache_usage_perc": blocks.usage,
-            "prefix_cache_queries": blocks.num_prefix_queries,
-            "prefix_cache_hits": blocks.num_prefix_hits,
+            "kv_cache_usage_perc": engine["kv_cache_usage"],
+            "prefix_cache_queries": engine["prefix_cache_queries"],
+            "prefix_cache_hits": engine["prefix_cache_hits"],
             **self.counters,
         }
         expert_load = getattr(self.llm.engine, "expert_load", None)

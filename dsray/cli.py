@@ -95,14 +95,14 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     srv.add_argument(
         "--attention-workers",
         type=int,
-        default=1,
-        help="attention workers per model instance (stored for the Ray executor; only 1 works yet)",
+        default=None,
+        help="attention workers per model instance (Ray actors; default: run the model in the server process)",
     )
     srv.add_argument(
         "--expert-workers",
         type=int,
-        default=1,
-        help="expert workers per model instance (stored for the Ray executor; only 1 works yet)",
+        default=None,
+        help="expert workers per model instance (Ray actors sharing the routed experts)",
     )
 
 

@@ -22,6 +22,8 @@ from dsray.sampler import SampleRequest
 from dsray.sampling_params import SamplingParams
 from dsray.tokenizer import IncrementalDetokenizer, Tokenizer
 
+EXPERT_LOAD_REFRESH_S = 2.0
+
 
 @dataclass
 class _Request:
@@ -54,11 +56,26 @@ class LLMEngine:
         self.requests: dict[str, _Request] = {}
         self._rank_of: dict[str, int] = {}
         self._next_id = 0
+        self._expert_load: list[list[int]] = []
+        self._expert_load_time = 0.0
 
     @property
     def scheduler(self) -> Scheduler:
         """The first (with one attention rank, the only) scheduler."""
         return self.schedulers[0]
+
+    def expert_load(self) -> list[list[int]]:
+        """Tokens routed per (MoE layer, expert) since start, as of the last refresh (≤ 2 s old).
+
+        Refreshed by ``step`` on the engine's own thread, so readers on other threads (metrics)
+        never call into the workers themselves.
+        """
+        return self._expert_load
+
+    def _refresh_expert_load(self, now: float) -> None:
+        if now - self._expert_load_time >= EXPERT_LOAD_REFRESH_S:
+            self._expert_load = self.executor.expert_load()
+            self._expert_load_time = now
 
     def stats(self) -> dict[str, float]:
         """Load and cache figures summed over attention ranks (for metrics and health)."""
@@ -186,6 +203,7 @@ class LLMEngine:
                 if req.output.finished:
                     del self.requests[seq.request_id]
                     self._rank_of.pop(seq.request_id, None)
+        self._refresh_expert_load(now)
         return updates
 
     def _step_input(self, out: SchedulerOutput) -> StepInput:

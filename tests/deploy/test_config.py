@@ -39,10 +39,11 @@ def test_engine_fields_are_checked_up_front():
         DsrayServeArgs(engine={"model": "/x"})
 
 
-def test_workers_other_than_one_need_the_ray_executor():
-    assert DsrayServeArgs(attention_workers=1, expert_workers=1).attention_workers == 1
-    with pytest.raises(ValidationError, match="only the local executor"):
-        DsrayServeArgs(expert_workers=4)
+def test_worker_counts_select_the_ray_executor():
+    assert "executor" not in DsrayServeArgs().engine  # no counts: the in-process executor
+    args = DsrayServeArgs(expert_workers=4)
+    assert args.engine_config("/m").executor == "ray"
+    assert (args.engine_config("/m").num_attention_workers, args.engine_config("/m").num_expert_workers) == (1, 4)
 
 
 def test_autoscaling_options():

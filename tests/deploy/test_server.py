@@ -174,7 +174,9 @@ def test_stats_and_models(server):
         "model_name",
     ):
         assert key in stats
-    assert "expert_load" not in stats  # only engines that count expert load report it
+    # Tokens per (MoE layer, expert), refreshed by the engine loop after a step.
+    load = stats["expert_load"]
+    assert all(len(layer) == server.llm.engine.args.n_routed_experts for layer in load)
     (model,) = server.models()
     assert model["id"] == "tiny" and model["max_model_len"] == 128
 
