@@ -52,12 +52,16 @@ def llm_server_options(args: DsrayServeArgs) -> dict[str, Any]:
     return options
 
 
-def build_app(args: dict[str, Any] | DsrayServeArgs | None = None, engine_cls: type = AsyncLLM) -> Application:
+def build_app(args: dict[str, Any] | DsrayServeArgs | None = None) -> Application:
     """The dsray Serve application for ``args`` (a ``DsrayServeArgs`` or its fields).
 
-    ``engine_cls`` is the engine each LLMServer replica constructs from its ``EngineConfig``
-    (tests inject failing ones).
+    Serve calls import-path builders with exactly one argument, so this one takes only ``args``.
     """
+    return build_app_with_engine(args, AsyncLLM)
+
+
+def build_app_with_engine(args: dict[str, Any] | DsrayServeArgs | None, engine_cls: type) -> Application:
+    """``build_app`` with the engine class each LLMServer replica constructs (tests inject failing ones)."""
     args = DsrayServeArgs.model_validate(args or {})
     _check_model(args.model)
     engine_config = {"model": args.model, **args.engine}  # model None: the replica makes the tiny one

@@ -43,7 +43,7 @@ def faulty(server):
     import ray.cloudpickle
     from ray import serve
 
-    from deploy.app import build_app
+    from deploy.app import build_app_with_engine
 
     # This test module cannot be imported on a replica: ship ScriptedLLM by value.
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -54,7 +54,7 @@ def faulty(server):
         "engine": {"max_model_len": 256, "max_num_seqs": MAX_NUM_SEQS, "kv_cache_memory_gb": 0.05},
         "llm_server": {"health_check_period_s": 5.0},
     }
-    serve.run(build_app(args, engine_cls=ScriptedLLM), name="faulty", route_prefix="/faulty")
+    serve.run(build_app_with_engine(args, ScriptedLLM), name="faulty", route_prefix="/faulty")
     try:
         yield f"{server.url}/faulty"
     finally:
