@@ -78,8 +78,9 @@ def server(tiny_model) -> Server:
         serve.run(build_app(args), name="dsray", route_prefix="/")
         yield Server(f"http://127.0.0.1:{port}", API_KEY, "tiny", tiny_model)
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        if ray.is_initialized():  # tests/ray may have ended this session already for its own clusters
+            serve.shutdown()
+            ray.shutdown()
 
 
 @pytest.fixture

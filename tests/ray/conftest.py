@@ -1,4 +1,4 @@
-"""A real local Ray cluster for the executor tests, shut down when the module is done."""
+"""Ray sessions for the executor tests: each module starts its own and shuts it down."""
 
 from __future__ import annotations
 
@@ -7,7 +7,17 @@ import ray
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
+def fresh_ray():
+    """End a Ray session an earlier test directory left up (tests/deploy keeps one per session)."""
+    if ray.is_initialized():
+        from ray import serve
+
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(fresh_ray):
     ray.init(num_cpus=8, include_dashboard=False)
     yield
     ray.shutdown()

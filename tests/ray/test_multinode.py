@@ -14,7 +14,7 @@ PROMPTS = [[5, 6, 7, 8, 9], list(range(10, 40)), [100, 200]]
 
 
 @pytest.fixture(scope="module")
-def three_nodes():
+def three_nodes(fresh_ray):
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
     # Like cluster.yaml's node types: one node offers the attention role, one the expert role.
     attention = cluster.add_node(num_cpus=2, resources={"dsray_attention": 2})
