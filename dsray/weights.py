@@ -7,7 +7,6 @@ expert shard ``[first, end)`` of every MoE layer. HF checkpoints store each rout
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
@@ -100,7 +99,6 @@ def load_transformer(
     """Build the model from a checkpoint directory: the attention side and, ``with_experts``, every
     routed expert (without them, it reads no expert tensor: an attention worker's role)."""
     args = ModelArgs.from_pretrained(path)
-    start = time.perf_counter()
     with torch.device("meta"):
         model = Transformer(args, mla_mode, expert_mode, with_experts)
     model = model.to_empty(device=device).to(dtype)
@@ -119,5 +117,4 @@ def load_transformer(
     if with_experts:
         for layer_id, moe in model.moe_layers.items():
             load_expert_shard(moe.experts, tensors, layer_id)
-    model.load_seconds = time.perf_counter() - start
     return model.eval()

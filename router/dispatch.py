@@ -19,10 +19,6 @@ class DispatchPlan:
     pair_ids: torch.Tensor  # [T*K] flat index into topk_ids / topk_weights of each sorted pair
     expert_counts: torch.Tensor  # [E] rows per expert (int64, on CPU)
 
-    @property
-    def num_rows(self) -> int:
-        return int(self.token_ids.numel())
-
 
 def build_plan(topk_ids: torch.Tensor, num_experts: int) -> DispatchPlan:
     """Sort the pairs of ``topk_ids [T, K]`` by expert id (stable, so token order is kept)."""

@@ -6,8 +6,6 @@ one more): 16 experts over 3 shards → [0, 6), [6, 11), [11, 16).
 
 from __future__ import annotations
 
-import torch
-
 
 class ExpertMap:
     def __init__(self, num_experts: int, num_shards: int, first_rank: int = 0):
@@ -21,9 +19,6 @@ class ExpertMap:
         starts = [sum(sizes[:i]) for i in range(num_shards)]
         self.ranges = [(s, s + n) for s, n in zip(starts, sizes)]
         self.max_local_experts = max(sizes)
-        shard_of = torch.repeat_interleave(torch.arange(num_shards), torch.tensor(sizes))
-        self.shard_of_expert = shard_of  # [E]
-        self.local_index = torch.arange(num_experts) - torch.tensor(starts)[shard_of]  # [E]
 
     def rank_of_shard(self, shard: int) -> int:
         return self.first_rank + shard

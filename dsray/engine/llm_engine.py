@@ -119,7 +119,7 @@ class LLMEngine:
                 "(prompt plus at least one generated token must fit)"
             )
         if params.max_tokens is None:
-            params = _with_max_tokens(params, self.max_model_len - n)
+            params = replace(params, max_tokens=self.max_model_len - n)
         elif n + params.max_tokens > self.max_model_len:
             raise ValueError(
                 f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) = {n + params.max_tokens} exceeds "
@@ -257,7 +257,3 @@ def _find_stop(text: str, num_new: int, stops: list[str]) -> tuple[str, int] | N
         if at != -1 and (best is None or at < best[1]):
             best = (stop, at)
     return best
-
-
-def _with_max_tokens(params: SamplingParams, max_tokens: int) -> SamplingParams:
-    return replace(params, max_tokens=max_tokens)
