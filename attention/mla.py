@@ -14,6 +14,7 @@ from torch import nn
 
 from attention.metadata import AttentionMetadata
 from attention.rope import RotaryEmbedding
+from dsray import cpu_kernels
 from dsray.config import ModelArgs
 from dsray.layers import Linear, RMSNorm
 
@@ -45,6 +46,7 @@ class MLA(nn.Module):
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank)
         self.kv_b_proj = Linear(self.kv_lora_rank, H * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
         self.o_proj = Linear(H * self.v_head_dim, dim, bias=args.attention_bias)
+        self._kernel_shapes = self.kv_lora_rank % 16 == 0 and self.v_head_dim % 16 == 0  # cpu_kernels.mla_decode
         self._absorbed: tuple[torch.Tensor, torch.Tensor] | None = None  # see _absorb_weights
         self._absorbed_key: tuple | None = None
 
@@ -83,7 +85,21 @@ class MLA(nn.Module):
         c_kv = self.kv_a_layernorm(kv[:, :C])  # [T, C]
         kv_cache[meta.slot_mapping] = torch.cat([c_kv, k_pe], dim=-1).to(kv_cache.dtype)
 
-        if self.mode == "absorbed":
+        if self.mode == "absorbed" and meta.is_decode_only and self._kernel_shapes and cpu_kernels.usable(x, T):
+            # The whole absorbed decode (q_lat, scores, softmax, values, W_UV) in one kernel call.
+            w_uk, w_uv_t = self._absorb_weights()
+            out = cpu_kernels.mla_decode(
+                q_nope,
+                q_pe,
+                w_uk,
+                w_uv_t,
+                kv_cache,
+                meta.block_tables,
+                meta.context_lens_t,
+                meta.block_size,
+                self.softmax_scale,
+            )
+        elif self.mode == "absorbed":
             w_uk, w_uv_t = self._absorb_weights()
             q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [T, H, C]
             q_full = torch.cat([q_lat, q_pe], dim=-1)  # [T, H, C + R]

@@ -29,3 +29,8 @@ def api_key() -> str | None:
 def ray_address() -> str | None:
     """The Ray cluster ``dsray serve`` joins (``RAY_ADDRESS``, read by Ray itself too); None starts a local one."""
     return os.environ.get("RAY_ADDRESS") or None
+
+
+def cpu_kernels_enabled() -> bool:
+    """Whether dsray's AVX512-BF16 decode kernels may run (``DSRAY_CPU_KERNELS``, default on; ``0`` turns off)."""
+    return os.environ.get("DSRAY_CPU_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")

@@ -2,9 +2,11 @@
 
 ``linear`` exists for one CPU fact: torch routes every bf16 matmul to oneDNN, whose kernel for
 one or two rows (the GEMV of a batch-1 decode step) reads weights at about half the memory
-bandwidth, while torch's own ``cpublas`` GEMV reaches it. Two rows or fewer go to the native
-kernel; wider batches stay on oneDNN, which wins from four rows on (measured on ``small``'s
-shapes; see ``benchmarks/model_decode.py``). Both accumulate in fp32.
+bandwidth. A few rows go to dsray's AVX512-BF16 kernel where the CPU has it
+(``dsray/cpu_kernels.py``), else two rows or fewer to torch's own ``cpublas`` GEMV; wider
+batches stay on oneDNN, which wins from four rows on (measured on ``small``'s shapes; see
+``benchmarks/model_decode.py``). All accumulate in fp32. A one-token ``MLP`` runs as one fused
+kernel call where the kernels are available.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from dsray import cpu_kernels
 
 GEMV_MAX_ROWS = 2
 
@@ -22,8 +26,12 @@ def native_gemv(x: torch.Tensor, rows: int) -> bool:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear`` that sends bf16 GEMVs (``x [..., in]`` of at most ``GEMV_MAX_ROWS`` rows) around oneDNN."""
-    if not native_gemv(x, x.numel() // x.shape[-1]):
+    """``F.linear`` that sends bf16 GEMVs (``x [..., in]`` of a few rows) around oneDNN."""
+    rows = x.numel() // x.shape[-1]
+    if rows <= cpu_kernels.MAX_ROWS and weight.dtype == torch.bfloat16 and cpu_kernels.usable(x):
+        y = cpu_kernels.gemv(x, weight)
+        return y if bias is None else y + bias
+    if not native_gemv(x, rows):
         return F.linear(x, weight, bias)
     # The private setters, not the context manager: a decode step makes ~300 of these calls.
     was_enabled = torch._C._get_mkldnn_enabled()
@@ -64,4 +72,10 @@ class MLP(nn.Module):
         self.down_proj = Linear(inter_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 1 and self.gate_proj.out_features % 4 == 0 and cpu_kernels.usable(x, max_rows=1):
+            return cpu_kernels.swiglu_experts(x, [], [self.swiglu_weights()])
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # [T, D]
+
+    def swiglu_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(gate [I, D], up [I, D], down [D, I])`` for ``cpu_kernels.swiglu_experts``."""
+        return self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight

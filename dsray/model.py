@@ -17,6 +17,7 @@ from torch import nn
 from attention.metadata import AttentionMetadata
 from attention.mla import MLA
 from attention.rope import RotaryEmbedding
+from dsray import cpu_kernels
 from dsray.config import ModelArgs
 from dsray.layers import MLP, Linear, RMSNorm, linear
 from experts.shard import ExpertShard
@@ -83,9 +84,24 @@ class MoE(nn.Module):
             return self.experts.forward_loop(x, topk_ids, topk_weights)
         return combine_sorted(self.experts, x, topk_ids, topk_weights)
 
+    def _fused_single_token(self, x: torch.Tensor) -> bool:
+        return (
+            x.shape[0] == 1
+            and self.experts is not None
+            and self.experts.inter_dim % 4 == 0
+            and (self.shared_experts is None or self.shared_experts.gate_proj.out_features % 4 == 0)
+            and self.expert_mode == "grouped"
+            and self.routed == self._local_routed
+            and cpu_kernels.usable(x, max_rows=1)
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         topk_weights, topk_ids = self.gate(x)  # [T, K]
         self.expert_load += torch.bincount(topk_ids.reshape(-1), minlength=self.expert_load.shape[0])
+        if self._fused_single_token(x):
+            # Batch-1 decode with local experts: routed and shared experts in one kernel call.
+            shared = [self.shared_experts.swiglu_weights()] if self.shared_experts is not None else []
+            return cpu_kernels.swiglu_experts(x, self.experts.single_token_experts(topk_ids, topk_weights), shared)
         out = self.routed(x, topk_ids, topk_weights)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)

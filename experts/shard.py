@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsray import cpu_kernels
 from dsray.layers import linear
 
 
@@ -53,12 +54,33 @@ class ExpertShard(nn.Module):
         gathers, scatter), only K matmul pairs. Sums in expert order in fp32, as ``forward_loop``
         does, so the two agree bit for bit.
         """
+        if self.inter_dim % 4 == 0 and cpu_kernels.usable(x, max_rows=1):
+            return cpu_kernels.swiglu_experts(x, self.single_token_experts(topk_ids, topk_weights))
         out = torch.zeros_like(x, dtype=torch.float32)  # [1, D]
         first, end = self.expert_range
         for expert, weight in sorted(zip(topk_ids[0].tolist(), topk_weights[0].tolist())):
             if first <= expert < end:
                 out += self.expert_ffn(expert - first, x).float() * weight
         return out.to(x.dtype)
+
+    def single_token_experts(
+        self, topk_ids: torch.Tensor, topk_weights: torch.Tensor
+    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]]:
+        """One token's experts on this shard as ``(gate, up, down, weight)`` in expert order (the
+        summation order of ``forward_single``), for ``cpu_kernels.swiglu_experts``."""
+        views = self._expert_views()
+        first, end = self.expert_range
+        pairs = sorted(zip(topk_ids[0].tolist(), topk_weights[0].tolist()))
+        return [(*views[expert - first], weight) for expert, weight in pairs if first <= expert < end]
+
+    def _expert_views(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per-expert ``(gate, up, down)`` views of the stacked weights, made once per weight storage."""
+        key = (self.w13.data_ptr(), self.w2.data_ptr())
+        if getattr(self, "_views_key", None) != key:
+            inter = self.inter_dim
+            self._views = [(w13[:inter], w13[inter:], w2) for w13, w2 in zip(self.w13, self.w2)]
+            self._views_key = key
+        return self._views
 
     def run_sorted(self, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """Fast path: ``rows [M, D]`` sorted by local expert, ``counts[e]`` rows each → ``[M, D]``."""

@@ -1,0 +1,161 @@
+"""dsray's AVX512-BF16 decode kernels against the torch code they replace (their readable reference).
+
+Each kernel is held to the reference's own rounding: a product of bf16 inputs accumulated in fp32
+and rounded once may differ from torch's by the order of its fp32 additions only, so by at most
+one bf16 step after rounding. Whole decode steps are then held to the fp32 truth no worse than
+torch's bf16 path is.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from attention.metadata import AttentionMetadata
+from dsray import cpu_kernels
+from dsray.layers import MLP, linear
+from dsray.simple_generate import SingleSequence
+from dsray.testing import make_hf_checkpoint
+from dsray.weights import load_transformer
+from experts.shard import ExpertShard
+
+pytestmark = pytest.mark.skipif(
+    not cpu_kernels.available(), reason="needs an x86 CPU with avx512_bf16 and a C compiler (kernels unavailable)"
+)
+BF16_STEP = 2.0**-7  # relative spacing of bf16 values at worst
+
+
+def _randn(*shape, scale=1.0, seed=0):
+    return (torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale).bfloat16()
+
+
+@pytest.mark.parametrize(("rows", "n", "k"), [(1, 7, 33), (1, 64, 64), (2, 130, 100), (3, 1024, 1024), (4, 9, 1)])
+def test_gemv_equals_fp32_product_rounded_once(rows, n, k):
+    x = _randn(rows, 2 * k, seed=1)[:, :k]  # a strided view: rows are 2k apart
+    w = _randn(n, k, scale=k**-0.5, seed=2)
+    exact = F.linear(x.float(), w.float())
+    got = cpu_kernels.gemv(x, w).float()
+    assert got.shape == (rows, n)
+    assert torch.all((got - exact).abs() <= BF16_STEP * exact.abs() + 1e-6)
+
+
+def test_linear_takes_the_kernel_for_a_few_bf16_rows_only(monkeypatch):
+    calls = []
+    real = cpu_kernels.gemv
+    monkeypatch.setattr(cpu_kernels, "gemv", lambda x, w: calls.append(x.shape) or real(x, w))
+    w = _randn(16, 32)
+    linear(_randn(1, 32), w)
+    linear(_randn(cpu_kernels.MAX_ROWS, 32), w)
+    linear(_randn(cpu_kernels.MAX_ROWS + 1, 32), w)  # a matrix product: oneDNN
+    linear(_randn(1, 32).float(), w.float())  # fp32: torch
+    with cpu_kernels.disabled():
+        linear(_randn(1, 32), w)
+    assert calls == [(1, 32), (cpu_kernels.MAX_ROWS, 32)]
+
+
+def test_swiglu_experts_equals_shard_and_shared_mlp():
+    dim, inter, experts, top_k = 256, 64, 16, 4
+    torch.manual_seed(0)
+    shard = ExpertShard(0, experts, dim, inter)
+    shard.w13.data = _randn(experts, 2 * inter, dim, scale=dim**-0.5, seed=3)
+    shard.w2.data = _randn(experts, dim, inter, scale=inter**-0.5, seed=4)
+    mlp = MLP(dim, 2 * inter)
+    for i, p in enumerate(mlp.parameters()):
+        p.data = _randn(*p.shape, scale=p.shape[1] ** -0.5, seed=5 + i)
+    for seed in range(5):
+        x = _randn(1, dim, seed=10 + seed)
+        ids = torch.randperm(experts, generator=torch.Generator().manual_seed(seed))[:top_k][None]
+        weights = torch.rand(1, top_k, generator=torch.Generator().manual_seed(seed))
+        with cpu_kernels.disabled():
+            reference = shard.forward_single(x, ids, weights) + mlp(x)
+            routed_only = shard.forward_single(x, ids, weights)
+        fused = cpu_kernels.swiglu_experts(x, shard.single_token_experts(ids, weights), [mlp.swiglu_weights()])
+        scale = reference.float().abs().max()
+        assert (fused.float() - reference.float()).abs().max() <= 2 * BF16_STEP * scale
+        assert (
+            shard.forward_single(x, ids, weights).float() - routed_only.float()
+        ).abs().max() <= 2 * BF16_STEP * scale
+        assert (mlp(x).float() - (reference - routed_only).float()).abs().max() <= 4 * BF16_STEP * scale
+
+
+def test_swiglu_experts_refuses_what_it_cannot_run():
+    w = _randn(6, 8)
+    with pytest.raises(ValueError, match="multiples of 4"):
+        cpu_kernels.swiglu_experts(_randn(1, 8), [], [(w, w, _randn(8, 6))])
+    with pytest.raises(ValueError, match="contiguous bf16"):
+        cpu_kernels.swiglu_experts(_randn(1, 8), [], [(_randn(8, 4).t(), _randn(4, 8), _randn(8, 4))])
+
+
+@pytest.fixture(scope="module")
+def bf16_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("v3")
+    make_hf_checkpoint("v3", path)
+    return load_transformer(path, torch.bfloat16, progress=False), load_transformer(path, torch.float32, progress=False)
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch) -> dict[str, int]:
+    """Counts of calls into each kernel during a test (proves the fast paths were taken)."""
+    calls: dict[str, int] = {}
+    for name in ("gemv", "swiglu_experts", "mla_decode"):
+        real = getattr(cpu_kernels, name)
+
+        def counted(*args, _real=real, _name=name, **kwargs):
+            calls[_name] = calls.get(_name, 0) + 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(cpu_kernels, name, counted)
+    return calls
+
+
+def _batched_decode(model, prompts, block_size=4):
+    """Prefill ``prompts`` but their last tokens into one shared cache, then one decode step for all."""
+    seq = SingleSequence(model, len(prompts) * 32, block_size=block_size)
+    tables = [seq.block_table[8 * i : 8 * i + 8] for i in range(len(prompts))]  # reversed, so not in order
+    with torch.inference_mode():
+        meta = AttentionMetadata.build(tables, [0] * len(prompts), [len(p) - 1 for p in prompts], block_size)
+        model(torch.tensor(sum((p[:-1] for p in prompts), [])), meta, seq.cache)
+        meta = AttentionMetadata.build(tables, [len(p) - 1 for p in prompts], [1] * len(prompts), block_size)
+        assert meta.is_decode_only
+        return model.compute_logits(model(torch.tensor([p[-1] for p in prompts]), meta, seq.cache))
+
+
+def test_batched_decode_step_with_kernels_matches_torch_bf16(bf16_model, kernel_calls):
+    """Several sequences of different lengths in one decode step: MLA kernel, GEMV kernel."""
+    model, truth_model = bf16_model
+    gen = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(2, 512, (n,), generator=gen).tolist() for n in (5, 17, 9, 30)]
+    kernels = _batched_decode(model, prompts)
+    assert kernel_calls["mla_decode"] == model.args.num_hidden_layers and kernel_calls["gemv"] > 0
+    with cpu_kernels.disabled():
+        torch_bf16 = _batched_decode(model, prompts)
+    truth = _batched_decode(truth_model, prompts)
+    kernel_err = (kernels - truth).abs().mean().item()
+    torch_err = (torch_bf16 - truth).abs().mean().item()
+    print(f"[kernels] batched decode mean abs err vs fp32: kernels {kernel_err:.2e}, torch bf16 {torch_err:.2e}")
+    assert kernel_err <= 1.5 * torch_err + 1e-4
+    assert (kernels - torch_bf16).abs().max() <= 0.1 * truth.abs().max()
+
+
+def test_single_sequence_decode_with_kernels_is_as_accurate_as_torch_bf16(bf16_model, kernel_calls):
+    """Batch 1: every kernel (GEMV, fused MLP and MoE experts, MLA decode) over 24 decode steps."""
+    model, truth_model = bf16_model
+    tokens = torch.randint(2, 512, (40,), generator=torch.Generator().manual_seed(8)).tolist()
+
+    def decode(m):
+        seq = SingleSequence(m, 48)
+        seq.extend(tokens[:16])
+        return torch.cat([seq.extend([t]) for t in tokens[16:]])  # teacher-forced: same inputs for all
+
+    kernels = decode(model)
+    layers, steps = model.args.num_hidden_layers, len(tokens) - 16
+    assert kernel_calls["mla_decode"] == layers * steps
+    assert kernel_calls["swiglu_experts"] == layers * steps  # the dense MLP and each MoE layer: one call
+    with cpu_kernels.disabled():
+        torch_bf16 = decode(model)
+    truth = decode(truth_model)
+    kernel_err = (kernels - truth).abs().mean().item()
+    torch_err = (torch_bf16 - truth).abs().mean().item()
+    print(f"[kernels] batch-1 decode mean abs err vs fp32: kernels {kernel_err:.2e}, torch bf16 {torch_err:.2e}")
+    assert kernel_err <= 1.5 * torch_err + 1e-4
