@@ -75,31 +75,26 @@ class MLA(nn.Module):
         T, C, H = x.shape[0], self.kv_lora_rank, self.n_heads
         q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora_rank else self.q_proj(x)
         q = q.view(T, H, -1)  # [T, H, d_nope + R]
-        q_nope = q[..., : self.qk_nope_head_dim]  # [T, H, d_nope]
         kv = self.kv_a_proj_with_mqa(x)  # [T, C + R]
-        # Query and key rope dims rotate at the same positions: one rotation for both.
         cis = meta.rope_cis if meta.rope_cis is not None else self.rope.cis(meta.positions)
+        if self._decode_kernel(x, meta, kv_cache):
+            # Latent write, rope, absorbed attention and W_UV in one kernel call (same rounding as below).
+            w_uk, w_uv_t = self._absorb_weights()
+            out = cpu_kernels.mla_decode_step(
+                q, kv, self.kv_a_layernorm.weight, self.kv_a_layernorm.eps, cis, self.rope.interleaved,
+                meta.slot_mapping, w_uk, w_uv_t, kv_cache, meta.block_tables, meta.context_lens_t,
+                meta.block_size, self.softmax_scale,
+            )  # fmt: skip
+            return self.o_proj(out.view(T, -1))
+        q_nope = q[..., : self.qk_nope_head_dim]  # [T, H, d_nope]
+        # Query and key rope dims rotate at the same positions: one rotation for both.
         pe = torch.cat([q[..., self.qk_nope_head_dim :], kv[:, None, C:]], dim=1)  # [T, H + 1, R]
         pe = self.rope.rotate(pe, cis)
         q_pe, k_pe = pe[:, :H], pe[:, H]  # [T, H, R], [T, R]
         c_kv = self.kv_a_layernorm(kv[:, :C])  # [T, C]
         kv_cache[meta.slot_mapping] = torch.cat([c_kv, k_pe], dim=-1).to(kv_cache.dtype)
 
-        if self.mode == "absorbed" and meta.is_decode_only and self._kernel_shapes and cpu_kernels.usable(x, T):
-            # The whole absorbed decode (q_lat, scores, softmax, values, W_UV) in one kernel call.
-            w_uk, w_uv_t = self._absorb_weights()
-            out = cpu_kernels.mla_decode(
-                q_nope,
-                q_pe,
-                w_uk,
-                w_uv_t,
-                kv_cache,
-                meta.block_tables,
-                meta.context_lens_t,
-                meta.block_size,
-                self.softmax_scale,
-            )
-        elif self.mode == "absorbed":
+        if self.mode == "absorbed":
             w_uk, w_uv_t = self._absorb_weights()
             q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [T, H, C]
             q_full = torch.cat([q_lat, q_pe], dim=-1)  # [T, H, C + R]
@@ -115,6 +110,16 @@ class MLA(nn.Module):
                 [self._naive_seq(q_nope[a:b], q_pe[a:b], kv_cache[meta.context_slots(i)]) for i, (a, b) in _spans(meta)]
             )
         return self.o_proj(out.reshape(T, -1))
+
+    def _decode_kernel(self, x: torch.Tensor, meta: AttentionMetadata, kv_cache: torch.Tensor) -> bool:
+        """Whether this step can take ``cpu_kernels.mla_decode_step`` (absorbed decode, bf16 on CPU)."""
+        return (
+            self.mode == "absorbed"
+            and meta.is_decode_only
+            and self._kernel_shapes
+            and kv_cache.dtype == torch.bfloat16
+            and cpu_kernels.usable(x, max_rows=x.shape[0])
+        )
 
     def _scores_to_output(self, scores: torch.Tensor, mask: torch.Tensor | None, values: torch.Tensor) -> torch.Tensor:
         scores = scores.float() * self.softmax_scale

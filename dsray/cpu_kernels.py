@@ -6,9 +6,9 @@ shared experts in one call) replace torch's bf16 matrix-vector path on CPUs that
 torch code, which is also the reference the tests hold these kernels to.
 
 The shared library is compiled with the system C compiler into ``$DSRAY_HOME/kernels`` (named by
-a hash of the source and flags, written atomically, so concurrent workers share one build) and
-linked against the OpenMP runtime torch ships, so kernel and torch threads are one pool.
-``DSRAY_CPU_KERNELS=0`` turns the kernels off.
+a hash of the source and flags, written atomically, so concurrent workers share one build). It
+runs on its own small thread pool (see the C source for why not OpenMP), as many threads as
+torch's intra-op setting. ``DSRAY_CPU_KERNELS=0`` turns the kernels off.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.c"
 # -ffp-contract=off: a fused multiply-add would round differently from torch's separate mul and add.
-CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mbmi2", "-ffp-contract=off", "-fopenmp"]
+CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mbmi2", "-ffp-contract=off", "-pthread"]
 MAX_ROWS = 4  # gemv: rows of x per call; wider batches are matrix products, where oneDNN wins
 
 _bf16_p = ctypes.c_void_p
@@ -49,27 +49,19 @@ def _cpu_has_avx512_bf16() -> bool:
     return " avx512_bf16" in flags and " avx512bw" in flags
 
 
-def _torch_libgomp() -> Path | None:
-    """The OpenMP runtime torch loaded (linking the same file keeps one runtime in the process)."""
-    found = sorted((Path(torch.__file__).parent / "lib").glob("libgomp*.so*"))
-    return found[0] if found else None
-
-
 def _build(cache_dir: Path) -> Path:
     compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if compiler is None:
         raise RuntimeError("no C compiler (gcc or cc) on PATH")
-    gomp = _torch_libgomp()
-    link = [str(gomp), f"-Wl,-rpath,{gomp.parent}"] if gomp else ["-lgomp"]
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join(CFLAGS + link).encode()).hexdigest()[:16]
+    key = hashlib.sha256(source + " ".join(CFLAGS).encode()).hexdigest()[:16]
     target = cache_dir / f"cpu_kernels-{key}.so"
     if target.exists():
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
         built = Path(tmp) / target.name
-        cmd = [compiler, *CFLAGS, "-shared", "-fPIC", str(SOURCE), "-o", str(built), *link, "-lm"]
+        cmd = [compiler, *CFLAGS, "-shared", "-fPIC", str(SOURCE), "-o", str(built), "-lm"]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"compiling {SOURCE.name} failed: {' '.join(cmd)}\n{done.stderr}")
@@ -105,16 +97,23 @@ def _library() -> ctypes.CDLL | None:
     # x, D, num_experts, num_routed, gate[], up[], down[], inter[], weights[], h, act, out, nthreads
     lib.dsray_swiglu_experts_bf16.argtypes = [_bf16_p, _int, _int, _int] + [_bf16_p] * 8 + [_int]
     lib.dsray_swiglu_experts_bf16.restype = None
-    # q_nope, q_sn, q_sh, q_pe, pe_sn, pe_sh, w_uk, w_uv_t, cache, block_tables, bt_stride, context_lens,
-    # block_size, N, H, d_nope, R, C, d_v, scale, out, nthreads
-    lib.dsray_mla_decode_bf16.argtypes = (
-        [_bf16_p, _long, _long, _bf16_p, _long, _long]
-        + [_bf16_p] * 4
+    # q, q_sn, kv, kv_sn, kv_norm_w, eps, cis, interleaved, slot_mapping, w_uk, w_uv_t, cache, block_tables,
+    # bt_stride, context_lens, block_size, N, H, d_nope, R, C, d_v, scale, q_pe scratch, out, nthreads
+    lib.dsray_mla_decode_step_bf16.argtypes = (
+        [_bf16_p, _long, _bf16_p, _long, _bf16_p, ctypes.c_float, _bf16_p, _int]
+        + [_bf16_p] * 5
         + [_long, _bf16_p]
         + [_int] * 7
-        + [ctypes.c_float, _bf16_p, _int]
+        + [ctypes.c_float, _bf16_p, _bf16_p, _int]
     )
-    lib.dsray_mla_decode_bf16.restype = None
+    # x, ldx, w, out, T, D, eps, nthreads
+    lib.dsray_rmsnorm_bf16.argtypes = [_bf16_p, _long, _bf16_p, _bf16_p, _int, _int, ctypes.c_float, _int]
+    # x, ldx, w, bias, T, D, E, K, n_group, topk_group, scoring, method, norm, scaling, weights, ids, nthreads
+    lib.dsray_gate_bf16.argtypes = (
+        [_bf16_p, _long, _bf16_p, _bf16_p] + [_int] * 9 + [ctypes.c_float, _bf16_p, _bf16_p, _int]
+    )
+    for fn in (lib.dsray_mla_decode_step_bf16, lib.dsray_rmsnorm_bf16, lib.dsray_gate_bf16):
+        fn.restype = None
     return lib
 
 
@@ -195,6 +194,154 @@ def swiglu_experts(
         _array(ctypes.c_float, [w for *_, w in routed]),
         h.data_ptr(),
         act.data_ptr(),
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return out
+
+
+def _array(ctype, values: list) -> ctypes.c_void_p:
+    """A C array of ``values`` as a pointer argument (kept alive by the caller's frame via ``_keep``)."""
+    arr = (ctype * max(len(values), 1))(*values)
+    ptr = ctypes.cast(arr, ctypes.c_void_p)
+    ptr._keep = arr  # the array must outlive the call
+    return ptr
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``RMSNorm`` of bf16 ``x [..., D]`` with a bf16 ``weight [D]``, rounded as ``dsray.layers.RMSNorm``."""
+    D = x.shape[-1]
+    rows = x.reshape(-1, D)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    out = torch.empty(rows.shape, dtype=torch.bfloat16)
+    _library().dsray_rmsnorm_bf16(
+        rows.data_ptr(),
+        rows.stride(0),
+        weight.data_ptr(),
+        out.data_ptr(),
+        rows.shape[0],
+        D,
+        eps,
+        torch.get_num_threads(),
+    )
+    return out.view(x.shape)
+
+
+GATE_SCORING = {"softmax": 0, "sigmoid": 1}
+GATE_METHODS = {"greedy": 0, "group_limited_greedy": 1, "noaux_tc": 2}
+
+
+def gate(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    top_k: int,
+    n_group: int,
+    topk_group: int,
+    scoring_func: str,
+    topk_method: str,
+    norm_topk_prob: bool,
+    routed_scaling_factor: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``router.gate.Gate`` for bf16 ``x [T, D]`` and an fp32 ``weight [E, D]``: ``(weights [T, K], ids [T, K])``."""
+    T, D = x.shape
+    E = weight.shape[0]
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if weight.dtype != torch.float32 or not weight.is_contiguous():
+        raise ValueError("gate: the gate weight must be contiguous fp32")
+    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+        raise ValueError("gate: the correction bias must be contiguous fp32")
+    weights = torch.empty(T, top_k, dtype=torch.float32)
+    ids = torch.empty(T, top_k, dtype=torch.int64)
+    _library().dsray_gate_bf16(
+        x.data_ptr(),
+        x.stride(0),
+        weight.data_ptr(),
+        bias.data_ptr() if bias is not None else None,
+        T,
+        D,
+        E,
+        top_k,
+        n_group or 1,
+        topk_group or 1,
+        GATE_SCORING[scoring_func],
+        GATE_METHODS[topk_method],
+        int(norm_topk_prob),
+        routed_scaling_factor,
+        weights.data_ptr(),
+        ids.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return weights, ids
+
+
+def mla_decode_step(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    kv_norm_weight: torch.Tensor,
+    eps: float,
+    rope_cis: torch.Tensor,
+    rope_interleaved: bool,
+    slot_mapping: torch.Tensor,
+    w_uk: torch.Tensor,
+    w_uv_t: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    block_size: int,
+    scale: float,
+) -> torch.Tensor:
+    """Absorbed MLA for a decode step, from the projections on, as ``attention/mla.py`` computes it.
+
+    ``q [N, H, d_nope + R]`` and ``kv [N, C + R]`` (the outputs of ``q_b_proj`` / ``q_proj`` and
+    ``kv_a_proj_with_mqa``, rope dims not yet rotated): writes each token's latent (normed ``c_kv``,
+    rotated ``k_pe``) to ``kv_cache [slots, C + R]`` at ``slot_mapping``, rotates the query by
+    ``rope_cis [N, 1, R/2]`` (complex), attends over the paged cache with ``W_UK [H, d_nope, C]`` and
+    ``W_UVᵀ [H, C, d_v]`` absorbed, and returns ``[N, H, d_v]``.
+    """
+    N, H, qk = q.shape
+    R = kv.shape[-1] - w_uk.shape[-1]
+    d_nope, C, d_v = qk - R, w_uk.shape[-1], w_uv_t.shape[-1]
+    if C % 16 or d_v % 16:
+        raise ValueError(f"mla_decode_step: kv_lora_rank and v_head_dim must be multiples of 16, got {C}, {d_v}")
+    if q.stride(-1) != 1 or q.stride(1) != qk or kv.stride(-1) != 1:
+        raise ValueError("mla_decode_step: q rows must be [H, d_nope + R] contiguous and kv rows contiguous")
+    for name, t in (("w_uk", w_uk), ("w_uv_t", w_uv_t), ("kv_cache", kv_cache), ("kv_norm_weight", kv_norm_weight)):
+        if t.dtype != torch.bfloat16 or not t.is_contiguous():
+            raise ValueError(f"mla_decode_step: {name} must be contiguous bf16")
+    cis = torch.view_as_real(rope_cis).reshape(N, R)  # (cos, sin) pairs, fp32
+    slots = slot_mapping.to(torch.int64).contiguous()
+    block_tables = block_tables.to(torch.int64).contiguous()
+    context_lens = context_lens.to(torch.int64).contiguous()
+    q_pe = torch.empty(N, H, R, dtype=torch.bfloat16)
+    out = torch.empty(N, H, d_v, dtype=torch.bfloat16)
+    _library().dsray_mla_decode_step_bf16(
+        q.data_ptr(),
+        q.stride(0),
+        kv.data_ptr(),
+        kv.stride(0),
+        kv_norm_weight.data_ptr(),
+        eps,
+        cis.data_ptr(),
+        int(rope_interleaved),
+        slots.data_ptr(),
+        w_uk.data_ptr(),
+        w_uv_t.data_ptr(),
+        kv_cache.data_ptr(),
+        block_tables.data_ptr(),
+        block_tables.stride(0),
+        context_lens.data_ptr(),
+        block_size,
+        N,
+        H,
+        d_nope,
+        R,
+        C,
+        d_v,
+        scale,
+        q_pe.data_ptr(),
         out.data_ptr(),
         torch.get_num_threads(),
     )

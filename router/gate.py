@@ -11,7 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsray import cpu_kernels
 from dsray.config import ModelArgs
+
+KERNEL_MAX_TOKENS = 64  # beyond a decode batch, torch's batched topk is faster than a per-token loop
 
 
 class Gate(nn.Module):
@@ -34,6 +37,12 @@ class Gate(nn.Module):
             self.e_score_correction_bias = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if x.shape[0] <= KERNEL_MAX_TOKENS and self.weight.dtype == torch.float32 and cpu_kernels.usable(x, x.shape[0]):
+            # Decode batches: scoring and selection in one kernel call (ties may break differently).
+            return cpu_kernels.gate(
+                x, self.weight, self.e_score_correction_bias, self.top_k, self.n_group, self.topk_group,
+                self.scoring_func, self.topk_method, self.norm_topk_prob, self.routed_scaling_factor,
+            )  # fmt: skip
         logits = F.linear(x.float(), self.weight.float())  # [T, E]
         scores = logits.softmax(dim=-1) if self.scoring_func == "softmax" else logits.sigmoid()
         if self.topk_method == "greedy":

@@ -12,10 +12,21 @@
 // and the shared experts' bf16 output is added to the bf16-rounded routed sum. Only the order of
 // the fp32 additions inside a dot product differs from torch's.
 //
-// Built at first use by dsray/cpu_kernels.py (gcc -O3 -mavx512bf16 -fopenmp) and linked against
-// the OpenMP runtime torch already loaded, so both share one thread pool.
+// Threads: a small pool of our own rather than OpenMP. A kernel call is split into chunks that
+// threads claim from one atomic counter; the calling thread works too and waits only for chunks
+// another thread has claimed, never for a thread to wake up. On a busy machine (a serving node
+// runs several processes on few cores) an OpenMP barrier waits a whole scheduler time slice for
+// a descheduled thread, many times per decode step; here a late thread finds no work left.
+// Built at first use by dsray/cpu_kernels.py (gcc -O3 -mavx512bf16).
 
 #include <immintrin.h>
+#include <linux/futex.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -85,21 +96,161 @@ static inline float dot1(const bf16* w, const bf16* x, int K) {
     return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
 }
 
+
+// ---- The thread pool ---------------------------------------------------------------------------
+
+typedef void (*chunk_fn)(void* ctx, long begin, long end);
+
+#define MAX_WORKERS 63
+#define SPIN_NS 50000L  // a worker spins this long for the next job before it sleeps
+
+static struct {
+    // (generation << 32) | next chunk index: claiming a chunk is one compare-and-swap that also
+    // proves the job it belongs to is still the current one.
+    _Atomic uint64_t cursor;
+    atomic_long done;      // chunks finished in the current job
+    atomic_uint epoch;     // bumped per job; sleeping workers wait on it (futex)
+    atomic_int sleepers;
+    chunk_fn fn;           // the current job; written only while no chunk of the previous is pending
+    void* ctx;
+    long total;
+    int num_workers;
+    pthread_mutex_t owner;  // one calling thread at a time uses the workers; others run alone
+    pthread_mutex_t grow;
+} pool = {.owner = PTHREAD_MUTEX_INITIALIZER, .grow = PTHREAD_MUTEX_INITIALIZER};
+
+static long now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1000000000L + ts.tv_nsec;
+}
+
+// Claim and run chunks of job `gen` until none is left; returns whether any was run.
+static int run_chunks(uint32_t gen) {
+    int ran = 0;
+    for (;;) {
+        uint64_t cur = atomic_load_explicit(&pool.cursor, memory_order_acquire);
+        if ((uint32_t)(cur >> 32) != gen || (long)(cur & 0xffffffffu) >= pool.total) return ran;
+        if (!atomic_compare_exchange_weak_explicit(&pool.cursor, &cur, cur + 1, memory_order_acq_rel,
+                                                   memory_order_relaxed))
+            continue;
+        long i = (long)(cur & 0xffffffffu);  // the job's fields are stable while we hold one of its chunks
+        pool.fn(pool.ctx, i, i + 1);
+        atomic_fetch_add_explicit(&pool.done, 1, memory_order_release);
+        ran = 1;
+    }
+}
+
+static void* worker_main(void* arg) {
+    (void)arg;
+    unsigned seen = atomic_load(&pool.epoch);
+    for (;;) {
+        long spin_until = now_ns() + SPIN_NS;
+        unsigned epoch;
+        while ((epoch = atomic_load_explicit(&pool.epoch, memory_order_acquire)) == seen) {
+            for (int i = 0; i < 64; ++i) _mm_pause();
+            if (now_ns() > spin_until) {
+                atomic_fetch_add(&pool.sleepers, 1);
+                syscall(SYS_futex, &pool.epoch, FUTEX_WAIT_PRIVATE, seen, NULL, NULL, 0);
+                atomic_fetch_sub(&pool.sleepers, 1);
+                spin_until = now_ns() + SPIN_NS;
+            }
+        }
+        seen = epoch;
+        run_chunks((uint32_t)(atomic_load_explicit(&pool.cursor, memory_order_acquire) >> 32));
+    }
+    return NULL;
+}
+
+static void ensure_workers(int n) {
+    if (n > MAX_WORKERS) n = MAX_WORKERS;
+    if (pool.num_workers >= n) return;
+    pthread_mutex_lock(&pool.grow);
+    while (pool.num_workers < n) {
+        pthread_t t;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        if (pthread_create(&t, &attr, worker_main, NULL) != 0) break;
+        pthread_attr_destroy(&attr);
+        pool.num_workers++;
+    }
+    pthread_mutex_unlock(&pool.grow);
+}
+
+static void forget_workers_after_fork(void) {
+    // The child has no workers; the calling thread alone can still claim every chunk.
+    pool.num_workers = 0;
+    pthread_mutex_init(&pool.owner, NULL);
+    pthread_mutex_init(&pool.grow, NULL);
+}
+
+__attribute__((constructor)) static void pool_init(void) { pthread_atfork(NULL, NULL, forget_workers_after_fork); }
+
+// Run fn(ctx, i, i + 1) for every chunk i < num_chunks on up to `nthreads` threads (this one included).
+static void parallel_chunks(chunk_fn fn, void* ctx, long num_chunks, int nthreads) {
+    if (num_chunks <= 0) return;
+    if (nthreads <= 1 || num_chunks == 1 || pthread_mutex_trylock(&pool.owner) != 0) {
+        fn(ctx, 0, num_chunks);
+        return;
+    }
+    ensure_workers(nthreads - 1);
+    uint32_t gen = (uint32_t)(atomic_load(&pool.cursor) >> 32) + 1;
+    pool.fn = fn;
+    pool.ctx = ctx;
+    pool.total = num_chunks;
+    atomic_store_explicit(&pool.done, 0, memory_order_relaxed);
+    atomic_store_explicit(&pool.cursor, (uint64_t)gen << 32, memory_order_release);
+    atomic_fetch_add_explicit(&pool.epoch, 1, memory_order_release);
+    if (atomic_load(&pool.sleepers) > 0) syscall(SYS_futex, &pool.epoch, FUTEX_WAKE_PRIVATE, INT32_MAX, NULL, NULL, 0);
+    run_chunks(gen);
+    // Every chunk is claimed; wait for the ones other threads hold.
+    for (long spins = 0; atomic_load_explicit(&pool.done, memory_order_acquire) < num_chunks; ++spins) {
+        if (spins < 4096) _mm_pause();
+        else sched_yield();
+    }
+    pthread_mutex_unlock(&pool.owner);
+}
+
+// Items [i * per, min(n, (i + 1) * per)) of chunk i, for n items cut into chunks of `per`.
+static inline long chunk_begin(long i, long per) { return i * per; }
+static inline long chunk_end(long i, long per, long n) { return (i + 1) * per < n ? (i + 1) * per : n; }
+static inline long num_chunks(long n, long per) { return (n + per - 1) / per; }
+
+// ---- Kernels -------------------------------------------------------------------------------------
+
 // Y[m, n] = bf16(dot(W[n, :K], X[m, :K])) for m < M, n < N. X rows have stride ldx, Y rows ldy,
-// W rows ldw. Rows of W are split over threads in groups of 4; each group is read once for all M
-// rows of X (which stay in L1).
+// W rows ldw. W is cut into chunks of 4-row groups; each group is read once for all M rows of X
+// (which stay in L1).
+typedef struct {
+    const bf16 *X, *W;
+    bf16* Y;
+    long ldx, ldw, ldy;
+    int M, N, K;
+    long per;  // 4-row groups per chunk
+} gemv_ctx;
+
+static void gemv_chunk(void* p, long c0, long c1) {
+    const gemv_ctx* a = p;
+    long groups = a->N / 4;
+    for (long c = c0; c < c1; ++c)
+        for (long g = chunk_begin(c, a->per); g < chunk_end(c, a->per, groups); ++g) {
+            float out[4];
+            for (int m = 0; m < a->M; ++m) {
+                dot4(a->W + g * 4 * a->ldw, a->ldw, a->X + m * a->ldx, a->K, out);
+                for (int j = 0; j < 4; ++j) a->Y[m * a->ldy + g * 4 + j] = f32_to_bf16(out[j]);
+            }
+        }
+}
+
 void dsray_gemv_bf16(const bf16* X, long ldx, const bf16* W, long ldw, bf16* Y, long ldy, int M, int N, int K,
                      int nthreads) {
-    int groups = N / 4;
-#pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int g = 0; g < groups; ++g) {
-        float out[4];
-        for (int m = 0; m < M; ++m) {
-            dot4(W + (long)g * 4 * ldw, ldw, X + m * ldx, K, out);
-            for (int j = 0; j < 4; ++j) Y[m * ldy + g * 4 + j] = f32_to_bf16(out[j]);
-        }
-    }
-    for (int n = groups * 4; n < N; ++n)
+    long groups = N / 4;
+    // ~32 KiB of weights per chunk: small enough to balance, large enough that claiming is free.
+    long per = (16384 / (K > 0 ? K : 1)) / 4 + 1;
+    gemv_ctx a = {X, W, Y, ldx, ldw, ldy, M, N, K, per};
+    parallel_chunks(gemv_chunk, &a, num_chunks(groups, per), nthreads);
+    for (long n = groups * 4; n < N; ++n)
         for (int m = 0; m < M; ++m) Y[m * ldy + n] = f32_to_bf16(dot1(W + n * ldw, X + m * ldx, K));
 }
 
@@ -108,54 +259,76 @@ void dsray_gemv_bf16(const bf16* X, long ldx, const bf16* W, long ldw, bf16* Y, 
 // pointer (row-major, contiguous rows), the first `num_routed` experts are weighted and the rest
 // are shared (added unweighted after rounding, as the reference adds its shared MLP). `inter[e]` is
 // I_e, a multiple of 4. `h` is fp32 scratch of sum(2 I_e), `act` bf16 scratch of sum(I_e).
+typedef struct {
+    const bf16* x;
+    int D, num_experts, num_routed;
+    const bf16 *const *gate, *const *up, *const *down;
+    const int* inter;
+    const float* weights;
+    float* h;
+    bf16 *act, *out;
+    const long *h_off, *a_off, *groups_off;
+    long per_group, per_row;
+} swiglu_ctx;
+
+// Phase 1: gate and up rows of every expert (rounded to bf16, as torch's bf16 output is).
+static void swiglu_gate_up_chunk(void* p, long c0, long c1) {
+    const swiglu_ctx* a = p;
+    long total = a->groups_off[a->num_experts];
+    for (long c = c0; c < c1; ++c)
+        for (long g = chunk_begin(c, a->per_group); g < chunk_end(c, a->per_group, total); ++g) {
+            int e = 0;
+            while (a->groups_off[e + 1] <= g) ++e;
+            long row = (g - a->groups_off[e]) * 4;  // in [0, 2 I_e)
+            const bf16* w = row < a->inter[e] ? a->gate[e] + row * a->D : a->up[e] + (row - a->inter[e]) * a->D;
+            float r[4];
+            dot4(w, a->D, a->x, a->D, r);
+            for (int j = 0; j < 4; ++j) a->h[a->h_off[e] + row + j] = round_bf16(r[j]);
+        }
+}
+
+// Phase 2: down rows; all experts of one output element on one thread, summed in the given order.
+static void swiglu_down_chunk(void* p, long c0, long c1) {
+    const swiglu_ctx* a = p;
+    for (long c = c0; c < c1; ++c)
+        for (long d = chunk_begin(c, a->per_row); d < chunk_end(c, a->per_row, a->D); ++d) {
+            float routed = 0.0f;
+            for (int e = 0; e < a->num_routed; ++e)
+                routed += round_bf16(dot1(a->down[e] + d * a->inter[e], a->act + a->a_off[e], a->inter[e])) *
+                          a->weights[e];
+            float y = round_bf16(routed);
+            for (int e = a->num_routed; e < a->num_experts; ++e)
+                y = round_bf16(y + round_bf16(dot1(a->down[e] + d * a->inter[e], a->act + a->a_off[e], a->inter[e])));
+            a->out[d] = f32_to_bf16(y);
+        }
+}
+
 void dsray_swiglu_experts_bf16(const bf16* x, int D, int num_experts, int num_routed, const bf16* const* gate,
                                const bf16* const* up, const bf16* const* down, const int* inter,
                                const float* weights, float* h, bf16* act, bf16* out, int nthreads) {
     long h_off[num_experts + 1], a_off[num_experts + 1];
     long groups_off[num_experts + 1];  // 4-row groups of gate and up rows, per expert
     h_off[0] = a_off[0] = groups_off[0] = 0;
+    long inter_total = 0;
     for (int e = 0; e < num_experts; ++e) {
         h_off[e + 1] = h_off[e] + 2L * inter[e];
         a_off[e + 1] = a_off[e] + inter[e];
         groups_off[e + 1] = groups_off[e] + 2L * inter[e] / 4;
+        inter_total += inter[e];
     }
-    long total_groups = groups_off[num_experts];
-
-#pragma omp parallel num_threads(nthreads)
-    {
-        // Phase 1: gate and up rows of every expert (h, rounded to bf16 as torch's bf16 output is).
-#pragma omp for schedule(static)
-        for (long g = 0; g < total_groups; ++g) {
-            int e = 0;
-            while (groups_off[e + 1] <= g) ++e;
-            long row = (g - groups_off[e]) * 4;  // in [0, 2 I_e)
-            const bf16* w = row < inter[e] ? gate[e] + row * D : up[e] + (row - inter[e]) * D;
-            float r[4];
-            dot4(w, D, x, D, r);
-            for (int j = 0; j < 4; ++j) h[h_off[e] + row + j] = round_bf16(r[j]);
-        }
-        // SiLU(gate) * up, each rounded to bf16 like the reference's bf16 tensors.
-#pragma omp for schedule(static)
-        for (int e = 0; e < num_experts; ++e) {
-            const float* hg = h + h_off[e];
-            const float* hu = hg + inter[e];
-            for (int i = 0; i < inter[e]; ++i) {
-                float s = round_bf16(hg[i] / (1.0f + expf(-hg[i])));
-                act[a_off[e] + i] = f32_to_bf16(s * hu[i]);
-            }
-        }
-        // Phase 2: down rows, all experts of one output element on one thread, summed in order.
-#pragma omp for schedule(static)
-        for (int d = 0; d < D; ++d) {
-            float routed = 0.0f;
-            for (int e = 0; e < num_routed; ++e)
-                routed += round_bf16(dot1(down[e] + (long)d * inter[e], act + a_off[e], inter[e])) * weights[e];
-            float y = round_bf16(routed);
-            for (int e = num_routed; e < num_experts; ++e)
-                y = round_bf16(y + round_bf16(dot1(down[e] + (long)d * inter[e], act + a_off[e], inter[e])));
-            out[d] = f32_to_bf16(y);
+    swiglu_ctx a = {x, D, num_experts, num_routed, gate, up, down, inter, weights, h, act, out,
+                    h_off, a_off, groups_off, (16384 / D) / 4 + 1, 16384 / (inter_total > 0 ? inter_total : 1) + 1};
+    parallel_chunks(swiglu_gate_up_chunk, &a, num_chunks(groups_off[num_experts], a.per_group), nthreads);
+    // SiLU(gate) * up, each rounded to bf16 like the reference's bf16 tensors (small: this thread).
+    for (int e = 0; e < num_experts; ++e) {
+        const float* hg = h + h_off[e];
+        const float* hu = hg + inter[e];
+        for (int i = 0; i < inter[e]; ++i) {
+            float s = round_bf16(hg[i] / (1.0f + expf(-hg[i])));
+            act[a_off[e] + i] = f32_to_bf16(s * hu[i]);
         }
     }
+    parallel_chunks(swiglu_down_chunk, &a, num_chunks(D, a.per_row), nthreads);
 }
 
 // acc[0:n] += a * bf16 row w[0:n], in fp32 (n a multiple of 16).
@@ -168,56 +341,227 @@ static inline void axpy_bf16(float* acc, float a, const bf16* w, int n) {
     }
 }
 
-// Absorbed MLA attention for decode steps (one new token per sequence), after the rope and the
-// cache write: for sequence n and head h,
+// Absorbed MLA attention for decode steps (one new token per sequence), once the rope is applied and
+// the cache written (dsray_mla_decode_step_bf16 below): for sequence n and head h,
 //   q_lat = q_nope W_UK[h]                       (W_UK [H, d_nope, C])
 //   p     = softmax(scale * [q_lat, q_pe] . latent[s] for s < context_lens[n])
 //   out   = (sum_s p[s] latent[s, :C]) W_UV^T[h]  (W_UV^T [H, C, d_v])
 // reading the paged latent cache through the block table. Every intermediate is rounded to bf16
 // where `attention/mla.py` holds a bf16 tensor (q_lat, scores, probabilities, o_lat, out).
-// Tasks (n, h) run in parallel with no barrier; C and d_v must be multiples of 16.
-void dsray_mla_decode_bf16(const bf16* q_nope, long q_sn, long q_sh, const bf16* q_pe, long pe_sn, long pe_sh,
-                           const bf16* w_uk, const bf16* w_uv_t, const bf16* cache, const int64_t* block_tables,
-                           long bt_stride, const int64_t* context_lens, int block_size, int N, int H, int d_nope,
-                           int R, int C, int d_v, float scale, bf16* out, int nthreads) {
-    const int W = C + R;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
-    for (long task = 0; task < (long)N * H; ++task) {
-        int n = (int)(task / H), h = (int)(task % H);
-        const long S = context_lens[n];
-        const int64_t* table = block_tables + n * bt_stride;
-        float acc[C > d_v ? C : d_v];
-        bf16 q_full[W];
+// Each (n, h) is one chunk; C and d_v must be multiples of 16.
+typedef struct {
+    const bf16 *q_nope, *q_pe, *w_uk, *w_uv_t, *cache;
+    long q_sn, q_sh, pe_sn, pe_sh, bt_stride;
+    const int64_t *block_tables, *context_lens;
+    int block_size, H, d_nope, R, C, d_v;
+    float scale;
+    bf16* out;
+} mla_ctx;
+
+static void mla_decode_chunk(void* p, long c0, long c1) {
+    const mla_ctx* a = p;
+    const int C = a->C, R = a->R, W = C + R, d_v = a->d_v, bs = a->block_size;
+    float acc[C > d_v ? C : d_v];
+    bf16 q_full[W], o_lat[C];
+    for (long task = c0; task < c1; ++task) {
+        long n = task / a->H, h = task % a->H;
+        const long S = a->context_lens[n];
+        const int64_t* table = a->block_tables + n * a->bt_stride;
         // q_lat[c] = sum_d q_nope[d] W_UK[h, d, c]
         memset(acc, 0, sizeof(float) * C);
-        const bf16* qn = q_nope + n * q_sn + h * q_sh;
-        for (int d = 0; d < d_nope; ++d) axpy_bf16(acc, bf16_to_f32(qn[d]), w_uk + ((long)h * d_nope + d) * C, C);
+        const bf16* qn = a->q_nope + n * a->q_sn + h * a->q_sh;
+        for (int d = 0; d < a->d_nope; ++d)
+            axpy_bf16(acc, bf16_to_f32(qn[d]), a->w_uk + (h * a->d_nope + d) * (long)C, C);
         for (int c = 0; c < C; ++c) q_full[c] = f32_to_bf16(acc[c]);
-        memcpy(q_full + C, q_pe + n * pe_sn + h * pe_sh, sizeof(bf16) * R);
+        memcpy(q_full + C, a->q_pe + n * a->pe_sn + h * a->pe_sh, sizeof(bf16) * R);
         // Scores and softmax over the context.
-        float* p = (float*)malloc(sizeof(float) * (S > 0 ? S : 1));
+        float* probs = (float*)malloc(sizeof(float) * (S > 0 ? S : 1));
         float max = -INFINITY;
         for (long s = 0; s < S; ++s) {
-            const bf16* row = cache + (table[s / block_size] * block_size + s % block_size) * (long)W;
-            p[s] = round_bf16(dot1(row, q_full, W)) * scale;
-            if (p[s] > max) max = p[s];
+            const bf16* row = a->cache + (table[s / bs] * bs + s % bs) * (long)W;
+            probs[s] = round_bf16(dot1(row, q_full, W)) * a->scale;
+            if (probs[s] > max) max = probs[s];
         }
         float sum = 0.0f;
-        for (long s = 0; s < S; ++s) sum += (p[s] = expf(p[s] - max));
+        for (long s = 0; s < S; ++s) sum += (probs[s] = expf(probs[s] - max));
         // o_lat = sum_s p[s] latent[s, :C]
         memset(acc, 0, sizeof(float) * C);
         for (long s = 0; s < S; ++s) {
-            float ps = round_bf16(p[s] / sum);
-            if (ps == 0.0f) continue;
-            axpy_bf16(acc, ps, cache + (table[s / block_size] * block_size + s % block_size) * (long)W, C);
+            float ps = round_bf16(probs[s] / sum);
+            if (ps != 0.0f) axpy_bf16(acc, ps, a->cache + (table[s / bs] * bs + s % bs) * (long)W, C);
         }
-        free(p);
-        bf16 o_lat[C];
+        free(probs);
         for (int c = 0; c < C; ++c) o_lat[c] = f32_to_bf16(acc[c]);
         // out[v] = sum_c o_lat[c] W_UV^T[h, c, v]
         memset(acc, 0, sizeof(float) * d_v);
-        for (int c = 0; c < C; ++c) axpy_bf16(acc, bf16_to_f32(o_lat[c]), w_uv_t + ((long)h * C + c) * d_v, d_v);
-        bf16* o = out + ((long)n * H + h) * d_v;
+        for (int c = 0; c < C; ++c) axpy_bf16(acc, bf16_to_f32(o_lat[c]), a->w_uv_t + (h * C + c) * (long)d_v, d_v);
+        bf16* o = a->out + task * d_v;
         for (int v = 0; v < d_v; ++v) o[v] = f32_to_bf16(acc[v]);
     }
+}
+
+
+// RMSNorm as `dsray/layers.py` computes it: y = w * bf16(x / sqrt(mean(x^2) + eps)), the norm in
+// fp32 and the weight product rounded to bf16. Rows of x have stride ldx; y is contiguous.
+static void rmsnorm_row(const bf16* x, const bf16* w, bf16* y, int D, float eps) {
+    float ss = 0.0f;
+    for (int i = 0; i < D; ++i) {
+        float v = bf16_to_f32(x[i]);
+        ss += v * v;
+    }
+    float r = 1.0f / sqrtf(ss / D + eps);
+    for (int i = 0; i < D; ++i) y[i] = f32_to_bf16(bf16_to_f32(w[i]) * round_bf16(bf16_to_f32(x[i]) * r));
+}
+
+typedef struct {
+    const bf16 *x, *w;
+    bf16* y;
+    long ldx;
+    int D;
+    float eps;
+} rmsnorm_ctx;
+
+static void rmsnorm_chunk(void* p, long c0, long c1) {
+    const rmsnorm_ctx* a = p;
+    for (long t = c0; t < c1; ++t) rmsnorm_row(a->x + t * a->ldx, a->w, a->y + t * a->D, a->D, a->eps);
+}
+
+void dsray_rmsnorm_bf16(const bf16* x, long ldx, const bf16* w, bf16* y, int T, int D, float eps, int nthreads) {
+    rmsnorm_ctx a = {x, w, y, ldx, D, eps};
+    parallel_chunks(rmsnorm_chunk, &a, T, T * (long)D >= 65536 ? nthreads : 1);
+}
+
+// Rotate the R/2 pairs of x (interleaved: (x0, x1), (x2, x3), ...; else halves: (x_i, x_{i+R/2}))
+// by cis [R/2] (cos, sin pairs, already scaled) in fp32, as `attention/rope.py` does; y may be x.
+static void rope_row(const bf16* x, const float* cis, bf16* y, int R, int interleaved) {
+    int half = R / 2;
+    bf16 tmp[R];
+    for (int i = 0; i < half; ++i) {
+        int i0 = interleaved ? 2 * i : i, i1 = interleaved ? 2 * i + 1 : i + half;
+        float a = bf16_to_f32(x[i0]), b = bf16_to_f32(x[i1]), c = cis[2 * i], d = cis[2 * i + 1];
+        tmp[i0] = f32_to_bf16(a * c - b * d);
+        tmp[i1] = f32_to_bf16(a * d + b * c);
+    }
+    memcpy(y, tmp, sizeof(bf16) * R);
+}
+
+// The whole absorbed MLA decode step after the projections: for each sequence n, the latent of its
+// new token (kv_a_layernorm of kv[n, :C], rope of kv[n, C:]) is written to cache slot
+// slot_mapping[n]; then q's rope dims are rotated and attention runs as in dsray_mla_decode_bf16.
+// q is [N, H, d_nope + R] (rows q_sn apart), kv [N, C + R] (rows kv_sn apart), cis [N, R/2, 2].
+void dsray_mla_decode_step_bf16(const bf16* q, long q_sn, const bf16* kv, long kv_sn, const bf16* kv_norm_w,
+                                float eps, const float* cis, int interleaved, const int64_t* slot_mapping,
+                                const bf16* w_uk, const bf16* w_uv_t, bf16* cache, const int64_t* block_tables,
+                                long bt_stride, const int64_t* context_lens, int block_size, int N, int H, int d_nope,
+                                int R, int C, int d_v, float scale, bf16* q_pe, bf16* out, int nthreads) {
+    const int W = C + R;
+    for (int n = 0; n < N; ++n) {
+        bf16* row = cache + slot_mapping[n] * (long)W;
+        rmsnorm_row(kv + n * kv_sn, kv_norm_w, row, C, eps);
+        rope_row(kv + n * kv_sn + C, cis + (long)n * R, row + C, R, interleaved);
+        for (int h = 0; h < H; ++h)
+            rope_row(q + n * q_sn + (long)h * (d_nope + R) + d_nope, cis + (long)n * R, q_pe + ((long)n * H + h) * R,
+                     R, interleaved);
+    }
+    mla_ctx a = {q,          q_pe,   w_uk,         w_uv_t,     cache, q_sn, d_nope + R, (long)H * R, R, bt_stride,
+                 block_tables, context_lens, block_size, H, d_nope, R, C, d_v, scale, out};
+    parallel_chunks(mla_decode_chunk, &a, (long)N * H, nthreads);
+}
+
+// dot(w[:K], x[:K]) of an fp32 row and a bf16 row, in fp32.
+static inline float dot_f32_bf16(const float* w, const bf16* x, int K) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    int k = 0;
+    for (; k + 16 <= K; k += 16) {
+        __m512i xi = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(x + k))), 16);
+        __m512 prod = _mm512_mul_ps(_mm512_loadu_ps(w + k), _mm512_castsi512_ps(xi));
+        if (k & 16) a1 = _mm512_add_ps(a1, prod);
+        else a0 = _mm512_add_ps(a0, prod);
+    }
+    float sum = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+    for (; k < K; ++k) sum += w[k] * bf16_to_f32(x[k]);
+    return sum;
+}
+
+// The MoE gate for T tokens (`router/gate.py`): fp32 logits of x [T, D] against fp32 weight [E, D],
+// softmax or sigmoid scores, then greedy (method 0), group-limited greedy (1) or noaux_tc (2,
+// choosing by scores + bias) top-k; weights normalised when asked and scaled. Ties go to the
+// lower expert id. Writes weights [T, K] (fp32) and ids [T, K] (int64), in descending choice.
+static void top_k_desc(const float* v, int n, int k, int64_t* idx) {
+    char taken[n];
+    memset(taken, 0, (size_t)n);
+    for (int j = 0; j < k; ++j) {
+        int best = -1;
+        for (int i = 0; i < n; ++i)
+            if (!taken[i] && (best < 0 || v[i] > v[best])) best = i;
+        idx[j] = best;
+        taken[best] = 1;
+    }
+}
+
+typedef struct {
+    const bf16* x;
+    const float *w, *bias;
+    long ldx;
+    int D, E, K, n_group, topk_group, scoring, method, norm;
+    float scaling;
+    float* weights;
+    int64_t* ids;
+} gate_ctx;
+
+static void gate_chunk(void* p, long c0, long c1) {
+    const gate_ctx* a = p;
+    const int E = a->E, K = a->K, G = a->n_group > 0 ? a->n_group : 1, per = E / G;
+    float scores[E], choice[E], group_scores[G];
+    int64_t sel[E > G ? E : G];
+    for (long t = c0; t < c1; ++t) {
+        const bf16* x = a->x + t * a->ldx;
+        for (int e = 0; e < E; ++e) scores[e] = dot_f32_bf16(a->w + (long)e * a->D, x, a->D);
+        if (a->scoring == 0) {  // softmax
+            float max = -INFINITY, sum = 0.0f;
+            for (int e = 0; e < E; ++e) max = scores[e] > max ? scores[e] : max;
+            for (int e = 0; e < E; ++e) sum += (scores[e] = expf(scores[e] - max));
+            for (int e = 0; e < E; ++e) scores[e] /= sum;
+        } else {
+            for (int e = 0; e < E; ++e) scores[e] = 1.0f / (1.0f + expf(-scores[e]));
+        }
+        for (int e = 0; e < E; ++e) choice[e] = a->method == 2 ? scores[e] + a->bias[e] : scores[e];
+        if (a->method != 0) {
+            for (int g = 0; g < G; ++g) {
+                const float* c = choice + g * per;
+                if (a->method == 1) {  // the group's best expert
+                    float m = -INFINITY;
+                    for (int i = 0; i < per; ++i) m = c[i] > m ? c[i] : m;
+                    group_scores[g] = m;
+                } else {  // the sum of its two best
+                    int64_t two[2] = {0, 0};
+                    top_k_desc(c, per, per < 2 ? per : 2, two);
+                    group_scores[g] = c[two[0]] + (per < 2 ? 0.0f : c[two[1]]);
+                }
+            }
+            top_k_desc(group_scores, G, a->topk_group, sel);
+            for (int g = 0; g < G; ++g) {
+                int kept = 0;
+                for (int q = 0; q < a->topk_group; ++q) kept |= sel[q] == g;
+                if (!kept)
+                    for (int i = 0; i < per; ++i) choice[g * per + i] = a->method == 1 ? 0.0f : -INFINITY;
+            }
+        }
+        int64_t* ids = a->ids + t * K;
+        float* wts = a->weights + t * K;
+        top_k_desc(choice, E, K, ids);
+        float sum = 0.0f;
+        for (int k = 0; k < K; ++k) sum += (wts[k] = a->method == 1 ? choice[ids[k]] : scores[ids[k]]);
+        for (int k = 0; k < K; ++k) {
+            if (a->norm && K > 1) wts[k] = wts[k] / (sum + 1e-20f);
+            wts[k] *= a->scaling;
+        }
+    }
+}
+
+void dsray_gate_bf16(const bf16* x, long ldx, const float* w, const float* bias, int T, int D, int E, int K,
+                     int n_group, int topk_group, int scoring, int method, int norm, float scaling, float* weights,
+                     int64_t* ids, int nthreads) {
+    gate_ctx a = {x, w, bias, ldx, D, E, K, n_group, topk_group, scoring, method, norm, scaling, weights, ids};
+    parallel_chunks(gate_chunk, &a, T, T >= 8 ? nthreads : 1);
 }

@@ -14,11 +14,13 @@ import torch.nn.functional as F
 
 from attention.metadata import AttentionMetadata
 from dsray import cpu_kernels
-from dsray.layers import MLP, linear
+from dsray.config import ModelArgs
+from dsray.layers import MLP, RMSNorm, linear
 from dsray.simple_generate import SingleSequence
-from dsray.testing import make_hf_checkpoint
+from dsray.testing import hf_config, make_hf_checkpoint
 from dsray.weights import load_transformer
 from experts.shard import ExpertShard
+from router.gate import Gate
 
 pytestmark = pytest.mark.skipif(
     not cpu_kernels.available(), reason="needs an x86 CPU with avx512_bf16 and a C compiler (kernels unavailable)"
@@ -87,10 +89,39 @@ def test_swiglu_experts_refuses_what_it_cannot_run():
         cpu_kernels.swiglu_experts(_randn(1, 8), [], [(_randn(8, 4).t(), _randn(4, 8), _randn(8, 4))])
 
 
-@pytest.fixture(scope="module")
-def bf16_model(tmp_path_factory):
-    path = tmp_path_factory.mktemp("v3")
-    make_hf_checkpoint("v3", path)
+def test_rmsnorm_equals_torch_rmsnorm():
+    norm = RMSNorm(300, eps=1e-6)
+    norm.weight.data = _randn(300, seed=20).bfloat16()
+    x = _randn(7, 600, scale=3.0, seed=21)[:, :300]  # strided rows
+    with cpu_kernels.disabled():
+        reference = norm(x)
+    got = cpu_kernels.rmsnorm(x, norm.weight, norm.eps)
+    assert (got.float() - reference.float()).abs().max() <= BF16_STEP * reference.float().abs().max()
+
+
+@pytest.mark.parametrize("config", ["v3", "v2", "v2-lite"])
+def test_gate_picks_the_same_experts_with_the_same_weights(config):
+    args = ModelArgs.from_hf_config(hf_config(config).to_dict())
+    gate = Gate(args)
+    gate.weight.data = torch.randn(gate.weight.shape, generator=torch.Generator().manual_seed(30)) * 0.1
+    if gate.e_score_correction_bias is not None:
+        gate.e_score_correction_bias.data = torch.rand(args.n_routed_experts, generator=torch.Generator().manual_seed(31))
+    x = _randn(33, args.hidden_size, seed=32)
+    with cpu_kernels.disabled():
+        ref_weights, ref_ids = gate(x)
+    weights, ids = gate(x)  # kernel path: bf16 tokens, fp32 gate
+    order, ref_order = ids.argsort(dim=-1), ref_ids.argsort(dim=-1)
+    assert torch.equal(ids.gather(1, order), ref_ids.gather(1, ref_order))
+    assert torch.allclose(weights.gather(1, order), ref_weights.gather(1, ref_order), rtol=1e-5, atol=1e-6)
+
+
+KERNEL_CONFIGS = ["v3", "v3-halves", "v2", "v2-lite"]  # rope interleaved / halves; q_lora or not; all gates
+
+
+@pytest.fixture(scope="module", params=KERNEL_CONFIGS)
+def bf16_model(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param)
+    make_hf_checkpoint(request.param, path)
     return load_transformer(path, torch.bfloat16, progress=False), load_transformer(path, torch.float32, progress=False)
 
 
@@ -98,7 +129,7 @@ def bf16_model(tmp_path_factory):
 def kernel_calls(monkeypatch) -> dict[str, int]:
     """Counts of calls into each kernel during a test (proves the fast paths were taken)."""
     calls: dict[str, int] = {}
-    for name in ("gemv", "swiglu_experts", "mla_decode"):
+    for name in ("gemv", "swiglu_experts", "mla_decode_step", "rmsnorm", "gate"):
         real = getattr(cpu_kernels, name)
 
         def counted(*args, _real=real, _name=name, **kwargs):
@@ -109,7 +140,7 @@ def kernel_calls(monkeypatch) -> dict[str, int]:
     return calls
 
 
-def _batched_decode(model, prompts, block_size=4):
+def _batched_decode(model, prompts, block_size=4, calls=None):
     """Prefill ``prompts`` but their last tokens into one shared cache, then one decode step for all."""
     seq = SingleSequence(model, len(prompts) * 32, block_size=block_size)
     tables = [seq.block_table[8 * i : 8 * i + 8] for i in range(len(prompts))]  # reversed, so not in order
@@ -118,6 +149,8 @@ def _batched_decode(model, prompts, block_size=4):
         model(torch.tensor(sum((p[:-1] for p in prompts), [])), meta, seq.cache)
         meta = AttentionMetadata.build(tables, [len(p) - 1 for p in prompts], [1] * len(prompts), block_size)
         assert meta.is_decode_only
+        if calls is not None:
+            calls.clear()  # count the decode step only
         return model.compute_logits(model(torch.tensor([p[-1] for p in prompts]), meta, seq.cache))
 
 
@@ -126,8 +159,9 @@ def test_batched_decode_step_with_kernels_matches_torch_bf16(bf16_model, kernel_
     model, truth_model = bf16_model
     gen = torch.Generator().manual_seed(7)
     prompts = [torch.randint(2, 512, (n,), generator=gen).tolist() for n in (5, 17, 9, 30)]
-    kernels = _batched_decode(model, prompts)
-    assert kernel_calls["mla_decode"] == model.args.num_hidden_layers and kernel_calls["gemv"] > 0
+    kernels = _batched_decode(model, prompts, calls=kernel_calls)
+    assert kernel_calls["mla_decode_step"] == model.args.num_hidden_layers and kernel_calls["gemv"] > 0
+    assert kernel_calls["gate"] == len(model.moe_layers)
     with cpu_kernels.disabled():
         torch_bf16 = _batched_decode(model, prompts)
     truth = _batched_decode(truth_model, prompts)
@@ -146,12 +180,15 @@ def test_single_sequence_decode_with_kernels_is_as_accurate_as_torch_bf16(bf16_m
     def decode(m):
         seq = SingleSequence(m, 48)
         seq.extend(tokens[:16])
+        kernel_calls.clear()  # count the decode steps only
         return torch.cat([seq.extend([t]) for t in tokens[16:]])  # teacher-forced: same inputs for all
 
     kernels = decode(model)
     layers, steps = model.args.num_hidden_layers, len(tokens) - 16
-    assert kernel_calls["mla_decode"] == layers * steps
+    assert kernel_calls["mla_decode_step"] == layers * steps
     assert kernel_calls["swiglu_experts"] == layers * steps  # the dense MLP and each MoE layer: one call
+    assert kernel_calls["gate"] == len(model.moe_layers) * steps
+    assert kernel_calls["rmsnorm"] >= 2 * layers * steps
     with cpu_kernels.disabled():
         torch_bf16 = decode(model)
     truth = decode(truth_model)
