@@ -13,6 +13,7 @@ torch's intra-op setting. ``DSRAY_CPU_KERNELS=0`` turns the kernels off.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import ctypes
 import functools
@@ -163,23 +164,27 @@ def swiglu_experts(
     x: torch.Tensor,
     routed: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]],
     shared: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = (),
+    *,
+    checked: bool = False,
 ) -> torch.Tensor:
     """One token ``x [1, D]`` through SwiGLU experts: ``bf16(sum_e w_e * ffn_e(x)) + sum_s ffn_s(x)``.
 
     ``routed`` holds ``(gate [I, D], up [I, D], down [D, I], weight)`` in the order to sum them;
-    ``shared`` holds ``(gate, up, down)``. Every matrix must be contiguous bf16 with ``I % 4 == 0``.
+    ``shared`` holds ``(gate, up, down)``. Every matrix must be contiguous bf16 with ``I % 4 == 0``
+    (verified here unless the caller says it has ``checked`` the routed ones).
     Rounds like ``ExpertShard.forward_single`` followed by the shared MLP's addition.
     """
     experts = [(g, u, d) for g, u, d, _ in routed] + list(shared)
-    n = len(experts)
-    D = x.shape[-1]
-    inter = [g.shape[0] for g, _, _ in experts]
-    if any(i % 4 for i in inter):
-        raise ValueError(f"swiglu_experts: intermediate sizes must be multiples of 4, got {inter}")
-    for m in (m for e in experts for m in e):
+    for m in (m for e in (experts[len(routed) :] if checked else experts) for m in e):
         if m.dtype != torch.bfloat16 or not m.is_contiguous():
             raise ValueError(f"swiglu_experts: weights must be contiguous bf16, got {m.dtype} {tuple(m.stride())}")
-    ptrs = [_array(ctypes.c_void_p, [m.data_ptr() for m in col]) for col in zip(*experts)] if n else [None] * 3
+    inter = array.array("i", (g.shape[0] for g, _, _ in experts))
+    if any(i % 4 for i in inter):
+        raise ValueError(f"swiglu_experts: intermediate sizes must be multiples of 4, got {list(inter)}")
+    # Pointer tables (kept alive by these locals through the call).
+    gates, ups, downs = (array.array("Q", (e[j].data_ptr() for e in experts)) for j in range(3))
+    weights = array.array("f", (w for *_, w in routed))
+    D = x.shape[-1]
     x = x.reshape(D).contiguous()
     h = torch.empty(2 * sum(inter), dtype=torch.float32)
     act = torch.empty(sum(inter), dtype=torch.bfloat16)
@@ -187,11 +192,13 @@ def swiglu_experts(
     _library().dsray_swiglu_experts_bf16(
         x.data_ptr(),
         D,
-        n,
+        len(experts),
         len(routed),
-        *ptrs,
-        _array(ctypes.c_int, inter),
-        _array(ctypes.c_float, [w for *_, w in routed]),
+        _address(gates),
+        _address(ups),
+        _address(downs),
+        _address(inter),
+        _address(weights),
         h.data_ptr(),
         act.data_ptr(),
         out.data_ptr(),
@@ -200,12 +207,9 @@ def swiglu_experts(
     return out
 
 
-def _array(ctype, values: list) -> ctypes.c_void_p:
-    """A C array of ``values`` as a pointer argument (kept alive by the caller's frame via ``_keep``)."""
-    arr = (ctype * max(len(values), 1))(*values)
-    ptr = ctypes.cast(arr, ctypes.c_void_p)
-    ptr._keep = arr  # the array must outlive the call
-    return ptr
+def _address(values: array.array) -> int | None:
+    """The address of an array's buffer (None when it is empty)."""
+    return values.buffer_info()[0] if len(values) else None
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -342,68 +346,6 @@ def mla_decode_step(
         d_v,
         scale,
         q_pe.data_ptr(),
-        out.data_ptr(),
-        torch.get_num_threads(),
-    )
-    return out
-
-
-def _array(ctype, values: list) -> ctypes.c_void_p:
-    """A C array of ``values`` as a pointer argument (kept alive by the caller's frame via ``_keep``)."""
-    arr = (ctype * max(len(values), 1))(*values)
-    ptr = ctypes.cast(arr, ctypes.c_void_p)
-    ptr._keep = arr  # the array must outlive the call
-    return ptr
-
-
-def mla_decode(
-    q_nope: torch.Tensor,
-    q_pe: torch.Tensor,
-    w_uk: torch.Tensor,
-    w_uv_t: torch.Tensor,
-    kv_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    context_lens: torch.Tensor,
-    block_size: int,
-    scale: float,
-) -> torch.Tensor:
-    """Absorbed MLA for a decode step: ``q_nope [N, H, d_nope]`` and rotated ``q_pe [N, H, R]`` over
-    the paged latent ``kv_cache [slots, C + R]`` → ``[N, H, d_v]``, as ``MLA`` computes it in
-    absorbed mode with ``W_UK [H, d_nope, C]`` and ``W_UVᵀ [H, C, d_v]`` (see ``attention/mla.py``)."""
-    N, H, d_nope = q_nope.shape
-    R = q_pe.shape[-1]
-    C, d_v = w_uv_t.shape[1], w_uv_t.shape[2]
-    if C % 16 or d_v % 16:
-        raise ValueError(f"mla_decode: kv_lora_rank and v_head_dim must be multiples of 16, got {C}, {d_v}")
-    if q_nope.stride(-1) != 1 or q_pe.stride(-1) != 1:
-        raise ValueError("mla_decode: the last dims of q_nope and q_pe must be contiguous")
-    for name, t in (("w_uk", w_uk), ("w_uv_t", w_uv_t), ("kv_cache", kv_cache)):
-        if t.dtype != torch.bfloat16 or not t.is_contiguous():
-            raise ValueError(f"mla_decode: {name} must be contiguous bf16")
-    block_tables = block_tables.to(torch.int64).contiguous()
-    context_lens = context_lens.to(torch.int64).contiguous()
-    out = torch.empty(N, H, d_v, dtype=torch.bfloat16)
-    _library().dsray_mla_decode_bf16(
-        q_nope.data_ptr(),
-        q_nope.stride(0),
-        q_nope.stride(1),
-        q_pe.data_ptr(),
-        q_pe.stride(0),
-        q_pe.stride(1),
-        w_uk.data_ptr(),
-        w_uv_t.data_ptr(),
-        kv_cache.data_ptr(),
-        block_tables.data_ptr(),
-        block_tables.stride(0),
-        context_lens.data_ptr(),
-        block_size,
-        N,
-        H,
-        d_nope,
-        R,
-        C,
-        d_v,
-        scale,
         out.data_ptr(),
         torch.get_num_threads(),
     )

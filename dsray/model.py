@@ -101,7 +101,8 @@ class MoE(nn.Module):
         if self._fused_single_token(x):
             # Batch-1 decode with local experts: routed and shared experts in one kernel call.
             shared = [self.shared_experts.swiglu_weights()] if self.shared_experts is not None else []
-            return cpu_kernels.swiglu_experts(x, self.experts.single_token_experts(topk_ids, topk_weights), shared)
+            routed = self.experts.single_token_experts(topk_ids, topk_weights)
+            return cpu_kernels.swiglu_experts(x, routed, shared, checked=True)
         out = self.routed(x, topk_ids, topk_weights)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)

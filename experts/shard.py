@@ -55,7 +55,7 @@ class ExpertShard(nn.Module):
         does, so the two agree bit for bit.
         """
         if self.inter_dim % 4 == 0 and cpu_kernels.usable(x, max_rows=1):
-            return cpu_kernels.swiglu_experts(x, self.single_token_experts(topk_ids, topk_weights))
+            return cpu_kernels.swiglu_experts(x, self.single_token_experts(topk_ids, topk_weights), checked=True)
         out = torch.zeros_like(x, dtype=torch.float32)  # [1, D]
         first, end = self.expert_range
         for expert, weight in sorted(zip(topk_ids[0].tolist(), topk_weights[0].tolist())):
@@ -77,6 +77,8 @@ class ExpertShard(nn.Module):
         """Per-expert ``(gate, up, down)`` views of the stacked weights, made once per weight storage."""
         key = (self.w13.data_ptr(), self.w2.data_ptr())
         if getattr(self, "_views_key", None) != key:
+            if not (self.w13.is_contiguous() and self.w2.is_contiguous() and self.w13.dtype == torch.bfloat16):
+                raise ValueError("the single-token kernel needs contiguous bf16 expert weights")
             inter = self.inter_dim
             self._views = [(w13[:inter], w13[inter:], w2) for w13, w2 in zip(self.w13, self.w2)]
             self._views_key = key
