@@ -5,7 +5,8 @@ PYTEST_ARGS ?=
 
 .PHONY: setup run test lint clean
 
-$(VENV)/.installed: pyproject.toml
+# The editable install also generates deploy/proto_gen from the .proto (setup.py), so it reruns when that changes.
+$(VENV)/.installed: pyproject.toml setup.py deploy/dsray.proto
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'

@@ -1,4 +1,4 @@
-"""build_app: typed args in, a Serve application (OpenAI ingress → LLMServer) out.
+"""build_app: typed args in, a Serve application (OpenAI + gRPC ingress → LLMServer) out.
 
 The one place where ``serve.deployment`` is applied and deployment options are set, so the
 server stays a plain class. Usable as ``import_path: deploy.app:build_app`` with ``args:`` in a
@@ -14,9 +14,18 @@ from ray import serve
 from ray.serve import Application
 
 from deploy.config import DsrayServeArgs
+from deploy.grpc_service import DsrayServicer
 from deploy.ingress import OpenAIIngress
 from deploy.server import LLMServer
 from dsray.async_llm import AsyncLLM
+
+
+class Ingress(OpenAIIngress, DsrayServicer):
+    """The application's front door: the OpenAI routes and the dsray.v1 gRPC rpcs on one deployment.
+
+    Serve's HTTP and gRPC proxies both send an application's requests to its one ingress
+    deployment, so both protocols live on it; they share its LLMServer handle and metrics.
+    """
 
 
 def _check_model(model: str | None) -> None:
@@ -74,8 +83,8 @@ def build_app_with_engine(args: dict[str, Any] | DsrayServeArgs | None, engine_c
         stream_chunks_per_s=args.stream_chunks_per_s,
         engine_cls=engine_cls,
     )
-    ingress = serve.deployment(OpenAIIngress).options(
-        name="OpenAIIngress",
+    ingress = serve.deployment(Ingress).options(
+        name="OpenAIIngress",  # its name from before it served gRPC too, kept for scripts and dashboards
         num_replicas=args.ingress.num_replicas,
         max_ongoing_requests=args.ingress.max_ongoing_requests,
         ray_actor_options={"num_cpus": args.ingress.num_cpus},

@@ -71,8 +71,9 @@ class DsrayServeArgs(_Strict):
     """Everything that shapes one dsray Serve application.
 
     ``engine`` holds ``EngineConfig`` fields other than ``model`` (dtype, kv_cache_memory_gb,
-    max_num_seqs, …). ``host``/``port`` apply where dsray starts Serve itself (``dsray serve``);
-    under ``serve run deploy/serve.yaml`` the YAML's ``http_options`` set them.
+    max_num_seqs, …). ``host``/``port``/``grpc_port`` apply where dsray starts Serve itself
+    (``dsray serve``); under ``serve run deploy/serve.yaml`` the YAML's ``http_options`` and
+    ``grpc_options`` set them.
     """
 
     model: str | None = Field(None, description="Checkpoint directory; None uses the embedded tiny model.")
@@ -101,6 +102,12 @@ class DsrayServeArgs(_Strict):
     )
     host: str = Field("127.0.0.1", description="HTTP bind address when dsray starts Serve.")
     port: int = Field(8000, ge=0, le=65535, description="HTTP port when dsray starts Serve.")
+    grpc_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="gRPC port (service dsray.v1.Dsray, deploy/dsray.proto) when dsray starts Serve; None: no gRPC.",
+    )
     llm_server: LLMServerDeploymentArgs = Field(
         default_factory=LLMServerDeploymentArgs, description="LLMServer deployment options."
     )

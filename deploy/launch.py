@@ -20,6 +20,15 @@ from dsray import envs
 APP_NAME = "dsray"
 
 
+def grpc_options(args: DsrayServeArgs) -> dict[str, Any] | None:
+    """Serve's ``grpc_options`` for ``args``: the dsray.v1.Dsray service on ``grpc_port`` (None: no gRPC)."""
+    from deploy.grpc_service import SERVICER_FUNCTION
+
+    if args.grpc_port is None:
+        return None
+    return {"port": args.grpc_port, "grpc_servicer_functions": [SERVICER_FUNCTION]}
+
+
 def start(args: DsrayServeArgs, **ray_init: Any) -> str:
     """Deploy ``args`` on a Ray cluster of its own (or ``RAY_ADDRESS``'s); returns the base URL."""
     import ray
@@ -29,7 +38,7 @@ def start(args: DsrayServeArgs, **ray_init: Any) -> str:
 
     # "local": never attach to some other cluster on this machine unless RAY_ADDRESS says so.
     ray.init(address=envs.ray_address() or "local", **ray_init)
-    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.start(http_options={"host": args.host, "port": args.port}, grpc_options=grpc_options(args))
     serve.run(build_app(args), name=APP_NAME, route_prefix="/")
     host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     return f"http://{host}:{args.port}"
@@ -52,9 +61,12 @@ def stop() -> None:
 def _banner(url: str, args: DsrayServeArgs) -> str:
     auth = f' -H "Authorization: Bearer {args.api_key}"' if args.api_key else ""
     body = f'{{"model": "{args.served_model_name}", "messages": [{{"role": "user", "content": "Hello"}}]}}'
+    # Serve's gRPC proxy listens on every interface; there is no host option for it.
+    grpc = f"  gRPC: dsray.v1.Dsray (deploy/dsray.proto) on port {args.grpc_port}\n" if args.grpc_port else ""
     return (
         f"dsray: serving {args.served_model_name!r} at {url}/v1 (OpenAI-compatible; /health, /metrics)\n"
         f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} -d '{body}'\n"
+        f"{grpc}"
         "  Ctrl-C to stop; Serve and replica logs: /tmp/ray/session_latest/logs/serve/"
     )
 

@@ -55,6 +55,7 @@ def _serve(args: argparse.Namespace) -> int:
         api_key=args.api_key,
         host=args.host,
         port=args.port,
+        grpc_port=args.grpc_port,
         attention_workers=args.attention_workers,
         expert_workers=args.expert_workers,
     )
@@ -83,6 +84,12 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--served-model-name", default=None, help="model name for clients (default: directory name)")
     srv.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default 127.0.0.1)")
     srv.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    srv.add_argument(
+        "--grpc-port",
+        type=int,
+        default=None,
+        help="also serve gRPC (dsray.v1.Dsray, deploy/dsray.proto) on this port, on all interfaces (default: off)",
+    )
     srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default $DSRAY_API_KEY)")
     srv.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     srv.add_argument("--max-num-seqs", type=int, default=None, help="most sequences in one batch")

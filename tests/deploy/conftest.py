@@ -29,6 +29,7 @@ class Server:
     max_model_len: int = MAX_MODEL_LEN
     max_num_seqs: int = MAX_NUM_SEQS
     max_waiting_requests: int = MAX_WAITING
+    grpc_target: str = ""  # 127.0.0.1:PORT of Serve's gRPC proxy
     _handles: dict = field(default_factory=dict)
 
     @property
@@ -62,13 +63,17 @@ def server(tiny_model) -> Server:
     from ray import serve
 
     from deploy.app import build_app
+    from deploy.grpc_service import SERVICER_FUNCTION
 
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     # address="local": a cluster of our own, never one another process started on this machine.
     # 4 logical CPUs so a second (fault-injection) app fits beside the main one.
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.start(
+            http_options={"host": "127.0.0.1", "port": port},
+            grpc_options={"port": grpc_port, "grpc_servicer_functions": [SERVICER_FUNCTION]},
+        )
         args = {
             "model": str(tiny_model),
             "api_key": API_KEY,
@@ -76,7 +81,7 @@ def server(tiny_model) -> Server:
             "engine": {"max_model_len": MAX_MODEL_LEN, "max_num_seqs": MAX_NUM_SEQS, "kv_cache_memory_gb": 0.05},
         }
         serve.run(build_app(args), name="dsray", route_prefix="/")
-        yield Server(f"http://127.0.0.1:{port}", API_KEY, "tiny", tiny_model)
+        yield Server(f"http://127.0.0.1:{port}", API_KEY, "tiny", tiny_model, grpc_target=f"127.0.0.1:{grpc_port}")
     finally:
         if ray.is_initialized():  # tests/ray may have ended this session already for its own clusters
             serve.shutdown()

@@ -1,4 +1,5 @@
-"""`dsray serve` as a user runs it: starts, prints the URL, answers a chat completion, exits cleanly on SIGINT."""
+"""`dsray serve` as a user runs it: starts, prints the URL, answers a chat completion and a gRPC call, exits
+cleanly on SIGINT."""
 
 from __future__ import annotations
 
@@ -10,16 +11,22 @@ import sys
 import threading
 import time
 
+import grpc
 import openai
+
+from deploy.proto_gen import dsray_pb2 as pb
+from deploy.proto_gen.dsray_pb2_grpc import DsrayStub
 
 
 def test_dsray_serve_starts_serves_and_stops_on_sigint(tiny_model, tmp_path):
     import socket
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    with socket.socket() as http_sock, socket.socket() as grpc_sock:  # both open at once: two different ports
+        http_sock.bind(("127.0.0.1", 0))
+        grpc_sock.bind(("127.0.0.1", 0))
+        port, grpc_port = http_sock.getsockname()[1], grpc_sock.getsockname()[1]
     cmd = [sys.executable, "-m", "dsray.cli", "serve", str(tiny_model), "--port", str(port), "--max-model-len", "128"]
+    cmd += ["--grpc-port", str(grpc_port)]
     env = {**os.environ, "DSRAY_API_KEY": "cli-key"}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
@@ -46,6 +53,11 @@ def test_dsray_serve_starts_serves_and_stops_on_sigint(tiny_model, tmp_path):
                 model="tiny", messages=[{"role": "user", "content": "Hello"}], max_tokens=4
             )
         assert out.choices[0].message.content is not None and out.usage.completion_tokens <= 4
+        assert any("gRPC: dsray.v1.Dsray" in line and str(grpc_port) in line for line in lines)
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            request = pb.GenerateRequest(prompt="Hello", sampling=pb.SamplingParams(max_tokens=2))
+            reply = DsrayStub(channel).Generate(request, metadata=[("authorization", "Bearer cli-key")], timeout=60)
+        assert reply.usage.completion_tokens == len(reply.token_ids) <= 2
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=90) == 0, "".join(lines[-40:])
     finally:
