@@ -105,7 +105,9 @@ def test_gate_picks_the_same_experts_with_the_same_weights(config):
     gate = Gate(args)
     gate.weight.data = torch.randn(gate.weight.shape, generator=torch.Generator().manual_seed(30)) * 0.1
     if gate.e_score_correction_bias is not None:
-        gate.e_score_correction_bias.data = torch.rand(args.n_routed_experts, generator=torch.Generator().manual_seed(31))
+        gate.e_score_correction_bias.data = torch.rand(
+            args.n_routed_experts, generator=torch.Generator().manual_seed(31)
+        )
     x = _randn(33, args.hidden_size, seed=32)
     with cpu_kernels.disabled():
         ref_weights, ref_ids = gate(x)

@@ -1,0 +1,115 @@
+"""In-cluster access to a dsray app's LLMServer through a Serve ``DeploymentHandle``: no HTTP, no JSON.
+
+For code running inside the Ray cluster: a Ray task or actor, another Serve deployment, the
+driver that deployed the app. ``generate`` (sync) and ``agenerate`` (asyncio) stream the
+LLMServer's ``StreamChunk``s and raise ``dsray.client``'s typed errors, the same an HTTP caller
+gets. Users reach these through ``dsray.client``; they live here because only ``deploy/``
+imports Ray Serve.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+from ray import serve
+from ray.exceptions import RayError
+from ray.serve.exceptions import RayServeException
+from ray.serve.handle import DeploymentHandle
+
+from deploy.messages import ErrorInfo, GenerateRequest, StreamChunk
+from dsray.client.errors import DsrayAPIError, InternalServerError, ServiceUnavailableError, api_error
+
+LLM_SERVER = "LLMServer"  # the deployment name build_app gives it
+
+
+def get_handle(app_name: str = "dsray") -> DeploymentHandle:
+    """The LLMServer handle of Serve app ``app_name``. Make it once and reuse it: each handle
+    starts its own router."""
+    return serve.get_deployment_handle(LLM_SERVER, app_name=app_name)
+
+
+def generate_request(
+    prompt: str | list[int] | None = None,
+    messages: str | list[dict[str, Any]] | None = None,
+    request_id: str | None = None,
+    **sampling: Any,
+) -> GenerateRequest:
+    """The request for a text or token-id ``prompt``, or for chat ``messages`` (a string: one user
+    message); ``sampling`` holds SamplingParams fields by name."""
+    if (prompt is None) == (messages is None):
+        raise ValueError("give exactly one of prompt and messages")
+    fields: dict[str, Any]
+    if isinstance(messages, str):
+        fields = {"messages": [{"role": "user", "content": messages}]}
+    elif messages is not None:
+        fields = {"messages": list(messages)}
+    elif isinstance(prompt, str):
+        fields = {"prompt": prompt}
+    else:
+        fields = {"prompt_token_ids": list(prompt)}
+    return GenerateRequest(request_id=request_id or uuid.uuid4().hex, sampling=sampling, **fields)
+
+
+def _checked(item: StreamChunk | ErrorInfo, request_id: str) -> StreamChunk:
+    if isinstance(item, ErrorInfo):
+        raise api_error(item.status, item.message, item.type, item.param, item.code, request_id=request_id)
+    return item
+
+
+def _unavailable(exc: BaseException, request_id: str) -> DsrayAPIError:
+    """A failed handle call (replica died, none running, Serve's queue full) as a 503."""
+    return ServiceUnavailableError(f"model instance unavailable: {exc}", request_id=request_id)
+
+
+def _cut_short(request_id: str) -> DsrayAPIError:
+    return InternalServerError("the stream ended without a finish reason", request_id=request_id)
+
+
+def generate(handle: DeploymentHandle, prompt: str | list[int] | None = None, **kwargs: Any) -> Iterator[StreamChunk]:
+    """Stream one request's chunks through ``handle`` (from sync code; in asyncio use ``agenerate``).
+
+    ``kwargs`` are ``generate_request``'s. Stopping early (``close()``, ``break``) cancels the
+    request, which aborts it in the engine.
+    """
+    request = generate_request(prompt, **kwargs)
+    stream = handle.options(stream=True).generate.remote(request)
+    finished = False
+    try:
+        while not finished:
+            try:
+                item = next(stream)
+            except StopIteration:
+                raise _cut_short(request.request_id) from None
+            except (RayError, RayServeException) as exc:
+                raise _unavailable(exc, request.request_id) from exc
+            chunk = _checked(item, request.request_id)
+            finished = chunk.finish_reason is not None
+            yield chunk
+    finally:
+        if not finished:
+            stream.cancel()
+
+
+async def agenerate(
+    handle: DeploymentHandle, prompt: str | list[int] | None = None, **kwargs: Any
+) -> AsyncIterator[StreamChunk]:
+    """``generate`` for asyncio."""
+    request = generate_request(prompt, **kwargs)
+    stream = handle.options(stream=True).generate.remote(request)
+    finished = False
+    try:
+        while not finished:
+            try:
+                item = await stream.__anext__()
+            except StopAsyncIteration:
+                raise _cut_short(request.request_id) from None
+            except (RayError, RayServeException) as exc:
+                raise _unavailable(exc, request.request_id) from exc
+            chunk = _checked(item, request.request_id)
+            finished = chunk.finish_reason is not None
+            yield chunk
+    finally:
+        if not finished:
+            stream.cancel()

@@ -1,0 +1,178 @@
+"""Killing a real expert worker behind the server: clean errors, 503s, no hang, and a replica that heals.
+
+A second app, ``/ep``, runs the Ray executor (one attention worker and two expert workers, real
+actors). With long streams in flight one expert worker's process gets SIGKILL, as a crash or the
+OOM killer would do it. Then: every stream ends with an error event and ``[DONE]`` within a
+bound, ``/ep/health`` is 503, a new request is refused with 503 and ``Retry-After``, the main
+app at ``/`` serves on, and Serve replaces the failed replica with one that serves again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+
+from dsray.client import Client, ServiceUnavailableError
+
+MAX_TOKENS = 1500  # minutes of decoding on the Ray executor: the streams are surely in flight at the kill
+ERROR_BOUND_S = 60.0  # every in-flight stream must have ended by then
+HEALTH_CHECK_PERIOD_S = 5.0  # Serve replaces a replica after 3 failed checks in a row: 10-15 s of 503s to observe
+RECOVERY_BOUND_S = 180.0
+WORKER_NAMED = re.compile(r"(attention|expert) worker \d")
+# The main app's replica holds 1 of the session's 4 CPUs; these keep /ep well inside the rest.
+WORKER_RESOURCES = {"CPU": 0.25}
+
+
+def _expert_workers() -> dict[str, int]:
+    """Live ExpertWorker actors of this Ray session: actor id -> pid.
+
+    From the GCS actor table: the state API needs the dashboard, which this session runs without.
+    """
+    import ray._private.state
+
+    actors = ray._private.state.actors()
+    return {
+        actor_id: info["Pid"]
+        for actor_id, info in actors.items()
+        if info["ActorClassName"] == "ExpertWorker" and info["State"] == "ALIVE"
+    }
+
+
+def _wait_for(fetch, check, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = fetch()
+        if check(value):
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what} (last: {value!r})")
+        time.sleep(0.5)
+
+
+def _health(url: str) -> int:
+    return requests.get(f"{url}/health", timeout=30).status_code
+
+
+@pytest.fixture(scope="module")
+def ep(server):
+    """URL of the ``/ep`` app (expert parallelism on Ray actors, no API key)."""
+    from ray import serve
+
+    from deploy.app import build_app
+
+    before = set(_expert_workers())
+    args = {
+        "model": str(server.model_dir),
+        "api_key": "",
+        "attention_workers": 1,
+        "expert_workers": 2,
+        "engine": {
+            "max_model_len": 2048,
+            "max_num_seqs": 4,
+            "kv_cache_memory_gb": 0.05,
+            "attention_worker_resources": WORKER_RESOURCES,
+            "expert_worker_resources": WORKER_RESOURCES,
+            "step_timeout_s": 20,
+        },
+        "llm_server": {"num_cpus": 0, "health_check_period_s": HEALTH_CHECK_PERIOD_S},
+    }
+    serve.run(build_app(args), name="ep", route_prefix="/ep")
+    try:
+        yield f"{server.url}/ep"
+    finally:
+        serve.delete("ep")
+        # The replica owns its workers: they go with it, and their CPUs with them.
+        _wait_for(lambda: set(_expert_workers()) - before, lambda left: not left, 60, "the workers to go")
+
+
+def _sse_stream(url: str, i: int, started) -> dict:
+    """One long stream over raw HTTP: its data payloads in order, and when it ended."""
+    body = {"prompt": f"request {i}", "max_tokens": MAX_TOKENS, "ignore_eos": True, "stream": True}
+    payloads = []
+    with requests.post(f"{url}/v1/completions", json=body, stream=True, timeout=(10, 120)) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line.startswith(b"data: "):
+                payloads.append(line[len(b"data: ") :].decode())
+                if len(payloads) == 1:
+                    started.release()
+    return {"payloads": payloads, "ended": time.monotonic()}
+
+
+def _client_stream(url: str, started) -> dict:
+    """One long stream through dsray.client: the error it raised, and when."""
+    with Client(url, timeout=120) as c:
+        stream = c.completions("through the client", stream=True, max_tokens=MAX_TOKENS, ignore_eos=True)
+        started.release()
+        try:
+            for _ in stream:
+                pass
+        except Exception as exc:
+            return {"error": exc, "ended": time.monotonic()}
+    return {"error": None, "ended": time.monotonic()}
+
+
+def test_killing_an_expert_worker_fails_streams_cleanly_then_the_replica_heals(ep, server):
+    workers = _expert_workers()
+    assert len(workers) == 2, workers
+    assert _health(ep) == 200
+    started = threading.Semaphore(0)
+    with ThreadPoolExecutor(3) as pool:
+        streams = [pool.submit(_sse_stream, ep, i, started) for i in range(2)]
+        streams.append(pool.submit(_client_stream, ep, started))
+        for _ in streams:
+            assert started.acquire(timeout=120), "a stream never started"
+
+        victim = max(workers.values())
+        assert "ExpertWorker" in Path(f"/proc/{victim}/cmdline").read_text(errors="replace")
+        killed = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+
+        results = [f.result(timeout=ERROR_BOUND_S + 30) for f in streams]
+    elapsed = [r["ended"] - killed for r in results]
+    assert max(elapsed) < ERROR_BOUND_S, elapsed
+
+    for result in results[:2]:  # on the wire: tokens, then an error event, then [DONE]
+        payloads = result["payloads"]
+        assert payloads[-1] == "[DONE]" and len(payloads) >= 3, payloads[-3:]
+        assert "choices" in json.loads(payloads[0])
+        error = json.loads(payloads[-2])["error"]
+        assert error["type"] == "ServiceUnavailableError" and error["code"] == 503, error
+        assert WORKER_NAMED.search(error["message"]), error  # the killed one, or a peer stuck in its collective
+    error = results[2]["error"]
+    assert isinstance(error, ServiceUnavailableError) and error.status_code == 503, repr(error)
+
+    # The replica is still there, with a dead engine: 503s until Serve replaces it.
+    health = requests.get(f"{ep}/health", timeout=30)
+    assert health.status_code == 503 and WORKER_NAMED.search(health.json()["error"]["message"])
+    refused = requests.post(f"{ep}/v1/completions", json={"prompt": "after the kill", "max_tokens": 2}, timeout=30)
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+    assert refused.json()["error"]["type"] == "ServiceUnavailableError"
+    with Client(ep) as c:
+        assert not c.health()
+    noticed = time.monotonic() - killed
+    # The executor killed the surviving workers too: nothing of the old group holds resources.
+    _wait_for(lambda: set(_expert_workers()) & set(workers), lambda alive: not alive, 30, "the survivors to go")
+
+    with Client(server.url, api_key=server.api_key) as main:  # the other app never noticed
+        assert main.health() and main.completions("still here", max_tokens=4).usage.completion_tokens == 4
+
+    # Serve's health check fails three times, it replaces the replica, the new one starts new workers.
+    _wait_for(lambda: _health(ep), lambda code: code == 200, RECOVERY_BOUND_S, "the replica to be replaced")
+    healed = time.monotonic() - killed
+    with Client(ep) as c:
+        assert c.completions("after recovery", max_tokens=4, ignore_eos=True).usage.completion_tokens == 4
+    new_workers = _expert_workers()
+    assert len(new_workers) == 2 and not set(new_workers) & set(workers), (workers, new_workers)
+    print(
+        f"streams ended {max(elapsed):.1f}s after the kill; 503s seen by {noticed:.1f}s; healthy again at {healed:.1f}s"
+    )
