@@ -79,6 +79,7 @@ def _serve_yaml(tmp: Path, model: Path, http_port: int, llm_server: dict) -> Pat
     """deploy/serve.yaml with this test's model, port and Ray-executor worker roles."""
     config = yaml.safe_load((REPO / "deploy" / "serve.yaml").read_text())
     config["http_options"]["port"] = http_port
+    config["grpc_options"]["port"] = _free_port()  # not serve.yaml's fixed 9000: another server may hold it
     config["proxy_location"] = "HeadOnly"  # every "node" here is this one machine: one proxy per port
     app_args = config["applications"][0]["args"]
     app_args["model"] = str(model)
