@@ -95,8 +95,8 @@ def _library() -> ctypes.CDLL | None:
         return None
     lib.dsray_gemv_bf16.argtypes = [_bf16_p, _long, _bf16_p, _long, _bf16_p, _long, _int, _int, _int, _int]
     lib.dsray_gemv_bf16.restype = None
-    # x, D, num_experts, num_routed, gate[], up[], down[], inter[], weights[], h, act, out, nthreads
-    lib.dsray_swiglu_experts_bf16.argtypes = [_bf16_p, _int, _int, _int] + [_bf16_p] * 8 + [_int]
+    # x, D, num_experts, num_routed, gate[], up[], down[], inter[], weights[], act, out, nthreads
+    lib.dsray_swiglu_experts_bf16.argtypes = [_bf16_p, _int, _int, _int] + [_bf16_p] * 7 + [_int]
     lib.dsray_swiglu_experts_bf16.restype = None
     # q, q_sn, kv, kv_sn, kv_norm_w, eps, cis, interleaved, slot_mapping, w_uk, w_uv_t, cache, block_tables,
     # bt_stride, context_lens, block_size, N, H, d_nope, R, C, d_v, scale, q_pe scratch, out, nthreads
@@ -186,7 +186,6 @@ def swiglu_experts(
     weights = array.array("f", (w for *_, w in routed))
     D = x.shape[-1]
     x = x.reshape(D).contiguous()
-    h = torch.empty(2 * sum(inter), dtype=torch.float32)
     act = torch.empty(sum(inter), dtype=torch.bfloat16)
     out = torch.empty(1, D, dtype=torch.bfloat16)
     _library().dsray_swiglu_experts_bf16(
@@ -199,7 +198,6 @@ def swiglu_experts(
         _address(downs),
         _address(inter),
         _address(weights),
-        h.data_ptr(),
         act.data_ptr(),
         out.data_ptr(),
         torch.get_num_threads(),

@@ -225,31 +225,34 @@ void dsray_gemv_bf16(const bf16* X, long ldx, const bf16* W, long ldw, bf16* Y, 
 // + shared(x)), where expert e has gate [I_e, D], up [I_e, D] and down [D, I_e] weights given by
 // pointer (row-major, contiguous rows), the first `num_routed` experts are weighted and the rest
 // are shared (added unweighted after rounding, as the reference adds its shared MLP). `inter[e]` is
-// I_e, a multiple of 4. `h` is fp32 scratch of sum(2 I_e), `act` bf16 scratch of sum(I_e).
+// I_e; `act` is bf16 scratch of sum(I_e).
 typedef struct {
     const bf16* x;
     int D, num_experts, num_routed;
     const bf16 *const *gate, *const *up, *const *down;
     const int* inter;
     const float* weights;
-    float* h;
     bf16 *act, *out;
-    const long *h_off, *a_off, *groups_off;
-    long per_group, per_row;
+    const long *a_off, *blocks_off;
+    long per_index, per_row;
 } swiglu_ctx;
 
-// Phase 1: gate and up rows of every expert (rounded to bf16, as torch's bf16 output is).
+// Phase 1: a block of one expert's intermediate indices: its gate and up rows (each product
+// rounded to bf16, as torch's bf16 output is), then SiLU(gate) * up, rounded likewise.
 static void swiglu_gate_up_chunk(void* p, long c0, long c1) {
     const swiglu_ctx* a = p;
-    long total = a->groups_off[a->num_experts];
-    for (long c = c0; c < c1; ++c)
-        for (long g = chunk_begin(c, a->per_group); g < chunk_end(c, a->per_group, total); ++g) {
-            int e = 0;
-            while (a->groups_off[e + 1] <= g) ++e;
-            long row = (g - a->groups_off[e]) * 4;  // in [0, 2 I_e)
-            const bf16* w = row < a->inter[e] ? a->gate[e] + row * a->D : a->up[e] + (row - a->inter[e]) * a->D;
-            for (int j = 0; j < 4; ++j) a->h[a->h_off[e] + row + j] = round_bf16(dot1(w + j * a->D, a->x, a->D));
+    for (long c = c0; c < c1; ++c) {
+        int e = 0;
+        while (a->blocks_off[e + 1] <= c) ++e;
+        long i0 = (c - a->blocks_off[e]) * a->per_index, i1 = i0 + a->per_index < a->inter[e] ? i0 + a->per_index : a->inter[e];
+        float g[i1 - i0];
+        for (long i = i0; i < i1; ++i) g[i - i0] = round_bf16(dot1(a->gate[e] + i * a->D, a->x, a->D));
+        for (long i = i0; i < i1; ++i) {
+            float u = round_bf16(dot1(a->up[e] + i * a->D, a->x, a->D));
+            float silu = round_bf16(g[i - i0] / (1.0f + expf(-g[i - i0])));
+            a->act[a->a_off[e] + i] = f32_to_bf16(silu * u);
         }
+    }
 }
 
 // Phase 2: down rows. A chunk reads each expert's rows [d0, d1) in one sequential run, then sums
@@ -275,37 +278,43 @@ static void swiglu_down_chunk(void* p, long c0, long c1) {
 
 void dsray_swiglu_experts_bf16(const bf16* x, int D, int num_experts, int num_routed, const bf16* const* gate,
                                const bf16* const* up, const bf16* const* down, const int* inter,
-                               const float* weights, float* h, bf16* act, bf16* out, int nthreads) {
-    long h_off[num_experts + 1], a_off[num_experts + 1];
-    long groups_off[num_experts + 1];  // 4-row groups of gate and up rows, per expert
-    h_off[0] = a_off[0] = groups_off[0] = 0;
+                               const float* weights, bf16* act, bf16* out, int nthreads) {
+    long per_index = 32768 / D > 0 ? 32768 / D : 1;  // ~128 KiB of gate and up rows per chunk
+    long a_off[num_experts + 1], blocks_off[num_experts + 1];
+    a_off[0] = blocks_off[0] = 0;
     for (int e = 0; e < num_experts; ++e) {
-        h_off[e + 1] = h_off[e] + 2L * inter[e];
         a_off[e + 1] = a_off[e] + inter[e];
-        groups_off[e + 1] = groups_off[e] + 2L * inter[e] / 4;
+        blocks_off[e + 1] = blocks_off[e] + num_chunks(inter[e], per_index);
     }
-    swiglu_ctx a = {x, D, num_experts, num_routed, gate, up, down, inter, weights, h, act, out,
-                    h_off, a_off, groups_off, (16384 / D) / 4 + 1, 32};
-    parallel_chunks(swiglu_gate_up_chunk, &a, num_chunks(groups_off[num_experts], a.per_group), nthreads);
-    // SiLU(gate) * up, each rounded to bf16 like the reference's bf16 tensors (small: this thread).
-    for (int e = 0; e < num_experts; ++e) {
-        const float* hg = h + h_off[e];
-        const float* hu = hg + inter[e];
-        for (int i = 0; i < inter[e]; ++i) {
-            float s = round_bf16(hg[i] / (1.0f + expf(-hg[i])));
-            act[a_off[e] + i] = f32_to_bf16(s * hu[i]);
-        }
-    }
+    swiglu_ctx a = {x, D, num_experts, num_routed, gate, up, down, inter, weights, act, out,
+                    a_off, blocks_off, per_index, 64};
+    parallel_chunks(swiglu_gate_up_chunk, &a, blocks_off[num_experts], nthreads);
     parallel_chunks(swiglu_down_chunk, &a, num_chunks(D, a.per_row), nthreads);
 }
 
-// acc[0:n] += a * bf16 row w[0:n], in fp32 (n a multiple of 16).
-static inline void axpy_bf16(float* acc, float a, const bf16* w, int n) {
-    __m512 av = _mm512_set1_ps(a);
-    for (int i = 0; i < n; i += 16) {
-        __m512i wi = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(w + i))), 16);
-        __m512 prod = _mm512_mul_ps(av, _mm512_castsi512_ps(wi));
-        _mm512_storeu_ps(acc + i, _mm512_add_ps(_mm512_loadu_ps(acc + i), prod));
+static inline __m512 cvt16(const bf16* p) {
+    __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+
+// out[0:n] = sum_r coef[r] * rows[r][0:n], in fp32, adding rows in order (n a multiple of 16).
+// Columns go in blocks of 128 held in registers across all rows.
+static void weighted_rows(const float* coef, const bf16* const* rows, long num_rows, int n, float* out) {
+    int b = 0;
+    for (; b + 128 <= n; b += 128) {
+        __m512 acc[8];
+        for (int v = 0; v < 8; ++v) acc[v] = _mm512_setzero_ps();
+        for (long r = 0; r < num_rows; ++r) {
+            __m512 c = _mm512_set1_ps(coef[r]);
+            const bf16* w = rows[r] + b;
+            for (int v = 0; v < 8; ++v) acc[v] = _mm512_add_ps(acc[v], _mm512_mul_ps(c, cvt16(w + 16 * v)));
+        }
+        for (int v = 0; v < 8; ++v) _mm512_storeu_ps(out + b + 16 * v, acc[v]);
+    }
+    for (; b < n; b += 16) {
+        __m512 acc = _mm512_setzero_ps();
+        for (long r = 0; r < num_rows; ++r) acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_set1_ps(coef[r]), cvt16(rows[r] + b)));
+        _mm512_storeu_ps(out + b, acc);
     }
 }
 
@@ -329,42 +338,47 @@ typedef struct {
 static void mla_decode_chunk(void* p, long c0, long c1) {
     const mla_ctx* a = p;
     const int C = a->C, R = a->R, W = C + R, d_v = a->d_v, bs = a->block_size;
-    float acc[C > d_v ? C : d_v];
+    float acc[C > d_v ? C : d_v], coef[C > a->d_nope ? C : a->d_nope];
     bf16 q_full[W], o_lat[C];
     for (long task = c0; task < c1; ++task) {
         long n = task / a->H, h = task % a->H;
         const long S = a->context_lens[n];
         const int64_t* table = a->block_tables + n * a->bt_stride;
+        long num_rows = S > C ? S : (C > a->d_nope ? C : a->d_nope);
+        const bf16** rows = malloc(sizeof(bf16*) * num_rows);
+        float* probs = malloc(sizeof(float) * (S > 0 ? S : 1));
         // q_lat[c] = sum_d q_nope[d] W_UK[h, d, c]
-        memset(acc, 0, sizeof(float) * C);
         const bf16* qn = a->q_nope + n * a->q_sn + h * a->q_sh;
-        for (int d = 0; d < a->d_nope; ++d)
-            axpy_bf16(acc, bf16_to_f32(qn[d]), a->w_uk + (h * a->d_nope + d) * (long)C, C);
+        for (int d = 0; d < a->d_nope; ++d) {
+            coef[d] = bf16_to_f32(qn[d]);
+            rows[d] = a->w_uk + (h * a->d_nope + d) * (long)C;
+        }
+        weighted_rows(coef, rows, a->d_nope, C, acc);
         for (int c = 0; c < C; ++c) q_full[c] = f32_to_bf16(acc[c]);
         memcpy(q_full + C, a->q_pe + n * a->pe_sn + h * a->pe_sh, sizeof(bf16) * R);
         // Scores and softmax over the context.
-        float* probs = (float*)malloc(sizeof(float) * (S > 0 ? S : 1));
         float max = -INFINITY;
         for (long s = 0; s < S; ++s) {
-            const bf16* row = a->cache + (table[s / bs] * bs + s % bs) * (long)W;
-            probs[s] = round_bf16(dot1(row, q_full, W)) * a->scale;
+            rows[s] = a->cache + (table[s / bs] * bs + s % bs) * (long)W;
+            probs[s] = round_bf16(dot1(rows[s], q_full, W)) * a->scale;
             if (probs[s] > max) max = probs[s];
         }
         float sum = 0.0f;
         for (long s = 0; s < S; ++s) sum += (probs[s] = expf(probs[s] - max));
+        for (long s = 0; s < S; ++s) probs[s] = round_bf16(probs[s] / sum);
         // o_lat = sum_s p[s] latent[s, :C]
-        memset(acc, 0, sizeof(float) * C);
-        for (long s = 0; s < S; ++s) {
-            float ps = round_bf16(probs[s] / sum);
-            if (ps != 0.0f) axpy_bf16(acc, ps, a->cache + (table[s / bs] * bs + s % bs) * (long)W, C);
-        }
-        free(probs);
+        weighted_rows(probs, rows, S, C, acc);
         for (int c = 0; c < C; ++c) o_lat[c] = f32_to_bf16(acc[c]);
         // out[v] = sum_c o_lat[c] W_UV^T[h, c, v]
-        memset(acc, 0, sizeof(float) * d_v);
-        for (int c = 0; c < C; ++c) axpy_bf16(acc, bf16_to_f32(o_lat[c]), a->w_uv_t + (h * C + c) * (long)d_v, d_v);
+        for (int c = 0; c < C; ++c) {
+            coef[c] = bf16_to_f32(o_lat[c]);
+            rows[c] = a->w_uv_t + (h * C + c) * (long)d_v;
+        }
+        weighted_rows(coef, rows, C, d_v, acc);
         bf16* o = a->out + task * d_v;
         for (int v = 0; v < d_v; ++v) o[v] = f32_to_bf16(acc[v]);
+        free(probs);
+        free(rows);
     }
 }
 
