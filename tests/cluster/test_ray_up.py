@@ -106,10 +106,16 @@ def _die_with_parent() -> None:
 
 
 def _ns_processes(ns: str) -> list[str]:
-    """'pid cmdline' of every process in PID namespace ``ns`` (seen from this host's /proc)."""
+    """'pid cmdline' of every live process in PID namespace ``ns`` (seen from this host's /proc).
+
+    Zombies (exited, not yet reaped by the namespace's PID 1) are not counted: nothing runs there.
+    """
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            if stat[stat.rindex(")") + 2] == "Z":
+                continue
             if os.readlink(f"/proc/{pid}/ns/pid") == ns:
                 cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
                 found.append(f"{pid} {cmdline[:120]}")
@@ -429,7 +435,10 @@ def test_ray_up_local_cluster_serves_chat(machines):
                 m.ssh(ip, "if [ -x ~/dsray-venv/bin/ray ]; then ~/dsray-venv/bin/ray stop; fi")
             except (AssertionError, subprocess.SubprocessError) as e:
                 print(f"[ray up] ray stop on {ip}: {e}")
-        left = m.ray_processes()
+        left, deadline = m.ray_processes(), time.monotonic() + 30
+        while any(left.values()) and time.monotonic() < deadline:  # processes `ray stop` signalled may take a moment
+            time.sleep(1)
+            left = m.ray_processes()
         timings["total_s"] = time.perf_counter() - start
         # Ray's SSH control sockets of this cluster (launcher and head share this host's /tmp).
         user_hash = hashlib.sha256(getpass.getuser().encode()).hexdigest()[:10]
