@@ -73,6 +73,10 @@ class LLMServer:
 
             # Made here, on the replica's node, so a cluster needs no shared filesystem for it.
             engine_config = {**engine_config, "model": str(ensure_default_model())}
+        if isinstance(engine_config, dict):
+            # The engine in a process of its own: this replica's event loop streams every chunk, and
+            # sharing one GIL with the engine left both at a fraction of a core (benchmarks/serve.py).
+            engine_config = {"engine_process": True, **engine_config}
         config = EngineConfig.model_validate(engine_config)
         self.config = config
         self.model_name = served_model_name or config.model.rstrip("/").rsplit("/", 1)[-1]
@@ -145,7 +149,7 @@ class LLMServer:
         """
         interval = self.stream_interval_s
         if self.stream_chunks_per_s:
-            interval = max(interval, self.llm.engine.scheduler.num_running / self.stream_chunks_per_s)
+            interval = max(interval, self.llm.engine.stats()["num_running"] / self.stream_chunks_per_s)
         return interval
 
     def _admission_error(self) -> ErrorInfo | None:
@@ -240,6 +244,9 @@ class LLMServer:
             "prefix_cache_hits": engine["prefix_cache_hits"],
             **self.counters,
         }
+        core = getattr(self.llm, "core", None)
+        if core is not None:
+            stats["engine_pid"] = core.process.pid  # the engine's own process (engine_process mode)
         expert_load = getattr(self.llm.engine, "expert_load", None)
         if expert_load is not None:
             stats["expert_load"] = expert_load() if callable(expert_load) else expert_load

@@ -1,4 +1,8 @@
-"""AsyncLLM: the engine loop on a background thread, with per-request async streams and abort.
+"""AsyncLLM: the engine loop on a background thread (or in a child process), per-request async streams, abort.
+
+With ``engine_process`` set (and the local executor), the loop runs in a process of its own
+(``dsray/engine_core.py``) and this object keeps validation and the streams; otherwise on a
+thread here.
 
 The server's handlers call ``generate`` (an async iterator of incremental outputs) and
 ``abort``. Validation happens in the caller before anything is queued, so a bad request raises
@@ -18,6 +22,7 @@ from typing import Any
 
 from dsray.engine.llm_engine import LLMEngine
 from dsray.engine_config import EngineConfig
+from dsray.engine_core import EngineCore
 from dsray.outputs import RequestOutput
 from dsray.sampling_params import SamplingParams
 
@@ -30,18 +35,26 @@ class EngineDeadError(RuntimeError):
 
 class AsyncLLM:
     def __init__(self, config: EngineConfig, engine: LLMEngine | None = None):
-        self.engine = engine or LLMEngine(config)
         self._commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._wake = threading.Event()
         self._stopped = False
         self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._loop, name="dsray-engine", daemon=True)
-        self._thread.start()
+        self.core: EngineCore | None = None
+        if engine is None and config.engine_process and config.executor == "local":
+            self.core = EngineCore(config, self._deliver_many, self._fail)
+            self.engine: LLMEngine | EngineCore = self.core
+            self._thread = None
+        else:
+            self.engine = engine or LLMEngine(config)
+            self._thread = threading.Thread(target=self._loop, name="dsray-engine", daemon=True)
+            self._thread.start()
 
     @property
     def is_healthy(self) -> bool:
-        return self.error is None and not self._stopped and self._thread.is_alive()
+        if self.error is not None or self._stopped:
+            return False
+        return self.core.process.is_alive() if self.core is not None else self._thread.is_alive()
 
     def check_health(self) -> None:
         if not self.is_healthy:
@@ -60,7 +73,10 @@ class AsyncLLM:
             raise ValueError(f"request id {request_id!r} is already in use")
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
-        self._send("add", (prompt, ids, params, request_id))
+        if self.core is not None:
+            self.core.add(prompt, ids, params, request_id)
+        else:
+            self._send("add", (prompt, ids, params, request_id))
         finished = False
         try:
             while True:
@@ -81,6 +97,9 @@ class AsyncLLM:
 
     def shutdown(self) -> None:
         self._stopped = True
+        if self.core is not None:
+            self.core.shutdown()
+            return
         self._wake.set()
         self._thread.join(timeout=30)
         self.engine.executor.shutdown()
@@ -88,8 +107,17 @@ class AsyncLLM:
     # Engine thread ----------------------------------------------------------------------------
 
     def _send(self, kind: str, payload: Any) -> None:
+        if self.core is not None:
+            if kind == "abort" and not self._stopped and self.error is None:
+                self.core.abort(payload)
+            return
         self._commands.put((kind, payload))
         self._wake.set()
+
+    def _fail(self, message: str) -> None:
+        """The engine (process) failed: no request can be served; every waiter gets the error."""
+        self.error = EngineDeadError(message)
+        self._deliver_many([(request_id, self.error) for request_id in list(self._streams)])
 
     def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
         self._deliver_many([(request_id, item)])

@@ -57,6 +57,11 @@ class EngineConfig(BaseModel):
         60.0, gt=0, description="A step (and each collective) failing to finish in this time fails the engine."
     )
     num_threads: int | None = Field(None, ge=1, description="Torch CPU threads; default torch's choice.")
+    engine_process: bool = Field(
+        False,
+        description="AsyncLLM runs the engine loop in a child process of its own (local executor only), so the "
+        "serving side and the engine do not share one GIL. The OpenAI server turns it on.",
+    )
 
     @property
     def torch_dtype(self) -> torch.dtype:

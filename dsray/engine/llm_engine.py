@@ -33,63 +33,16 @@ class _Request:
     full_text: str = ""  # text including a possible stop string, for matching across steps
 
 
-class LLMEngine:
-    def __init__(self, config: EngineConfig, executor: Executor | None = None):
-        self.config = config
-        self.args = ModelArgs.from_pretrained(config.model)
-        try:
-            self.tokenizer: Tokenizer | None = Tokenizer(config.model)
-        except FileNotFoundError:
-            self.tokenizer = None  # token-id prompts still work
-        self.executor = executor or create_executor(config)
-        self.max_model_len = config.max_model_len or self.args.max_position_embeddings
-        eos = self.args.eos_token_ids[0] if self.args.eos_token_ids else None
-        # One scheduler per data-parallel attention rank: each rank owns the KV cache of its sequences.
-        self.schedulers = [
-            Scheduler(
-                config.scheduler_config(),
-                BlockManager(self.executor.num_blocks, config.block_size, config.enable_prefix_caching),
-                eos,
-            )
-            for _ in range(self.executor.num_attention_ranks)
-        ]
-        self.requests: dict[str, _Request] = {}
-        self._rank_of: dict[str, int] = {}
-        self._next_id = 0
-        self._expert_load: list[list[int]] = []
-        self._expert_load_time = 0.0
+class RequestChecks:
+    """Tokenizing and validating prompts before they are queued: what the engine and its front ends
+    (``AsyncLLM`` in engine-process mode) share. Needs ``args``, ``tokenizer``, ``max_model_len``
+    and ``max_seq_len`` (the longest sequence the KV cache of one attention rank holds)."""
 
-    @property
-    def scheduler(self) -> Scheduler:
-        """The first (with one attention rank, the only) scheduler."""
-        return self.schedulers[0]
-
-    def expert_load(self) -> list[list[int]]:
-        """Tokens routed per (MoE layer, expert) since start, as of the last refresh (≤ 2 s old).
-
-        Refreshed by ``step`` on the engine's own thread, so readers on other threads (metrics)
-        never call into the workers themselves.
-        """
-        return self._expert_load
-
-    def _refresh_expert_load(self, now: float) -> None:
-        if now - self._expert_load_time >= EXPERT_LOAD_REFRESH_S:
-            self._expert_load = self.executor.expert_load()
-            self._expert_load_time = now
-
-    def stats(self) -> dict[str, float]:
-        """Load and cache figures summed over attention ranks (for metrics and health)."""
-        bms = [s.block_manager for s in self.schedulers]
-        return {
-            "num_running": sum(s.num_running for s in self.schedulers),
-            "num_waiting": sum(s.num_waiting for s in self.schedulers),
-            "kv_cache_usage": sum(b.usage for b in bms) / len(bms),
-            "num_preemptions": sum(s.num_preemptions for s in self.schedulers),
-            "prefix_cache_queries": sum(b.num_prefix_queries for b in bms),
-            "prefix_cache_hits": sum(b.num_prefix_hits for b in bms),
-        }
-
-    # Requests ---------------------------------------------------------------------------------
+    args: ModelArgs
+    tokenizer: Tokenizer | None
+    max_model_len: int
+    max_seq_len: int
+    _next_id: int = 0
 
     def new_request_id(self) -> str:
         self._next_id += 1
@@ -125,12 +78,75 @@ class LLMEngine:
                 f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) = {n + params.max_tokens} exceeds "
                 f"this model's context of {self.max_model_len} tokens; lower max_tokens"
             )
-        if n + params.max_tokens > self.scheduler.max_seq_len:  # every rank's cache has the same size
+        if n + params.max_tokens > self.max_seq_len:
             raise ValueError(
                 f"prompt + max_tokens = {n + params.max_tokens} tokens exceeds the KV cache "
-                f"({self.scheduler.max_seq_len} tokens); lower max_tokens or give the cache more memory"
+                f"({self.max_seq_len} tokens); lower max_tokens or give the cache more memory"
             )
         return params
+
+
+class LLMEngine(RequestChecks):
+    def __init__(self, config: EngineConfig, executor: Executor | None = None):
+        self.config = config
+        self.args = ModelArgs.from_pretrained(config.model)
+        try:
+            self.tokenizer: Tokenizer | None = Tokenizer(config.model)
+        except FileNotFoundError:
+            self.tokenizer = None  # token-id prompts still work
+        self.executor = executor or create_executor(config)
+        self.max_model_len = config.max_model_len or self.args.max_position_embeddings
+        eos = self.args.eos_token_ids[0] if self.args.eos_token_ids else None
+        # One scheduler per data-parallel attention rank: each rank owns the KV cache of its sequences.
+        self.schedulers = [
+            Scheduler(
+                config.scheduler_config(),
+                BlockManager(self.executor.num_blocks, config.block_size, config.enable_prefix_caching),
+                eos,
+            )
+            for _ in range(self.executor.num_attention_ranks)
+        ]
+        self.requests: dict[str, _Request] = {}
+        self._rank_of: dict[str, int] = {}
+        self._next_id = 0
+        self._expert_load: list[list[int]] = []
+        self._expert_load_time = 0.0
+
+    @property
+    def scheduler(self) -> Scheduler:
+        """The first (with one attention rank, the only) scheduler."""
+        return self.schedulers[0]
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.scheduler.max_seq_len  # every rank's cache has the same size
+
+    def expert_load(self) -> list[list[int]]:
+        """Tokens routed per (MoE layer, expert) since start, as of the last refresh (≤ 2 s old).
+
+        Refreshed by ``step`` on the engine's own thread, so readers on other threads (metrics)
+        never call into the workers themselves.
+        """
+        return self._expert_load
+
+    def _refresh_expert_load(self, now: float) -> None:
+        if now - self._expert_load_time >= EXPERT_LOAD_REFRESH_S:
+            self._expert_load = self.executor.expert_load()
+            self._expert_load_time = now
+
+    def stats(self) -> dict[str, float]:
+        """Load and cache figures summed over attention ranks (for metrics and health)."""
+        bms = [s.block_manager for s in self.schedulers]
+        return {
+            "num_running": sum(s.num_running for s in self.schedulers),
+            "num_waiting": sum(s.num_waiting for s in self.schedulers),
+            "kv_cache_usage": sum(b.usage for b in bms) / len(bms),
+            "num_preemptions": sum(s.num_preemptions for s in self.schedulers),
+            "prefix_cache_queries": sum(b.num_prefix_queries for b in bms),
+            "prefix_cache_hits": sum(b.num_prefix_hits for b in bms),
+        }
+
+    # Requests ---------------------------------------------------------------------------------
 
     def add_request(
         self,

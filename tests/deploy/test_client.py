@@ -177,7 +177,8 @@ def test_handle_async_chat_and_errors(server, dsray_client):
 
 class SlowLLM(AsyncLLM):
     def __init__(self, config):
-        super().__init__(config)
+        # In-process engine: the scripted step below patches it (the server's default is a child process).
+        super().__init__(config.model_copy(update={"engine_process": False}))
         step = self.engine.step
 
         def slow_step():

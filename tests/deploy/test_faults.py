@@ -24,7 +24,8 @@ MAX_WAITING = 2
 
 class ScriptedLLM(AsyncLLM):
     def __init__(self, config):
-        super().__init__(config)
+        # In-process engine: the scripted step below patches it (the server's default is a child process).
+        super().__init__(config.model_copy(update={"engine_process": False}))
         step = self.engine.step
 
         def scripted_step():
@@ -159,3 +160,55 @@ def test_engine_death_fails_requests_cleanly_and_health_turns_503(faulty, faulty
     )
     out = faulty_client.completions.create(model="tiny", prompt="after recovery", max_tokens=2)
     assert out.usage.completion_tokens == 2
+
+
+@pytest.fixture(scope="module")
+def separate(server):
+    """URL of an app whose engine runs in its own process (the server's default), to be killed."""
+    from ray import serve
+
+    from deploy.app import build_app
+
+    args = {
+        "model": str(server.model_dir),
+        "api_key": "",
+        "engine": {"max_model_len": 256, "max_num_seqs": 4, "kv_cache_memory_gb": 0.05},
+        "llm_server": {"health_check_period_s": 5.0},
+    }
+    serve.run(build_app(args), name="separate", route_prefix="/separate")
+    try:
+        yield f"{server.url}/separate"
+    finally:
+        serve.delete("separate")
+
+
+def test_killed_engine_process_fails_streams_and_health_then_recovers(separate, server):
+    import os
+    import signal
+
+    with openai.OpenAI(base_url=f"{separate}/v1", api_key="unused", max_retries=0, timeout=60) as client:
+        pid = server.stats("separate")["engine_pid"]
+        assert pid != os.getpid()
+        streams = [_long_stream(client, i) for i in range(2)]
+        for stream in streams:
+            next(iter(stream))
+        start = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        for stream in streams:
+            with pytest.raises(openai.APIError, match="engine process died"):
+                for _ in stream:
+                    pass
+        assert time.monotonic() - start < 30
+        assert requests.get(f"{separate}/health", timeout=30).status_code == 503
+        main = requests.post(
+            f"{server.url}/v1/completions",
+            json={"model": "tiny", "prompt": "unaffected", "max_tokens": 2},
+            headers=server.auth,
+            timeout=60,
+        )
+        assert main.status_code == 200  # the other app never noticed
+        _wait_for(
+            lambda: requests.get(f"{separate}/health", timeout=30).status_code, lambda code: code == 200, 90, "recovery"
+        )
+        assert server.stats("separate")["engine_pid"] != pid
+        assert client.completions.create(model="tiny", prompt="after", max_tokens=2).usage.completion_tokens == 2

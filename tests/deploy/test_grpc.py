@@ -196,7 +196,8 @@ STEP_S = 0.05  # 200 tokens take >= 10 s
 
 class SlowLLM(AsyncLLM):
     def __init__(self, config):
-        super().__init__(config)
+        # In-process engine: the scripted step below patches it (the server's default is a child process).
+        super().__init__(config.model_copy(update={"engine_process": False}))
         step = self.engine.step
 
         def slow_step():

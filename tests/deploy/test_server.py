@@ -139,7 +139,8 @@ class DyingLLM(AsyncLLM):
     """Its loop dies on the first step."""
 
     def __init__(self, config):
-        super().__init__(config)
+        # In-process engine: the scripted step below patches it (the server's default is a child process).
+        super().__init__(config.model_copy(update={"engine_process": False}))
 
         def step():
             raise RuntimeError("injected")
