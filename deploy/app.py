@@ -7,6 +7,7 @@ Serve config (see ``deploy/serve.yaml``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from deploy.grpc_service import DsrayServicer
 from deploy.ingress import OpenAIIngress
 from deploy.server import LLMServer
 from dsray.async_llm import AsyncLLM
+from dsray.engine_config import EngineConfig
 
 
 class Ingress(OpenAIIngress, DsrayServicer):
@@ -69,8 +71,10 @@ def build_app(args: dict[str, Any] | DsrayServeArgs | None = None) -> Applicatio
     return build_app_with_engine(args, AsyncLLM)
 
 
-def build_app_with_engine(args: dict[str, Any] | DsrayServeArgs | None, engine_cls: type) -> Application:
-    """``build_app`` with the engine class each LLMServer replica constructs (tests inject failing ones)."""
+def build_app_with_engine(
+    args: dict[str, Any] | DsrayServeArgs | None, engine_cls: Callable[[EngineConfig], AsyncLLM]
+) -> Application:
+    """``build_app`` with the engine each LLMServer replica builds from its config (tests inject slow ones)."""
     args = DsrayServeArgs.model_validate(args or {})
     _check_model(args.model)
     engine_config = {"model": args.model, **args.engine}  # model None: the replica makes the tiny one

@@ -95,6 +95,19 @@ def _handle_error_info(exc: BaseException) -> ErrorInfo:
     return ErrorInfo(f"model instance unavailable: {exc}", type="ServiceUnavailableError", status=503)
 
 
+async def control(call: Any) -> Any:
+    """Await a small handle call (health, stats, models), giving up and cancelling it after CONTROL_TIMEOUT_S."""
+
+    async def result() -> Any:
+        return await call
+
+    try:
+        return await asyncio.wait_for(result(), CONTROL_TIMEOUT_S)
+    except BaseException:
+        call.cancel()
+        raise
+
+
 def _sse(data: dict[str, Any]) -> str:
     return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
 
@@ -134,7 +147,7 @@ class OpenAIIngress:
             return error_response(refusal)
         if self._models is None:
             try:
-                self._models = await self._control(self.server.models.remote())
+                self._models = await control(self.server.models.remote())
             except Exception as exc:
                 return error_response(_handle_error_info(exc))
         return JSONResponse({"object": "list", "data": self._models})
@@ -143,7 +156,7 @@ class OpenAIIngress:
     async def health(self) -> Response:
         """200 when a model instance answers its health check; 503 while none can serve (dead, starting)."""
         try:
-            await self._control(self.server.check_health.remote())
+            await control(self.server.check_health.remote())
         except Exception as exc:
             return error_response(ErrorInfo(f"unhealthy: {exc}", type="ServiceUnavailableError", status=503))
         return Response(status_code=200)
@@ -153,7 +166,7 @@ class OpenAIIngress:
         if (refusal := self._auth_error(request)) is not None:
             return error_response(refusal)
         try:
-            self.metrics.engine_stats.update(await self._control(self.server.stats.remote()))
+            self.metrics.engine_stats.update(await control(self.server.stats.remote()))
         except Exception as exc:  # still export what this ingress observed itself
             logger.warning("could not read LLMServer stats: %r", exc)
         return Response(self.metrics.render(), media_type=CONTENT_TYPE_LATEST)
@@ -283,15 +296,3 @@ class OpenAIIngress:
             return None
         message = "Missing API key: send 'Authorization: Bearer <key>'." if not token else "Incorrect API key provided."
         return ErrorInfo(message, type="AuthenticationError", code="invalid_api_key", status=401)
-
-    async def _control(self, call: Any) -> Any:
-        """Await a small handle call, giving up (and cancelling it) after CONTROL_TIMEOUT_S."""
-
-        async def result() -> Any:
-            return await call
-
-        try:
-            return await asyncio.wait_for(result(), CONTROL_TIMEOUT_S)
-        except BaseException:
-            call.cancel()
-            raise

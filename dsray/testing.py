@@ -100,3 +100,25 @@ def make_hf_checkpoint(name: str, out_dir: str | Path, seed: int = 0, dtype: tor
             bias.data.copy_(torch.randn(bias.shape, generator=generator) * 0.05)
     model.save_pretrained(out_dir)
     return model
+
+
+SLOW_STEP_S = 0.05  # slow_async_llm: 200 tokens take >= 10 s
+
+
+def slow_async_llm(config):
+    """An ``AsyncLLM`` whose every engine step first sleeps ``SLOW_STEP_S``: server tests use it as the
+    LLMServer's engine to keep requests in flight long enough to observe. In-process engine, since
+    the slowed step patches it; here in the package so Serve replicas can import it."""
+    import time
+
+    from dsray.async_llm import AsyncLLM
+
+    llm = AsyncLLM(config.model_copy(update={"engine_process": False}))
+    step = llm.engine.step
+
+    def slow_step():
+        time.sleep(SLOW_STEP_S)
+        return step()
+
+    llm.engine.step = slow_step
+    return llm

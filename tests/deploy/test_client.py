@@ -8,13 +8,11 @@ app, ``/client-slow``, runs a slowed-down engine with room for two requests, so 
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from dsray.async_llm import AsyncLLM
 from dsray.client import (
     APIConnectionError,
     AsyncClient,
@@ -30,7 +28,6 @@ from dsray.client import (
     get_handle,
 )
 
-STEP_S = 0.05  # the slow app: 200 tokens take >= 10 s
 PROMPT = "The weather today is"
 
 
@@ -175,28 +172,14 @@ def test_handle_async_chat_and_errors(server, dsray_client):
 # Full queue and request-id conflicts, on a slowed-down app --------------------------------
 
 
-class SlowLLM(AsyncLLM):
-    def __init__(self, config):
-        # In-process engine: the scripted step below patches it (the server's default is a child process).
-        super().__init__(config.model_copy(update={"engine_process": False}))
-        step = self.engine.step
-
-        def slow_step():
-            time.sleep(STEP_S)
-            return step()
-
-        self.engine.step = slow_step
-
-
 @pytest.fixture(scope="module")
 def slow(server):
     """URL of an app whose replica takes two requests at most (one running, one waiting); no API key."""
-    import ray.cloudpickle
     from ray import serve
 
     from deploy.app import build_app_with_engine
+    from dsray.testing import slow_async_llm
 
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # replicas cannot import this test module
     args = {
         "model": str(server.model_dir),
         "api_key": "",
@@ -204,7 +187,7 @@ def slow(server):
         "engine": {"max_model_len": 256, "max_num_seqs": 1, "kv_cache_memory_gb": 0.05},
         "llm_server": {"num_cpus": 0},
     }
-    serve.run(build_app_with_engine(args, SlowLLM), name="client-slow", route_prefix="/client-slow")
+    serve.run(build_app_with_engine(args, slow_async_llm), name="client-slow", route_prefix="/client-slow")
     try:
         yield f"{server.url}/client-slow"
     finally:

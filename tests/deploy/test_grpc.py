@@ -3,7 +3,6 @@ HTTP, streams add up to the unary answer, refusals are gRPC statuses naming what
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
@@ -15,7 +14,6 @@ from google.protobuf import json_format
 from deploy.grpc_service import SERVICER_FUNCTION, sampling_fields, to_generate_request
 from deploy.proto_gen import dsray_pb2 as pb
 from deploy.proto_gen import dsray_pb2_grpc
-from dsray.async_llm import AsyncLLM
 from dsray.sampling_params import SamplingParams
 
 APP = ("application", "dsray")  # the session runs a second app at times: say which one
@@ -191,38 +189,22 @@ def test_named_model_and_request_id(stub, metadata, server):
 
 # Against a slow engine: requests stay in flight long enough to observe -------------------------
 
-STEP_S = 0.05  # 200 tokens take >= 10 s
-
-
-class SlowLLM(AsyncLLM):
-    def __init__(self, config):
-        # In-process engine: the scripted step below patches it (the server's default is a child process).
-        super().__init__(config.model_copy(update={"engine_process": False}))
-        step = self.engine.step
-
-        def slow_step():
-            time.sleep(STEP_S)
-            return step()
-
-        self.engine.step = slow_step
-
 
 @pytest.fixture(scope="module")
 def slow_app(server):
-    """Name of a second app whose LLMServer runs SlowLLM: one sequence at a time, one more waiting, no API key."""
-    import ray.cloudpickle
+    """Name of a second app whose LLMServer runs slow_async_llm: one sequence running, one waiting, no API key."""
     from ray import serve
 
     from deploy.app import build_app_with_engine
+    from dsray.testing import slow_async_llm
 
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # replicas cannot import this test module
     args = {
         "model": str(server.model_dir),
         "api_key": "",
         "max_waiting_requests": 1,
         "engine": {"max_model_len": 256, "max_num_seqs": 1, "kv_cache_memory_gb": 0.05},
     }
-    serve.run(build_app_with_engine(args, SlowLLM), name="grpc-slow", route_prefix="/grpc-slow")
+    serve.run(build_app_with_engine(args, slow_async_llm), name="grpc-slow", route_prefix="/grpc-slow")
     try:
         yield "grpc-slow"
     finally:
