@@ -6,13 +6,19 @@ For each concurrency C, ``--num-prompts`` requests (token-id prompts of ``--inpu
 first streamed chunk), TPOT ((E2E − TTFT) ÷ (tokens − 1)), ITL (every gap between chunks), E2E
 (mean, p50, p99), output tok/s, request/s, failures.
 
-The peer, in the same run and on the same prompts: the same engine configuration driven
-offline (``dsray.LLM``'s engine, C requests kept in flight, refilled as they finish). The
-ratio serving ÷ offline output tok/s is the serving overhead (Ray Serve hops, HTTP, SSE, and —
-on a small machine — the client's own CPU share).
+The peer, in the same run and on prompts of the same shape: the same engine configuration driven
+offline (``dsray.LLM``'s engine, C requests kept in flight, refilled as they finish), at its best:
+alone on the machine in a fresh process that is not a Ray driver, with no cluster running. It runs
+once before the server starts and once after it has stopped (on fresh prompts, so the second run
+gets no prefix-cache hits), and the ratio serving ÷ offline output tok/s is taken against the mean
+of the two: this VM's speed drifts by 10-20 % over minutes, and a bracket shows how much it did.
+The ratio is the serving overhead (Ray Serve, HTTP, SSE and — on a small machine — the client's
+own CPU share).
 
-Without ``--url`` the benchmark starts a local Ray cluster and the dsray app itself (same
-engine options as the offline peer). Prints one JSON object (and writes it to ``--out``).
+Without ``--url`` the benchmark starts the server itself in a process of its own (``launch.start``,
+what ``dsray serve`` runs: a local Ray cluster and the dsray app with the same engine options as
+the offline peer), so the client is not a Ray driver either. Prints one JSON object (and writes it
+to ``--out``).
 """
 
 from __future__ import annotations
@@ -20,11 +26,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import random
 import resource
+import signal
 import socket
 import statistics
 import time
+import urllib.request
 from typing import Any
 
 import aiohttp
@@ -167,6 +176,78 @@ def run_offline(llm, prompts: list[list[int]], output_len: int, concurrency: int
     return {"duration_s": duration, "output_tok_s": total_tokens / duration, "num_requests": len(prompts)}
 
 
+def _offline_peer_main(model: str, engine: dict, workloads: dict[int, list[list[int]]], output_len: int, queue) -> None:
+    from dsray import LLM
+
+    llm = LLM(model, **engine)
+    first = next(iter(workloads.values()))
+    run_offline(llm, first[:4], output_len, 4)  # warm-up
+    queue.put({c: run_offline(llm, prompts, output_len, c) for c, prompts in workloads.items()})
+
+
+def offline_peer(model: str, engine: dict, workloads: dict[int, list[list[int]]], output_len: int) -> dict:
+    """``run_offline`` for every level, in a fresh spawned process (not a Ray driver; nothing else running)."""
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_offline_peer_main, args=(model, engine, workloads, output_len, queue))
+    proc.start()
+    try:
+        return queue.get()
+    finally:
+        proc.join()
+
+
+# The server, in a process of its own ------------------------------------------------------------
+
+
+def _server_main(server_args: dict) -> None:
+    from deploy import launch
+    from deploy.config import DsrayServeArgs
+
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+    try:
+        # Ray starts workers at nice 15; the client and the offline peer run at 0. Same priority for
+        # every side, or a busy shared machine would measure the niceness instead of the overhead.
+        launch.start(
+            DsrayServeArgs.model_validate(server_args),
+            include_dashboard=False,
+            log_to_driver=False,
+            _system_config={"worker_niceness": 0},
+        )
+        while not stopping:
+            time.sleep(0.2)
+    finally:
+        launch.stop()
+
+
+def start_server(server_args: dict, url: str, timeout_s: float = 300.0):
+    """Spawn ``_server_main`` and wait until ``url`` answers /health; returns the process."""
+    proc = multiprocessing.get_context("spawn").Process(target=_server_main, args=(server_args,))
+    proc.start()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not proc.is_alive():
+            raise RuntimeError(f"the server process exited with {proc.exitcode}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=5) as resp:
+                if resp.status == 200:
+                    return proc
+        except OSError:
+            pass
+        time.sleep(0.5)
+    stop_server(proc)
+    raise TimeoutError(f"the server did not answer {url}/health within {timeout_s:.0f}s")
+
+
+def stop_server(proc) -> None:
+    proc.terminate()  # SIGTERM: launch.stop() in the child
+    proc.join(timeout=120)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", help="a running server (http://host:port); default: start one here")
@@ -186,9 +267,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args(argv)
 
-    from deploy import launch
-    from deploy.config import DsrayServeArgs
-    from dsray import LLM
     from dsray.make_model import ensure_default_model
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -197,45 +275,49 @@ def main(argv: list[str] | None = None) -> int:
     served = args.served_model_name or model.rstrip("/").rsplit("/", 1)[-1]
     engine = {"dtype": args.dtype, "max_num_seqs": args.max_num_seqs, "num_threads": args.num_threads}
     levels = [int(c) for c in args.concurrency.split(",")]
-
-    llm = None if args.no_offline else LLM(model, **engine)
     vocab = json.load(open(f"{model}/config.json"))["vocab_size"]
-    workloads = {c: make_prompts(args.num_prompts or max(32, 2 * c), args.input_len, vocab, seed=c) for c in levels}
-    url = args.url
+    num = {c: args.num_prompts or max(32, 2 * c) for c in levels}
+    workloads = {c: make_prompts(num[c], args.input_len, vocab, seed=c) for c in levels}
+    # The peer's second run: fresh prompts of the same shape (the same ones would hit its prefix cache).
+    workloads_after = {c: make_prompts(num[c], args.input_len, vocab, seed=10_000 + c) for c in levels}
+
+    offline_before = offline_after = None
+    if not args.no_offline:
+        offline_before = offline_peer(model, engine, workloads, args.output_len)
+    url, server = args.url, None
     if url is None:
-        server_args = DsrayServeArgs(
-            model=model,
-            served_model_name=served,
-            api_key=args.api_key or "",
-            engine=engine,
-            stream_interval_ms=args.stream_interval_ms,
-            stream_chunks_per_s=args.stream_chunks_per_s,
-            port=_free_port(),
-        )
-        # Ray starts workers at nice 15; the offline peer runs at 0. Same priority for both sides,
-        # or a busy shared machine would measure the niceness instead of the serving overhead.
-        url = launch.start(
-            server_args, include_dashboard=False, log_to_driver=False, _system_config={"worker_niceness": 0}
-        )
+        port = _free_port()
+        url = f"http://127.0.0.1:{port}"
+        server_args = {
+            "model": model,
+            "served_model_name": served,
+            "api_key": args.api_key or "",
+            "engine": engine,
+            "stream_interval_ms": args.stream_interval_ms,
+            "stream_chunks_per_s": args.stream_chunks_per_s,
+            "port": port,
+        }
+        server = start_server(server_args, url)
     try:
         asyncio.run(run_serving(url, served, workloads[levels[0]][:4], args.output_len, 4, args.api_key))  # warm-up
-        if llm is not None:
-            run_offline(llm, workloads[levels[0]][:4], args.output_len, 4)  # warm-up
-        results = []
-        for c in levels:
-            # Back to back, so both sides see the same machine (the idle server takes ~no CPU).
-            row: dict[str, Any] = {"concurrency": c}
-            if llm is not None:
-                row["offline"] = run_offline(llm, workloads[c], args.output_len, c)
-            row["serving"] = serving = asyncio.run(
-                run_serving(url, served, workloads[c], args.output_len, c, args.api_key)
-            )
-            if llm is not None:
-                row["ratio_serving_over_offline"] = serving["output_tok_s"] / row["offline"]["output_tok_s"]
-            results.append(row)
+        serving = {
+            c: asyncio.run(run_serving(url, served, workloads[c], args.output_len, c, args.api_key)) for c in levels
+        }
     finally:
-        if args.url is None:
-            launch.stop()
+        if server is not None:
+            stop_server(server)
+    if not args.no_offline:
+        offline_after = offline_peer(model, engine, workloads_after, args.output_len)
+
+    results = []
+    for c in levels:
+        row: dict[str, Any] = {"concurrency": c, "serving": serving[c]}
+        if offline_before is not None:
+            before, after = offline_before[c], offline_after[c]
+            mean = (before["output_tok_s"] + after["output_tok_s"]) / 2
+            row["offline"] = {"before": before, "after": after, "output_tok_s": mean}
+            row["ratio_serving_over_offline"] = serving[c]["output_tok_s"] / mean
+        results.append(row)
     report = {
         "benchmark": "serve",
         "model": model,
