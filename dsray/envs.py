@@ -34,3 +34,11 @@ def ray_address() -> str | None:
 def cpu_kernels_enabled() -> bool:
     """Whether dsray's AVX512-BF16 decode kernels may run (``DSRAY_CPU_KERNELS``, default on; ``0`` turns off)."""
     return os.environ.get("DSRAY_CPU_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def serve_fast_ingress() -> bool:
+    """Whether the Ray cluster ``dsray serve`` starts uses Serve's HAProxy ingress (``DSRAY_SERVE_FAST_INGRESS``).
+
+    Default on; ``0`` keeps Serve's Python proxy (see ``deploy.launch.fast_ingress_env``).
+    """
+    return os.environ.get("DSRAY_SERVE_FAST_INGRESS", "1").strip().lower() not in ("0", "false", "no", "off")

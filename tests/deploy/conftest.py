@@ -62,13 +62,16 @@ def server(tiny_model) -> Server:
     import ray
     from ray import serve
 
+    from deploy import launch
     from deploy.app import build_app
     from deploy.grpc_service import SERVICER_FUNCTION
 
     port, grpc_port = free_port(), free_port()
     # address="local": a cluster of our own, never one another process started on this machine.
     # 4 logical CPUs so a second (fault-injection) app fits beside the main one.
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    # The Serve settings `dsray serve` starts its cluster with (HAProxy ingress), so the tests meet what users run.
+    with launch.cluster_env(launch.fast_ingress_env()):
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(
             http_options={"host": "127.0.0.1", "port": port},

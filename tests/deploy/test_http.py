@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import requests
 
@@ -117,3 +119,31 @@ def test_metrics_text(http, server):
     ]:
         assert f"{name}{{" in text, name
     assert 'model_name="tiny"' in text and 'finished_reason="length"' in text
+
+
+def _listener_process(port: int) -> str | None:
+    """The command name of the process listening on TCP ``port`` (from /proc)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in list(f)[1:]:
+                fields = line.split()
+                if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":  # 0A: LISTEN
+                    inodes.add(f"socket:[{fields[9]}]")
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if any(os.readlink(f"/proc/{pid}/fd/{fd}") in inodes for fd in os.listdir(f"/proc/{pid}/fd")):
+                return open(f"/proc/{pid}/comm").read().strip()
+        except OSError:
+            continue
+    return None
+
+
+def test_http_reaches_the_ingress_through_haproxy(http, server):
+    """The fixture starts its cluster as `dsray serve` does: HAProxy, not Serve's Python proxy, holds the port."""
+    from deploy import launch
+
+    if not launch.fast_ingress_env() and "RAY_SERVE_ENABLE_HA_PROXY" not in os.environ:
+        pytest.skip("fast ingress is off (DSRAY_SERVE_FAST_INGRESS=0) or this Ray has no HAProxy mode")
+    assert _listener_process(int(server.url.rsplit(":", 1)[1])) == "haproxy"
+    assert http.get(f"{server.url}/v1/models", timeout=30).status_code == 200
