@@ -271,16 +271,23 @@ class OpenAIIngress:
         stream: DeploymentResponseGenerator,
         observer: RequestObserver,
     ) -> AsyncIterator[str]:
-        """SSE events: one per chunk, an error event if the request fails midway, usage, ``[DONE]``."""
+        """SSE events: one per chunk, an error event if the request fails midway, usage, ``[DONE]``.
+
+        The last chunk's event, the usage event and ``[DONE]`` go out as one write: each write is a
+        trip through the ASGI stack and the HTTP front door, and the client reads events, not writes.
+        """
         try:
             async for chunk in self._chunks(first, stream, observer):
                 if isinstance(chunk, ErrorInfo):
                     error = {"message": chunk.message, "type": chunk.type, "param": chunk.param}
-                    yield _sse({"error": {**error, "code": chunk.code or chunk.status}})
-                    break
-                yield _sse(response.delta(chunk))
-                if chunk.finish_reason is not None and response.include_usage:
-                    yield _sse(response.usage_event(chunk))
+                    yield _sse({"error": {**error, "code": chunk.code or chunk.status}}) + "data: [DONE]\n\n"
+                    return
+                if chunk.finish_reason is None:
+                    yield _sse(response.delta(chunk))
+                    continue
+                usage = _sse(response.usage_event(chunk)) if response.include_usage else ""
+                yield _sse(response.delta(chunk)) + usage + "data: [DONE]\n\n"
+                return
             yield "data: [DONE]\n\n"
         finally:
             if not observer.done:

@@ -14,7 +14,7 @@ import logging
 import sys
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 from deploy.messages import ErrorInfo, GenerateRequest, StreamChunk
@@ -114,11 +114,15 @@ class LLMServer:
         self.num_admitted += 1
         finished = False
         try:
-            stream = self.llm.generate(prompt, params, request.request_id)
-            num_tokens, num_chars = 0, 0
-            async with contextlib.aclosing(_batched(stream, self._stream_interval)) as batches:
-                async for outputs in batches:
-                    chunk = self._chunk(outputs[-1], num_tokens, num_chars, params.logprobs is not None)
+            stream = self.llm.stream(prompt, params, request.request_id)
+            async with contextlib.aclosing(stream):
+                num_tokens, num_chars = 0, 0
+                while not finished:
+                    if num_tokens:  # the first token never waits; later ones gather for an interval
+                        interval_s = self._stream_interval()
+                        if interval_s > 0:
+                            await stream.wait_finished(interval_s)  # the last token must not wait
+                    chunk = self._chunk(await stream.next(), num_tokens, num_chars, params.logprobs is not None)
                     num_tokens, num_chars = chunk.num_generated_tokens, num_chars + len(chunk.new_text)
                     finished = chunk.finish_reason is not None
                     yield chunk
@@ -268,59 +272,3 @@ def _plain_message(message: dict[str, Any]) -> dict[str, Any]:
     elif not isinstance(content, str):
         raise ValueError(f"message content must be a string or a list of text parts, got {type(content).__name__}")
     return {**message, "content": content}
-
-
-async def _batched(
-    stream: AsyncGenerator[RequestOutput, None], interval: Callable[[], float]
-) -> AsyncIterator[list[RequestOutput]]:
-    """Group a request's outputs: the first alone (time to first token), later ones as they pile up.
-
-    A pump task reads the engine stream into a list; this generator hands over whatever is in
-    it each time it wakes, after ``interval()`` more seconds unless the request ends first.
-    Closing it cancels the pump, which aborts the request in the engine.
-    """
-    task: asyncio.Task | None = None
-    try:
-        first = await stream.__anext__()
-        yield [first]
-        if first.finished:
-            return
-        pending: list[RequestOutput] = []
-        wake, ended = asyncio.Event(), asyncio.Event()
-        task = asyncio.create_task(_pump(stream, pending, wake, ended))
-        while True:
-            await wake.wait()
-            interval_s = interval()
-            if interval_s > 0 and not ended.is_set():
-                with contextlib.suppress(asyncio.TimeoutError):  # the last token must not wait
-                    await asyncio.wait_for(ended.wait(), interval_s)
-            wake.clear()
-            if pending:
-                batch = pending[:]
-                pending.clear()
-                yield batch
-                if batch[-1].finished:
-                    return
-                continue  # the pump may have added (and ended) while we yielded: look again first
-            if task.done():
-                task.result()  # re-raise what ended the stream (engine death, validation)
-                return
-    finally:
-        if task is None:
-            await stream.aclose()  # aborts the request unless it finished
-        elif not task.done():
-            task.cancel()  # raises CancelledError inside the engine stream, which aborts the request
-
-
-async def _pump(
-    stream: AsyncIterator[RequestOutput], pending: list[RequestOutput], wake: asyncio.Event, ended: asyncio.Event
-) -> None:
-    try:
-        async for out in stream:
-            pending.append(out)
-            wake.set()
-            if out.finished:
-                ended.set()
-    finally:
-        ended.set()
-        wake.set()

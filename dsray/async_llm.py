@@ -4,10 +4,12 @@ With ``engine_process`` set (and the local executor), the loop runs in a process
 (``dsray/engine_core.py``) and this object keeps validation and the streams; otherwise on a
 thread here.
 
-The server's handlers call ``generate`` (an async iterator of incremental outputs) and
-``abort``. Validation happens in the caller before anything is queued, so a bad request raises
-at once and never reaches the loop. If the consumer stops iterating (a client disconnect
-cancels the task), the request is aborted and its KV blocks freed at the next step boundary.
+The server's handlers call ``generate`` (an async iterator of every step's output), ``stream``
+(an ``OutputStream`` that hands over only the newest output whenever its reader asks: a server
+chunking a stream by time does no work per step and per request) and ``abort``. Validation
+happens in the caller before anything is queued, so a bad request raises at once and never
+reaches the loop. If the consumer stops iterating (a client disconnect cancels the task), the
+request is aborted and its KV blocks freed at the next step boundary.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from typing import Any
 
@@ -33,10 +35,88 @@ class EngineDeadError(RuntimeError):
     """The engine loop stopped on an error; no request can be served."""
 
 
+class OutputStream:
+    """One request's outputs as its reader wants them: the newest cumulative output, on demand.
+
+    The engine side only stores each step's output (``offer``, on the reader's event loop) and
+    wakes the reader only when it waits for something new, so a reader that sleeps between reads
+    costs nothing per step. ``RequestOutput``'s ``token_ids``, ``text`` and ``logprobs`` are
+    cumulative, so nothing is lost by skipping steps; ``new_token_ids``/``new_text`` cover only the
+    last step. Iterate (``async for``) or call ``next``; ``wait_finished`` sleeps until the request
+    ends or a timeout passes; ``aclose`` aborts an unfinished request.
+    """
+
+    def __init__(self, owner: AsyncLLM, request_id: str):
+        self._owner = owner
+        self.request_id = request_id
+        self._latest: RequestOutput | None = None
+        self._error: BaseException | None = None
+        self._fresh = False
+        self._waiter: asyncio.Future | None = None
+        self._wake_on_any = True
+        self.finished = False
+        self._closed = False
+
+    def offer(self, item: RequestOutput | BaseException) -> None:
+        if isinstance(item, BaseException):
+            self._error = item
+        else:
+            self._latest, self._fresh = item, True
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            if self._wake_on_any or self._error is not None or item.finished:
+                waiter.set_result(None)
+
+    async def _wait(self, wake_on_any: bool, timeout: float | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        self._wake_on_any = wake_on_any
+        timer = loop.call_later(timeout, _resolve, waiter) if timeout is not None else None
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+            if timer is not None:
+                timer.cancel()
+
+    async def next(self) -> RequestOutput:
+        """The newest output not yet returned (waits for one); raises what failed the request."""
+        while not self._fresh and self._error is None:
+            await self._wait(wake_on_any=True)
+        if self._fresh:  # a finished output delivered before a later failure still counts
+            self._fresh = False
+            if self._latest.finished:
+                self.finished = True
+            return self._latest
+        raise self._error
+
+    async def wait_finished(self, timeout: float) -> None:
+        """Sleep up to ``timeout`` seconds, returning early when the request finishes or fails."""
+        if self._error is None and not (self._latest is not None and self._latest.finished):
+            await self._wait(wake_on_any=False, timeout=timeout)
+
+    def __aiter__(self) -> OutputStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        return await self.next()
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._owner._streams.pop(self.request_id, None)
+        if not self.finished:
+            self._owner._send("abort", self.request_id)
+
+
 class AsyncLLM:
     def __init__(self, config: EngineConfig, engine: LLMEngine | None = None):
         self._commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        # request id -> (the reader's loop, what takes each output there: a queue's put or an OutputStream's offer)
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, Callable[[Any], None]]] = {}
         self._wake = threading.Event()
         self._stopped = False
         self.error: BaseException | None = None
@@ -60,10 +140,8 @@ class AsyncLLM:
         if not self.is_healthy:
             raise EngineDeadError(f"engine loop is not running: {self.error!r}")
 
-    async def generate(
-        self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
-    ) -> AsyncIterator[RequestOutput]:
-        """Stream incremental outputs (``new_text``/``new_token_ids`` per step) until finished."""
+    def _submit(self, prompt: str | list[int], params: SamplingParams | None, request_id: str | None, sink) -> str:
+        """Validate and queue a request whose outputs go to ``sink`` on the caller's loop; returns its id."""
         self.check_health()
         params = params or SamplingParams()
         ids = self.engine.tokenize(prompt)
@@ -71,16 +149,23 @@ class AsyncLLM:
         request_id = request_id or self.engine.new_request_id()
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
-        stream: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = (asyncio.get_running_loop(), stream)
+        self._streams[request_id] = (asyncio.get_running_loop(), sink)
         if self.core is not None:
             self.core.add(prompt, ids, params, request_id)
         else:
             self._send("add", (prompt, ids, params, request_id))
+        return request_id
+
+    async def generate(
+        self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream incremental outputs (``new_text``/``new_token_ids`` per step) until finished."""
+        queue_: asyncio.Queue = asyncio.Queue()
+        request_id = self._submit(prompt, params, request_id, queue_.put_nowait)
         finished = False
         try:
             while True:
-                item = await stream.get()
+                item = await queue_.get()
                 if isinstance(item, BaseException):
                     raise item
                 yield item
@@ -91,6 +176,19 @@ class AsyncLLM:
             self._streams.pop(request_id, None)
             if not finished:
                 self._send("abort", request_id)
+
+    def stream(
+        self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
+    ) -> OutputStream:
+        """Start a request and return its ``OutputStream`` (validation errors raise here, nothing queued).
+
+        Call from a coroutine (the stream belongs to the running loop); close it (``aclose``, or
+        ``contextlib.aclosing``) when done: an unfinished request is then aborted.
+        """
+        request_id = request_id or self.engine.new_request_id()
+        out = OutputStream(self, request_id)
+        self._submit(prompt, params, request_id, out.offer)
+        return out
 
     def abort(self, request_id: str) -> None:
         self._send("abort", request_id)
@@ -129,7 +227,7 @@ class AsyncLLM:
         system call and the loop a wake-up; at hundreds of running requests per step, batching
         them is most of the delivery cost saved.
         """
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Callable[[Any], None], Any]]] = {}
         for request_id, item in items:
             target = self._streams.get(request_id)
             if target is not None:
@@ -168,9 +266,14 @@ class AsyncLLM:
             self._deliver_many([(request_id, dead) for request_id in list(self._streams)])
 
 
-def _put_all(batch: list[tuple[asyncio.Queue, Any]]) -> None:
-    for stream, item in batch:
-        stream.put_nowait(item)
+def _resolve(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _put_all(batch: list[tuple[Callable[[Any], None], Any]]) -> None:
+    for sink, item in batch:
+        sink(item)
 
 
 def _snapshot(out: RequestOutput) -> RequestOutput:

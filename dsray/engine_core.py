@@ -19,7 +19,7 @@ import multiprocessing
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from dsray.config import ModelArgs
 from dsray.engine.llm_engine import LLMEngine, RequestChecks
@@ -30,9 +30,9 @@ from dsray.tokenizer import Tokenizer
 START_TIMEOUT_S = 600.0  # loading a large checkpoint in the child
 
 
-@dataclass
-class Delta:
-    """One request's progress in one step, as the child sends it."""
+class Delta(NamedTuple):
+    """One request's progress in one step. It crosses the pipe as a plain tuple (``tuple(delta)``):
+    a step carries hundreds, and pickling a tuple costs a tenth of a dataclass or NamedTuple."""
 
     request_id: str
     new_token_ids: list[int]
@@ -50,10 +50,11 @@ class _Tracked:
     logprobs: bool = field(default=False)
 
 
-def _delta(out: RequestOutput) -> Delta:
+def _delta(out: RequestOutput) -> tuple:
+    """``out``'s step as a ``Delta``-shaped plain tuple (what the pipe carries)."""
     n = len(out.new_token_ids)
     logprobs = out.logprobs[len(out.logprobs) - n :] if out.logprobs is not None and n else None
-    return Delta(
+    return (
         out.request_id,
         list(out.new_token_ids),
         out.new_text,
@@ -202,7 +203,7 @@ class EngineCore(RequestChecks):
                 items: list[tuple[str, Any]] = [(rid, ValueError(msg)) for rid, msg in refused]
                 for rid, _ in refused:
                     self._tracked.pop(rid, None)
-                items += [(d.request_id, out) for d in deltas if (out := self._apply(d)) is not None]
+                items += [(d[0], out) for d in deltas if (out := self._apply(Delta._make(d))) is not None]
                 if items:
                     self._on_outputs(items)
         except (EOFError, OSError) as exc:

@@ -180,24 +180,3 @@ def test_stats_and_models(server):
     assert all(len(layer) == server.llm.engine.args.n_routed_experts for layer in load)
     (model,) = server.models()
     assert model["id"] == "tiny" and model["max_model_len"] == 128
-
-
-def test_batching_never_drops_the_last_output_of_a_slow_consumer():
-    from deploy.server import _batched
-    from dsray.outputs import RequestOutput
-
-    async def engine_stream():
-        for n in range(1, 4):
-            await asyncio.sleep(0)
-            yield RequestOutput("r", None, [1], token_ids=list(range(n)), finish_reason="length" if n == 3 else None)
-
-    async def slow_consumer():
-        batches = []
-        async for batch in _batched(engine_stream(), lambda: 0.0):
-            batches.append(batch)
-            await asyncio.sleep(0.01)  # the pump adds the final output and ends meanwhile
-        return batches
-
-    batches = asyncio.run(slow_consumer())
-    assert batches[-1][-1].finish_reason == "length"
-    assert [len(o.token_ids) for b in batches for o in b] == [1, 2, 3]
