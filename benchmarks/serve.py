@@ -30,10 +30,10 @@ import multiprocessing
 import random
 import resource
 import signal
-import socket
 import statistics
 import time
 import urllib.request
+from queue import Empty
 from typing import Any
 
 import aiohttp
@@ -146,12 +146,6 @@ async def run_serving(
     }
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 # Offline peer ---------------------------------------------------------------------------------
 
 
@@ -192,7 +186,12 @@ def offline_peer(model: str, engine: dict, workloads: dict[int, list[list[int]]]
     proc = ctx.Process(target=_offline_peer_main, args=(model, engine, workloads, output_len, queue))
     proc.start()
     try:
-        return queue.get()
+        while True:
+            try:
+                return queue.get(timeout=5)
+            except Empty:
+                if not proc.is_alive():
+                    raise RuntimeError(f"the offline peer's process exited with {proc.exitcode}") from None
     finally:
         proc.join()
 
@@ -267,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args(argv)
 
+    from deploy import launch
     from dsray.make_model import ensure_default_model
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         offline_before = offline_peer(model, engine, workloads, args.output_len)
     url, server = args.url, None
     if url is None:
-        port = _free_port()
+        port = launch.free_port()
         url = f"http://127.0.0.1:{port}"
         server_args = {
             "model": model,

@@ -34,7 +34,8 @@ def grpc_options(args: DsrayServeArgs) -> dict[str, Any] | None:
     return {"port": args.grpc_port, "grpc_servicer_functions": [SERVICER_FUNCTION]}
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -68,8 +69,8 @@ def fast_ingress_env() -> dict[str, str]:
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
         # HAProxy's stats page and Prometheus exporter have fixed default ports; free ones let two
         # clusters (a test run beside `dsray serve`) share a machine.
-        "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
-        "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
     }
     return {key: value for key, value in env.items() if key not in os.environ}
 

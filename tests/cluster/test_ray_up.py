@@ -38,6 +38,7 @@ import pytest
 import yaml
 from ray.autoscaler._private.util import validate_config
 
+from deploy.launch import free_port
 from dsray.make_model import make_model
 
 pytestmark = pytest.mark.slow
@@ -92,12 +93,6 @@ def _why_not() -> str | None:
                     return f"port 22 of {ip} is taken (an sshd on 0.0.0.0?); the head reaches workers on port 22"
                 raise
     return None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _die_with_parent() -> None:
@@ -304,7 +299,7 @@ def _serve_config(model: Path, http_port: int) -> dict:
     config = yaml.safe_load((REPO / "deploy" / "serve.yaml").read_text())
     config["http_options"]["port"] = http_port
     if "grpc_options" in config:
-        config["grpc_options"]["port"] = _free_port()  # not the fixed one: another server may hold it
+        config["grpc_options"]["port"] = free_port()  # not the fixed one: another server may hold it
     config["proxy_location"] = "HeadOnly"  # every machine is this host: one proxy per port
     args = config["applications"][0]["args"]
     args.update(model=str(model), attention_workers=1, expert_workers=1)
@@ -357,7 +352,7 @@ class Launcher:
 @pytest.mark.timeout(900)
 def test_ray_up_local_cluster_serves_chat(machines):
     m = machines
-    ports = {"gcs": _free_port(), "dashboard": _free_port(), "client": _free_port(), "http": _free_port()}
+    ports = {"gcs": free_port(), "dashboard": free_port(), "client": free_port(), "http": free_port()}
     token = m.base / "auth_token"
     token.write_text(os.urandom(32).hex())
     token.chmod(0o600)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -19,17 +18,12 @@ import ray
 import yaml
 from ray import serve
 
+from deploy.launch import free_port
 from dsray.make_model import make_model
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # Loopback-only test cluster without Ray's token auth: Ray reads RAY_AUTH_MODE once per process at
@@ -46,7 +40,7 @@ def _ray(*args: str) -> str:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """Three raylets as separate processes; the workers offer the role resources of cluster.yaml."""
-    port = _free_port()
+    port = free_port()
     address = f"127.0.0.1:{port}"
     start = time.perf_counter()
     _ray("start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats")
@@ -79,7 +73,7 @@ def _serve_yaml(tmp: Path, model: Path, http_port: int, llm_server: dict) -> Pat
     """deploy/serve.yaml with this test's model, port and Ray-executor worker roles."""
     config = yaml.safe_load((REPO / "deploy" / "serve.yaml").read_text())
     config["http_options"]["port"] = http_port
-    config["grpc_options"]["port"] = _free_port()  # not serve.yaml's fixed 9000: another server may hold it
+    config["grpc_options"]["port"] = free_port()  # not serve.yaml's fixed 9000: another server may hold it
     config["proxy_location"] = "HeadOnly"  # every "node" here is this one machine: one proxy per port
     app_args = config["applications"][0]["args"]
     app_args["model"] = str(model)
@@ -135,7 +129,7 @@ def _stop(proc: subprocess.Popen) -> None:
 
 def test_workers_land_on_their_node_types_and_chat_works(cluster):
     model = make_model("tiny", cluster["tmp"] / "tiny", dtype="float32")
-    port = _free_port()
+    port = free_port()
     proc = _serve_run(_serve_yaml(cluster["tmp"], model, port, {}), cluster["address"])
     try:
         ready = _wait_healthy(f"http://127.0.0.1:{port}", proc)
@@ -156,7 +150,7 @@ def test_llm_server_autoscales_up_and_down_under_load(cluster):
     model = cluster["tmp"] / "tiny"
     if not model.exists():
         make_model("tiny", model, dtype="float32")
-    port = _free_port()
+    port = free_port()
     scaling = dict(min_replicas=1, max_replicas=2, target_ongoing_requests=2, upscale_delay_s=2, downscale_delay_s=5)
     proc = _serve_run(_serve_yaml(cluster["tmp"], model, port, scaling), cluster["address"])
     try:

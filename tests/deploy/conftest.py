@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
+from deploy.launch import free_port
+
 API_KEY = "test-key"
 MAX_MODEL_LEN = 256
 MAX_NUM_SEQS = 4
 MAX_WAITING = 4
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass

@@ -69,3 +69,33 @@ def test_serve_yaml_is_a_valid_serve_config_with_valid_args():
     assert application.import_path == "deploy.app:build_app"
     DsrayServeArgs.model_validate(application.args)
     build_app(application.args)  # builds the application graph (nothing is started)
+
+
+def test_fast_ingress_env_defaults_opt_out_and_user_overrides(monkeypatch):
+    from deploy import launch
+
+    for key in ("DSRAY_SERVE_FAST_INGRESS", "RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_HAPROXY_STATS_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    env = launch.fast_ingress_env()
+    if not env:
+        pytest.skip("this Ray or platform has no HAProxy ingress mode")
+    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+    assert env["RAY_SERVE_HAPROXY_STATS_PORT"] != env["RAY_SERVE_HAPROXY_METRICS_PORT"]
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_STATS_PORT", "18404")  # the user's own value is kept, not replaced
+    assert "RAY_SERVE_HAPROXY_STATS_PORT" not in launch.fast_ingress_env()
+    monkeypatch.setenv("DSRAY_SERVE_FAST_INGRESS", "0")
+    assert launch.fast_ingress_env() == {}
+
+
+def test_cluster_env_is_set_inside_and_restored_after(monkeypatch):
+    import os
+
+    from deploy import launch
+
+    monkeypatch.setenv("DSRAY_TEST_KEPT", "before")
+    monkeypatch.delenv("DSRAY_TEST_NEW", raising=False)
+    with pytest.raises(RuntimeError):
+        with launch.cluster_env({"DSRAY_TEST_KEPT": "inside", "DSRAY_TEST_NEW": "inside"}):
+            assert os.environ["DSRAY_TEST_KEPT"] == os.environ["DSRAY_TEST_NEW"] == "inside"
+            raise RuntimeError("ray.init failed")
+    assert os.environ["DSRAY_TEST_KEPT"] == "before" and "DSRAY_TEST_NEW" not in os.environ
