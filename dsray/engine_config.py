@@ -7,6 +7,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from dsray import envs
 from dsray.engine.scheduler import SchedulerConfig
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -56,7 +57,11 @@ class EngineConfig(BaseModel):
     step_timeout_s: float = Field(
         60.0, gt=0, description="A step (and each collective) failing to finish in this time fails the engine."
     )
-    num_threads: int | None = Field(None, ge=1, description="Torch CPU threads; default torch's choice.")
+    num_threads: int | None = Field(
+        default_factory=envs.num_threads,
+        ge=1,
+        description="Torch CPU threads; default DSRAY_NUM_THREADS, else torch's choice.",
+    )
     engine_process: bool = Field(
         False,
         description="AsyncLLM runs the engine loop in a child process of its own (local executor only), so the "

@@ -208,3 +208,13 @@ def test_async_stream_and_abort_free_blocks(tiny):
         assert llm.is_healthy
     finally:
         llm.shutdown()
+
+
+def test_num_threads_defaults_to_dsray_num_threads(monkeypatch):
+    from dsray.engine_config import EngineConfig
+
+    monkeypatch.setenv("DSRAY_NUM_THREADS", "3")
+    assert EngineConfig(model="m").num_threads == 3
+    assert EngineConfig(model="m", num_threads=1).num_threads == 1
+    monkeypatch.delenv("DSRAY_NUM_THREADS")
+    assert EngineConfig(model="m").num_threads is None
