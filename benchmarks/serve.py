@@ -6,12 +6,13 @@ For each concurrency C, ``--num-prompts`` requests (token-id prompts of ``--inpu
 first streamed chunk), TPOT ((E2E − TTFT) ÷ (tokens − 1)), ITL (every gap between chunks), E2E
 (mean, p50, p99), output tok/s, request/s, failures.
 
-The peer, in the same run and on prompts of the same shape: the same engine configuration driven
+The peer, in the same run and on the same prompts: the same engine configuration driven
 offline (``dsray.LLM``'s engine, C requests kept in flight, refilled as they finish), at its best:
 alone on the machine in a fresh process that is not a Ray driver, with no cluster running. It runs
-once before the server starts and once after it has stopped (on fresh prompts, so the second run
-gets no prefix-cache hits), and the ratio serving ÷ offline output tok/s is taken against the mean
-of the two: this VM's speed drifts by 10-20 % over minutes, and a bracket shows how much it did.
+once before the server starts and once after it has stopped (each time in a new process, so the
+second run starts with an empty prefix cache too), and the ratio serving ÷ offline output tok/s
+is taken against the mean of the two: this VM's speed drifts by 10-20 % over minutes, and a
+bracket shows how much it did.
 The ratio is the serving overhead (Ray Serve, HTTP, SSE and — on a small machine — the client's
 own CPU share).
 
@@ -276,10 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     engine = {"dtype": args.dtype, "max_num_seqs": args.max_num_seqs, "num_threads": args.num_threads}
     levels = [int(c) for c in args.concurrency.split(",")]
     vocab = json.load(open(f"{model}/config.json"))["vocab_size"]
-    num = {c: args.num_prompts or max(32, 2 * c) for c in levels}
-    workloads = {c: make_prompts(num[c], args.input_len, vocab, seed=c) for c in levels}
-    # The peer's second run: fresh prompts of the same shape (the same ones would hit its prefix cache).
-    workloads_after = {c: make_prompts(num[c], args.input_len, vocab, seed=10_000 + c) for c in levels}
+    workloads = {c: make_prompts(args.num_prompts or max(32, 2 * c), args.input_len, vocab, seed=c) for c in levels}
 
     offline_before = offline_after = None
     if not args.no_offline:
@@ -307,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         if server is not None:
             stop_server(server)
     if not args.no_offline:
-        offline_after = offline_peer(model, engine, workloads_after, args.output_len)
+        offline_after = offline_peer(model, engine, workloads, args.output_len)  # a fresh process: empty prefix cache
 
     results = []
     for c in levels:
