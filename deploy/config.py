@@ -65,6 +65,11 @@ class IngressDeploymentArgs(_Strict):
         DEFAULT_INGRESS_MAX_ONGOING, ge=1, description="Concurrent HTTP requests one ingress replica handles."
     )
     num_cpus: float = Field(0.0, ge=0, description="Ray CPUs reserved per ingress replica (logical).")
+    batch_requests: bool = Field(
+        True,
+        description="Send the requests that arrive in one turn of the event loop to the LLMServer as one call "
+        "(deploy/mux.py); used only while the LLMServer deployment has exactly one replica.",
+    )
 
 
 class DsrayServeArgs(_Strict):
@@ -147,6 +152,15 @@ class DsrayServeArgs(_Strict):
             limit = self.engine_config("<checkpoint>").max_num_seqs + self.max_waiting_requests
             self.llm_server.max_ongoing_requests = limit + _CONTROL_CALLS_HEADROOM
         return self
+
+    @property
+    def batches_requests(self) -> bool:
+        """Whether the ingress multiplexes requests over batch calls: asked for, and one LLMServer replica.
+
+        An abort goes to the deployment, not to a chosen replica, so it reaches the request's
+        replica only when there is one; with more, each request keeps a handle call of its own.
+        """
+        return self.ingress.batch_requests and self.llm_server.min_replicas == self.llm_server.max_replicas == 1
 
     def engine_config(self, model: str) -> EngineConfig:
         """The EngineConfig of one model instance, for the checkpoint at ``model``."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import hmac
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -136,12 +136,12 @@ class DsrayServicer:
     """The ``dsray.v1.Dsray`` rpcs, as methods of the ingress deployment (Serve calls them by name).
 
     The class it is mixed into sets, in its constructor: ``server`` (the LLMServer handle),
-    ``stream_server`` (the same with ``stream=True``), ``model_name``, ``api_key`` (None: open)
-    and ``metrics``, where gRPC requests are counted beside HTTP ones.
+    ``open_stream`` (a request's chunk stream from the LLMServer), ``model_name``, ``api_key``
+    (None: open) and ``metrics``, where gRPC requests are counted beside HTTP ones.
     """
 
     server: DeploymentHandle
-    stream_server: DeploymentHandle
+    open_stream: Callable[[GenerateRequest], Any]
     model_name: str
     api_key: str | None
     metrics: ServingMetrics
@@ -213,7 +213,7 @@ class DsrayServicer:
             yield ErrorInfo(str(exc), param="messages")
             return
         observer = self.metrics.observer()
-        stream = self.stream_server.generate.remote(generate_request)
+        stream = self.open_stream(generate_request)
         try:
             async for chunk in stream:
                 if isinstance(chunk, StreamChunk):

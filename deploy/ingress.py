@@ -31,9 +31,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from deploy.config import DsrayServeArgs
 from deploy.messages import ErrorInfo, GenerateRequest, StreamChunk
 from deploy.metrics import RequestObserver, ServingMetrics
+from deploy.mux import MuxStream, RequestMux
 from deploy.openai_protocol import ChatCompletionRequest, CompletionRequest, ResponseBuilder
 
 logger = logging.getLogger(__name__)
+
+ChunkStream = DeploymentResponseGenerator | MuxStream  # what open_stream returns
 
 REQUEST_ID_HEADER = "x-request-id"
 RETRY_AFTER_S = 1  # a full queue drains within a few decode steps of the running batch
@@ -127,7 +130,12 @@ class OpenAIIngress:
         self.model_name = self.args.served_model_name
         self.api_key = self.args.api_key or None
         self.server = llm_server
-        self.stream_server = llm_server.options(stream=True)
+        # open_stream(request) -> the request's chunks (async iterator with cancel()), over a batch call
+        # shared with other requests (deploy/mux.py) or a handle call of its own.
+        stream_server = llm_server.options(stream=True)
+        self.open_stream = (
+            RequestMux(llm_server).generate if self.args.batches_requests else stream_server.generate.remote
+        )
         self.metrics = ServingMetrics(self.model_name)
         self._models: list[dict[str, Any]] | None = None
 
@@ -195,7 +203,7 @@ class OpenAIIngress:
             return error_response(info)
 
         observer = self.metrics.observer()
-        stream: DeploymentResponseGenerator = self.stream_server.generate.remote(generate_request)
+        stream = self.open_stream(generate_request)
         try:
             first = await stream.__anext__()
         except asyncio.CancelledError:
@@ -228,7 +236,7 @@ class OpenAIIngress:
         return GenerateRequest(request_id=request_id, sampling=body.sampling(), **fields)
 
     async def _chunks(
-        self, first: StreamChunk, stream: DeploymentResponseGenerator, observer: RequestObserver
+        self, first: StreamChunk, stream: ChunkStream, observer: RequestObserver
     ) -> AsyncIterator[StreamChunk | ErrorInfo]:
         """The LLMServer's chunks, timed; a failed handle turns into a final ErrorInfo."""
         chunk: StreamChunk | ErrorInfo = first
@@ -253,7 +261,7 @@ class OpenAIIngress:
         self,
         response: ResponseBuilder,
         first: StreamChunk,
-        stream: DeploymentResponseGenerator,
+        stream: ChunkStream,
         observer: RequestObserver,
     ) -> StreamChunk | ErrorInfo:
         async for chunk in self._chunks(first, stream, observer):
@@ -268,7 +276,7 @@ class OpenAIIngress:
         self,
         response: ResponseBuilder,
         first: StreamChunk,
-        stream: DeploymentResponseGenerator,
+        stream: ChunkStream,
         observer: RequestObserver,
     ) -> AsyncIterator[str]:
         """SSE events: one per chunk, an error event if the request fails midway, usage, ``[DONE]``.

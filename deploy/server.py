@@ -93,6 +93,7 @@ class LLMServer:
         self.stream_chunks_per_s = stream_chunks_per_s
         self.created = int(time.time())
         self.num_admitted = 0  # requests between admission and their last chunk
+        self.batched: dict[str, asyncio.Task] = {}  # request id -> its task in a generate_batch call
         self.counters = {"num_finished": 0, "num_refused": 0, "num_failed": 0, "num_cancelled": 0}
 
     # Requests ---------------------------------------------------------------------------------
@@ -142,6 +143,51 @@ class LLMServer:
             self.num_admitted -= 1
             if finished:
                 self.counters["num_finished"] += 1
+
+    async def generate_batch(self, requests: list[GenerateRequest]) -> AsyncIterator[list[tuple[int, Any]]]:
+        """Several requests over one stream (``deploy/mux.py``): lists of ``(index, chunk or ErrorInfo)``.
+
+        Each request runs ``generate`` in a task of its own, so admission, validation, chunking and
+        errors are those of a single request; a list goes out whenever chunks have piled up, and
+        the stream ends when every request has. ``abort`` cancels one request; cancelling the
+        stream (the ingress went away) cancels them all.
+        """
+        ready: list[tuple[int, Any]] = []
+        wake = asyncio.Event()
+
+        async def run(index: int, request: GenerateRequest) -> None:
+            async for chunk in self.generate(request):
+                ready.append((index, chunk))
+                wake.set()
+
+        tasks = []
+        for index, request in enumerate(requests):
+            task = asyncio.create_task(run(index, request))
+            task.add_done_callback(lambda _: wake.set())
+            self.batched[request.request_id] = task
+            task.add_done_callback(lambda _, rid=request.request_id: self.batched.pop(rid, None))
+            tasks.append(task)
+        try:
+            while True:
+                if ready:
+                    items = ready[:]
+                    ready.clear()
+                    yield items
+                    continue
+                if all(task.done() for task in tasks):
+                    return
+                wake.clear()  # nothing awaited since the checks above: no wake-up is lost
+                await wake.wait()
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def abort(self, request_ids: list[str]) -> None:
+        """Cancel these requests of ``generate_batch`` calls (ids this replica does not hold are ignored)."""
+        for request_id in request_ids:
+            task = self.batched.get(request_id)
+            if task is not None:
+                task.cancel()
 
     def _stream_interval(self) -> float:
         """Seconds a stream gathers tokens before its next chunk (the first token never waits).

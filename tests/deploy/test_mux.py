@@ -1,0 +1,142 @@
+"""RequestMux + LLMServer.generate_batch without Ray: one call per loop turn, same chunks as one call per
+request, a cancel aborts only its request, a failed call fails every request it carried."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from deploy.messages import GenerateRequest
+from deploy.mux import RequestMux
+from deploy.server import LLMServer
+
+
+class _Remote:
+    def __init__(self, fn):
+        self.remote = fn
+
+
+class _Handle:
+    """The part of a DeploymentHandle RequestMux uses, calling an LLMServer in this process."""
+
+    def __init__(self, server: LLMServer, fail_after: int | None = None):
+        self.server, self.fail_after = server, fail_after
+        self.batches: list[list[str]] = []
+        self.aborts: list[list[str]] = []
+        self.generate_batch = _Remote(self._batch)
+        self.abort = _Remote(self._abort)
+
+    def options(self, **_):
+        return self
+
+    def _batch(self, requests):
+        self.batches.append([r.request_id for r in requests])
+        stream = self.server.generate_batch(requests)
+        return stream if self.fail_after is None else self._failing(stream)
+
+    async def _failing(self, stream):
+        async for n, items in _enumerate(stream):
+            if n == self.fail_after:
+                await stream.aclose()
+                raise RuntimeError("the replica died")
+            yield items
+
+    def _abort(self, request_ids):
+        self.aborts.append(list(request_ids))
+        return self.server.abort(request_ids)
+
+
+async def _all(stream) -> list:
+    return [chunk async for chunk in stream]
+
+
+async def _enumerate(stream):
+    n = 0
+    async for item in stream:
+        yield n, item
+        n += 1
+
+
+def _request(request_id: str, max_tokens: int, prompt: str | None = None) -> GenerateRequest:
+    sampling = {"temperature": 0, "max_tokens": max_tokens, "ignore_eos": True}
+    return GenerateRequest(request_id, prompt=prompt or f"Request {request_id} says", sampling=sampling)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model):
+    engine = {"model": str(tiny_model), "max_model_len": 128, "kv_cache_memory_gb": 0.02, "dtype": "float32"}
+    server = LLMServer(engine, served_model_name="tiny", stream_interval_ms=0, stream_chunks_per_s=0)
+    yield server
+    server.llm.shutdown()
+
+
+def _idle(server: LLMServer) -> bool:
+    stats = server.llm.engine.stats()
+    return stats["num_running"] == stats["num_waiting"] == 0 and not server.batched
+
+
+def test_one_call_per_loop_turn_and_the_chunks_of_one_call_per_request(server):
+    requests = [_request(f"r{i}", 6 + 5 * i) for i in range(6)]
+
+    async def scenario():
+        handle = _Handle(server)
+        mux = RequestMux(handle)
+        streams = [mux.generate(r) for r in requests]  # one turn of the loop
+        muxed = await asyncio.gather(*(_all(s) for s in streams))
+        alone = []
+        for r in requests:  # the same prompts, one plain generate each
+            alone.append(
+                await _all(server.generate(_request(r.request_id + "-alone", r.sampling["max_tokens"], r.prompt)))
+            )
+        return handle, muxed, alone
+
+    handle, muxed, alone = asyncio.run(scenario())
+    assert handle.batches == [[r.request_id for r in requests]]
+    for request, got, expected in zip(requests, muxed, alone):
+        assert [t for c in got for t in c.new_token_ids] == [t for c in expected for t in c.new_token_ids]
+        assert "".join(c.new_text for c in got) == "".join(c.new_text for c in expected)
+        assert got[-1].finish_reason == "length" and got[-1].num_generated_tokens == request.sampling["max_tokens"]
+    assert _idle(server)
+
+
+def test_cancel_aborts_only_its_request(server):
+    async def scenario():
+        handle = _Handle(server)
+        mux = RequestMux(handle)
+        streams = {rid: mux.generate(_request(rid, 60)) for rid in "abc"}
+        await streams["b"].__anext__()
+        streams["b"].cancel()
+        rest = {rid: await _all(streams[rid]) for rid in "ac"}
+        for _ in range(100):  # the abort is a call of its own; the engine drops the request at its next step
+            if _idle(server):
+                break
+            await asyncio.sleep(0.02)
+        return handle, rest
+
+    handle, rest = asyncio.run(scenario())
+    assert handle.aborts == [["b"]]
+    assert all(chunks[-1].num_generated_tokens == 60 for chunks in rest.values())
+    assert server.counters["num_cancelled"] >= 1
+    assert _idle(server)
+
+
+def test_a_failed_call_fails_every_request_it_carried(server):
+    async def scenario():
+        mux = RequestMux(_Handle(server, fail_after=2))
+        streams = [mux.generate(_request(f"f{i}", 40)) for i in range(3)]
+        outcomes = []
+        for stream in streams:
+            try:
+                outcomes.append(await _all(stream))
+            except RuntimeError as exc:
+                outcomes.append(exc)
+        for _ in range(100):
+            if _idle(server):
+                break
+            await asyncio.sleep(0.02)
+        return outcomes
+
+    outcomes = asyncio.run(scenario())
+    assert all(isinstance(o, RuntimeError) and "replica died" in str(o) for o in outcomes)
+    assert _idle(server)  # closing the batch stream cancelled every request in the engine
