@@ -99,3 +99,10 @@ def test_cluster_env_is_set_inside_and_restored_after(monkeypatch):
             assert os.environ["DSRAY_TEST_KEPT"] == os.environ["DSRAY_TEST_NEW"] == "inside"
             raise RuntimeError("ray.init failed")
     assert os.environ["DSRAY_TEST_KEPT"] == "before" and "DSRAY_TEST_NEW" not in os.environ
+
+
+def test_requests_are_multiplexed_only_with_one_llm_server_replica():
+    assert DsrayServeArgs().batches_requests
+    assert not DsrayServeArgs(ingress={"batch_requests": False}).batches_requests
+    assert not DsrayServeArgs(llm_server={"min_replicas": 2, "max_replicas": 2}).batches_requests
+    assert not DsrayServeArgs(llm_server={"min_replicas": 1, "max_replicas": 3}).batches_requests  # autoscaling
