@@ -164,8 +164,8 @@ class LLMServer:
         for index, request in enumerate(requests):
             task = asyncio.create_task(run(index, request))
             task.add_done_callback(lambda _: wake.set())
-            self.batched[request.request_id] = task
-            task.add_done_callback(lambda _, rid=request.request_id: self.batched.pop(rid, None))
+            if self.batched.setdefault(request.request_id, task) is task:  # a duplicate id is refused (409) anyway
+                task.add_done_callback(lambda done, rid=request.request_id: self._unregister(rid, done))
             tasks.append(task)
         try:
             while True:
@@ -181,6 +181,10 @@ class LLMServer:
         finally:
             for task in tasks:
                 task.cancel()
+
+    def _unregister(self, request_id: str, task: asyncio.Task) -> None:
+        if self.batched.get(request_id) is task:
+            del self.batched[request_id]
 
     async def abort(self, request_ids: list[str]) -> None:
         """Cancel these requests of ``generate_batch`` calls (ids this replica does not hold are ignored)."""

@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from deploy.messages import GenerateRequest
+from deploy.messages import ErrorInfo, GenerateRequest
 from deploy.mux import RequestMux
 from deploy.server import LLMServer
 
@@ -140,3 +140,24 @@ def test_a_failed_call_fails_every_request_it_carried(server):
     outcomes = asyncio.run(scenario())
     assert all(isinstance(o, RuntimeError) and "replica died" in str(o) for o in outcomes)
     assert _idle(server)  # closing the batch stream cancelled every request in the engine
+
+
+def test_a_duplicate_id_is_refused_and_the_first_request_stays_abortable(server):
+    cancelled_before = server.counters["num_cancelled"]
+
+    async def scenario():
+        mux = RequestMux(_Handle(server))
+        first = mux.generate(_request("dup", 100))
+        await first.__anext__()
+        refused = await _all(mux.generate(_request("dup", 5)))  # a later batch call, the same id
+        first.cancel()
+        for _ in range(100):
+            if _idle(server):
+                break
+            await asyncio.sleep(0.02)
+        return refused
+
+    refused = asyncio.run(scenario())
+    assert len(refused) == 1 and isinstance(refused[0], ErrorInfo) and refused[0].status == 409
+    assert server.counters["num_cancelled"] == cancelled_before + 1  # the cancel still found the first request
+    assert _idle(server)
