@@ -76,6 +76,14 @@ def _idle(server: LLMServer) -> bool:
     return stats["num_running"] == stats["num_waiting"] == 0 and not server.batched
 
 
+async def _settle(server: LLMServer) -> None:
+    """Give the engine up to 2 s to drop what was aborted or cancelled."""
+    for _ in range(100):
+        if _idle(server):
+            return
+        await asyncio.sleep(0.02)
+
+
 def test_one_call_per_loop_turn_and_the_chunks_of_one_call_per_request(server):
     requests = [_request(f"r{i}", 6 + 5 * i) for i in range(6)]
 
@@ -108,10 +116,7 @@ def test_cancel_aborts_only_its_request(server):
         await streams["b"].__anext__()
         streams["b"].cancel()
         rest = {rid: await _all(streams[rid]) for rid in "ac"}
-        for _ in range(100):  # the abort is a call of its own; the engine drops the request at its next step
-            if _idle(server):
-                break
-            await asyncio.sleep(0.02)
+        await _settle(server)  # the abort is a call of its own; the engine drops the request at its next step
         return handle, rest
 
     handle, rest = asyncio.run(scenario())
@@ -131,10 +136,7 @@ def test_a_failed_call_fails_every_request_it_carried(server):
                 outcomes.append(await _all(stream))
             except RuntimeError as exc:
                 outcomes.append(exc)
-        for _ in range(100):
-            if _idle(server):
-                break
-            await asyncio.sleep(0.02)
+        await _settle(server)
         return outcomes
 
     outcomes = asyncio.run(scenario())
@@ -151,10 +153,7 @@ def test_a_duplicate_id_is_refused_and_the_first_request_stays_abortable(server)
         await first.__anext__()
         refused = await _all(mux.generate(_request("dup", 5)))  # a later batch call, the same id
         first.cancel()
-        for _ in range(100):
-            if _idle(server):
-                break
-            await asyncio.sleep(0.02)
+        await _settle(server)
         return refused
 
     refused = asyncio.run(scenario())
