@@ -42,7 +42,8 @@ class OutputStream:
     wakes the reader only when it waits for something new, so a reader that sleeps between reads
     costs nothing per step. ``RequestOutput``'s ``token_ids``, ``text`` and ``logprobs`` are
     cumulative, so nothing is lost by skipping steps; ``new_token_ids``/``new_text`` cover only the
-    last step. Iterate (``async for``) or call ``next``; ``wait_finished`` sleeps until the request
+    last step. The first output is the exception: it is returned as it came (time to first
+    token). Iterate (``async for``) or call ``next``; ``wait_finished`` sleeps until the request
     ends or a timeout passes; ``aclose`` aborts an unfinished request.
     """
 
@@ -50,6 +51,8 @@ class OutputStream:
         self._owner = owner
         self.request_id = request_id
         self._latest: RequestOutput | None = None
+        self._first: RequestOutput | None = None  # the first output, until it is returned
+        self._returned_any = False
         self._error: BaseException | None = None
         self._fresh = False
         self._waiter: asyncio.Future | None = None
@@ -61,6 +64,8 @@ class OutputStream:
         if isinstance(item, BaseException):
             self._error = item
         else:
+            if self._first is None and not self._returned_any:
+                self._first = item  # kept apart: the first token goes out alone however late the reader is
             self._latest, self._fresh = item, True
         waiter = self._waiter
         if waiter is not None and not waiter.done():
@@ -83,6 +88,12 @@ class OutputStream:
         """The newest output not yet returned (waits for one); raises what failed the request."""
         while not self._fresh and self._error is None:
             await self._wait(wake_on_any=True)
+        if self._first is not None:
+            out, self._first, self._returned_any = self._first, None, True
+            if out is self._latest:
+                self._fresh = False
+            self.finished = out.finished
+            return out
         if self._fresh:  # a finished output delivered before a later failure still counts
             self._fresh = False
             if self._latest.finished:

@@ -34,7 +34,7 @@ def _out(n: int, finished: bool = False) -> RequestOutput:
     return RequestOutput("r", None, [1], token_ids=list(range(n)), finish_reason="length" if finished else None)
 
 
-def test_a_slow_reader_gets_the_newest_output_and_never_loses_the_last():
+def test_a_slow_reader_gets_the_first_output_then_the_newest_and_never_loses_the_last():
     async def run():
         owner = _Owner()
         stream = OutputStream(owner, "r")
@@ -49,7 +49,7 @@ def test_a_slow_reader_gets_the_newest_output_and_never_loses_the_last():
         return seen, owner.sent
 
     seen, sent = asyncio.run(run())
-    assert seen == [3, 5]
+    assert seen == [1, 5]  # the first output as it came, then only the newest
     assert sent == []  # finished: nothing to abort
 
 
