@@ -114,7 +114,6 @@ def stop() -> None:
     from ray import serve
 
     if not ray.is_initialized():
-        ray.shutdown()  # start interrupted inside ray.init may have started the node's processes already
         return
     if envs.ray_address() is not None:
         serve.delete(APP_NAME)
@@ -135,18 +134,9 @@ def _banner(url: str, args: DsrayServeArgs) -> str:
     )
 
 
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(signum)
-
-
 def serve_forever(args: DsrayServeArgs) -> int:
     """Deploy ``args`` and block until SIGINT or SIGTERM; returns the exit status."""
     stopping = threading.Event()
-    # SIGINT or SIGTERM while the cluster comes up (minutes for a large checkpoint) interrupt it and
-    # clean up like Ctrl-C. Without this SIGTERM would kill us outright and leave Ray running, and a
-    # process started in the background by a shell inherits SIGINT ignored.
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, _interrupt)
     try:
         began = time.perf_counter()
         url = start(args, log_to_driver=False)
@@ -157,11 +147,8 @@ def serve_forever(args: DsrayServeArgs) -> int:
             pass
         print("dsray: shutting down", file=sys.stderr, flush=True)
         return 0
-    except (KeyboardInterrupt, SystemExit) as exc:  # a signal during start-up (Ray's driver exits on SIGTERM)
-        signum = exc.args[0] if isinstance(exc, KeyboardInterrupt) else exc.code
-        print("dsray: interrupted while starting; shutting down", file=sys.stderr, flush=True)
-        return 128 + (signum if isinstance(signum, int) else signal.SIGINT)
+    except KeyboardInterrupt:  # Ctrl-C before the handlers were installed
+        return 130
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):  # a second signal must not cut the cleanup short
-            signal.signal(sig, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the cleanup short
         stop()
