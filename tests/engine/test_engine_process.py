@@ -57,7 +57,12 @@ def test_child_process_streams_the_same_outputs_as_the_thread(tiny):
             last_t.text,
             last_t.finish_reason,
         )
-        assert last_p.logprobs == last_t.logprobs
+        # Which requests share a step depends on when each reaches the engine, and a matmul's
+        # rounding on the batch's shape, so logprobs agree to float32 precision, not bit for bit.
+        assert (last_p.logprobs is None) == (last_t.logprobs is None)
+        assert [set(d) for d in last_p.logprobs or []] == [set(d) for d in last_t.logprobs or []]
+        for got, want in zip(last_p.logprobs or [], last_t.logprobs or []):
+            assert got == pytest.approx(want, rel=1e-5, abs=1e-5)
         assert last_p.prompt_token_ids == last_t.prompt_token_ids
 
 
