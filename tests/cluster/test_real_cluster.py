@@ -138,7 +138,11 @@ def test_workers_land_on_their_node_types_and_chat_works(cluster):
         assert nodes["ExpertWorker"] == [_node_with("dsray_expert")]
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
         reply = client.chat.completions.create(
-            model="tiny", messages=[{"role": "user", "content": "Hello"}], max_tokens=8, temperature=0
+            model="tiny",
+            messages=[{"role": "user", "content": "Hello"}],
+            max_tokens=8,
+            temperature=0,
+            extra_body={"ignore_eos": True},
         )
         assert reply.usage.completion_tokens == 8 and reply.choices[0].finish_reason == "length"
         print(f"[cluster] bring-up {cluster['bring_up_s']:.1f}s, app healthy after {ready:.1f}s")

@@ -169,7 +169,7 @@ def test_bad_requests_are_refused_and_change_nothing(tiny, prompt, params, match
     with pytest.raises(ValueError, match=match):
         llm.generate(prompt, params)
     assert not llm.engine.has_unfinished()
-    assert llm.generate([5, 6], SamplingParams(max_tokens=2))[0].finish_reason == "length"
+    assert llm.generate([5, 6], SamplingParams(max_tokens=2, ignore_eos=True))[0].finish_reason == "length"
 
 
 def test_kv_bytes_per_token_measured_from_the_pools(tiny):
