@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import json
 import multiprocessing
+import os
 import random
 import resource
 import signal
@@ -204,8 +205,6 @@ def _server_main(server_args: dict) -> None:
     from deploy import launch
     from deploy.config import DsrayServeArgs
 
-    stopping = []
-    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
     try:
         # Ray starts workers at nice 15; the client and the offline peer run at 0. Same priority for
         # every side, or a busy shared machine would measure the niceness instead of the overhead.
@@ -215,9 +214,12 @@ def _server_main(server_args: dict) -> None:
             log_to_driver=False,
             _system_config={"worker_niceness": 0},
         )
-        while not stopping:
-            time.sleep(0.2)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:  # stop_server's SIGINT, or Ctrl-C at the terminal
+        pass
     finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second one must not cut launch.stop() short
         launch.stop()
 
 
@@ -241,7 +243,9 @@ def start_server(server_args: dict, url: str, timeout_s: float = 300.0):
 
 
 def stop_server(proc) -> None:
-    proc.terminate()  # SIGTERM: launch.stop() in the child
+    # SIGINT, as Ctrl-C stops `dsray serve`: after ray.init a SIGTERM meets Ray's fatal-signal handler,
+    # which ends the process before launch.stop() and leaves Ray's agent processes behind.
+    os.kill(proc.pid, signal.SIGINT)
     proc.join(timeout=120)
     if proc.is_alive():
         proc.kill()
