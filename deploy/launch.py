@@ -90,22 +90,33 @@ def cluster_env(env: dict[str, str]) -> Iterator[None]:
                 os.environ[key] = value
 
 
-def start(args: DsrayServeArgs, **ray_init: Any) -> str:
-    """Deploy ``args`` on a Ray cluster of its own (or ``RAY_ADDRESS``'s); returns the base URL."""
+def init_cluster(**ray_init: Any) -> None:
+    """``ray.init`` a local cluster of our own, or join ``RAY_ADDRESS``'s."""
     import ray
-    from ray import serve
-
-    from deploy.app import build_app
 
     address = envs.ray_address()
     # A joined cluster keeps the Serve settings it was started with (see deploy/README.md).
     with cluster_env({} if address else fast_ingress_env()):
         # "local": never attach to some other cluster on this machine unless RAY_ADDRESS says so.
         ray.init(address=address or "local", **ray_init)
+
+
+def deploy(args: DsrayServeArgs) -> str:
+    """Start Serve on the connected cluster and run the app (blocks until it is ready); returns the base URL."""
+    from ray import serve
+
+    from deploy.app import build_app
+
     serve.start(http_options={"host": args.host, "port": args.port}, grpc_options=grpc_options(args))
     serve.run(build_app(args), name=APP_NAME, route_prefix="/")
     host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     return f"http://{host}:{args.port}"
+
+
+def start(args: DsrayServeArgs, **ray_init: Any) -> str:
+    """Deploy ``args`` on a Ray cluster of its own (or ``RAY_ADDRESS``'s); returns the base URL."""
+    init_cluster(**ray_init)
+    return deploy(args)
 
 
 def stop() -> None:
@@ -134,12 +145,24 @@ def _banner(url: str, args: DsrayServeArgs) -> str:
     )
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(signum)
+
+
 def serve_forever(args: DsrayServeArgs) -> int:
     """Deploy ``args`` and block until SIGINT or SIGTERM; returns the exit status."""
     stopping = threading.Event()
     try:
         began = time.perf_counter()
-        url = start(args, log_to_driver=False)
+        init_cluster(log_to_driver=False)
+        # Deploying can take minutes (a large checkpoint loads). A supervisor's SIGTERM then stops us
+        # like Ctrl-C; left to Ray's fatal-signal handler it would end the process without stop(), and
+        # Ray's processes would outlive it. Not before ray.init has returned: interrupting its connect
+        # can abort the process.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, _interrupt)
+        print(f"dsray: Ray is up; deploying {args.served_model_name!r}", file=sys.stderr, flush=True)
+        url = deploy(args)
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stopping.set())
         print(f"{_banner(url, args)}\n  (ready in {time.perf_counter() - began:.1f}s)", flush=True)
@@ -147,8 +170,11 @@ def serve_forever(args: DsrayServeArgs) -> int:
             pass
         print("dsray: shutting down", file=sys.stderr, flush=True)
         return 0
-    except KeyboardInterrupt:  # Ctrl-C before the handlers were installed
-        return 130
+    except KeyboardInterrupt as interrupt:  # while starting: Ctrl-C, or SIGTERM once Ray was up
+        print("dsray: interrupted while starting; shutting down", file=sys.stderr, flush=True)
+        signum = interrupt.args[0] if interrupt.args else signal.SIGINT
+        return 128 + signum
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the cleanup short
+        for sig in (signal.SIGINT, signal.SIGTERM):  # a second signal must not cut the cleanup short
+            signal.signal(sig, signal.SIG_IGN)
         stop()

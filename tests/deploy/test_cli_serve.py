@@ -66,3 +66,65 @@ def test_dsray_serve_starts_serves_and_stops_on_sigint(tiny_model, tmp_path):
             proc.wait()
     reader.join(timeout=10)
     assert any("shutting down" in line for line in lines)
+
+
+def _parents() -> dict[int, int]:
+    """pid → parent pid of every live process (from /proc), zombies left out."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = open(f"/proc/{entry}/stat").read()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2 :].split()
+            if fields[0] != "Z":
+                parents[int(entry)] = int(fields[1])
+    return parents
+
+
+def _descendants(pid: int) -> set[int]:
+    parents = _parents()
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {p for p, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def test_sigterm_while_deploying_stops_and_leaves_no_ray_process(tiny_model):
+    """A supervisor's SIGTERM while the app deploys (Ray is up, the model loading) cleans up like Ctrl-C."""
+    from deploy.launch import free_port
+
+    cmd = [sys.executable, "-m", "dsray.cli", "serve", str(tiny_model), "--port", str(free_port())]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines: list[str] = []
+    deploying = threading.Event()
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.append(line)
+            if "dsray: Ray is up; deploying" in line:
+                deploying.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        assert deploying.wait(timeout=120), "".join(lines[-40:])
+        ray_processes = _descendants(proc.pid)
+        assert ray_processes, "ray.init started no node processes under dsray serve"
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    deadline = time.monotonic() + 30
+    while (left := ray_processes & set(_parents())) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, f"Ray processes left after SIGTERM: {left}"
+    if any("dsray: serving" in line for line in lines):  # the app won the race to the signal: a normal stop
+        assert code == 0, "".join(lines[-40:])
+    else:
+        assert code == 128 + signal.SIGTERM, "".join(lines[-40:])
+        assert any("interrupted while starting" in line for line in lines)
