@@ -14,9 +14,8 @@ import os
 import signal
 import socket
 import sys
-import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from deploy.config import DsrayServeArgs
@@ -101,14 +100,30 @@ def init_cluster(**ray_init: Any) -> None:
         ray.init(address=address or "local", **ray_init)
 
 
-def deploy(args: DsrayServeArgs) -> str:
-    """Start Serve on the connected cluster and run the app (blocks until it is ready); returns the base URL."""
+class DeployError(RuntimeError):
+    """Serve gave up on the app (a replica's constructor kept failing); the message says why."""
+
+
+def deploy(args: DsrayServeArgs, should_stop: Callable[[], bool] = lambda: False) -> str | None:
+    """Start Serve on the connected cluster and run the app; returns the base URL once it is ready.
+
+    Deploying can take minutes (a large checkpoint loads). ``should_stop`` is polled meanwhile; when it
+    turns true the wait ends and ``None`` is returned (``stop()`` removes what was made).
+    """
     from ray import serve
+    from ray.serve.schema import ApplicationStatus
 
     from deploy.app import build_app
 
     serve.start(http_options={"host": args.host, "port": args.port}, grpc_options=grpc_options(args))
-    serve.run(build_app(args), name=APP_NAME, route_prefix="/")
+    serve._run(build_app(args), name=APP_NAME, route_prefix="/", _blocking=False)  # serve.run, minus the wait
+    while (app := serve.status().applications[APP_NAME]).status != ApplicationStatus.RUNNING:
+        if app.status == ApplicationStatus.DEPLOY_FAILED:
+            why = [f"{name}: {d.message}" for name, d in app.deployments.items() if d.message] or [app.message]
+            raise DeployError(f"deploying {args.served_model_name!r} failed: " + "\n".join(why))
+        if should_stop():
+            return None
+        time.sleep(0.2)
     host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     return f"http://{host}:{args.port}"
 
@@ -145,35 +160,35 @@ def _banner(url: str, args: DsrayServeArgs) -> str:
     )
 
 
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(signum)
-
-
 def serve_forever(args: DsrayServeArgs) -> int:
     """Deploy ``args`` and block until SIGINT or SIGTERM; returns the exit status."""
-    stopping = threading.Event()
+    signals: list[int] = []
     try:
         began = time.perf_counter()
         init_cluster(log_to_driver=False)
-        # Deploying can take minutes (a large checkpoint loads). A supervisor's SIGTERM then stops us
-        # like Ctrl-C; left to Ray's fatal-signal handler it would end the process without stop(), and
-        # Ray's processes would outlive it. Not before ray.init has returned: interrupting its connect
-        # can abort the process.
+        # From here a signal only records itself; we stop at the next poll. Raising from the handler
+        # instead would interrupt Ray's own calls (inside ray.init's connect it once aborted the
+        # process). Left to Ray's fatal-signal handler, a SIGTERM would end the process without
+        # stop(), and Ray's processes would outlive it.
         for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, _interrupt)
+            signal.signal(sig, lambda signum, frame: signals.append(signum))
         print(f"dsray: Ray is up; deploying {args.served_model_name!r}", file=sys.stderr, flush=True)
-        url = deploy(args)
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stopping.set())
+        try:
+            url = deploy(args, should_stop=lambda: bool(signals))
+        except DeployError as exc:  # the replica's own traceback says it all; ours would only add noise
+            print(f"dsray serve: error: {exc}", file=sys.stderr, flush=True)
+            return 1
+        if url is None:
+            print("dsray: interrupted while starting; shutting down", file=sys.stderr, flush=True)
+            return 128 + signals[0]
         print(f"{_banner(url, args)}\n  (ready in {time.perf_counter() - began:.1f}s)", flush=True)
-        while not stopping.wait(timeout=1.0):
-            pass
+        while not signals:
+            time.sleep(0.2)
         print("dsray: shutting down", file=sys.stderr, flush=True)
         return 0
-    except KeyboardInterrupt as interrupt:  # while starting: Ctrl-C, or SIGTERM once Ray was up
+    except KeyboardInterrupt:  # Ctrl-C before the handlers were installed
         print("dsray: interrupted while starting; shutting down", file=sys.stderr, flush=True)
-        signum = interrupt.args[0] if interrupt.args else signal.SIGINT
-        return 128 + signum
+        return 128 + signal.SIGINT
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):  # a second signal must not cut the cleanup short
             signal.signal(sig, signal.SIG_IGN)

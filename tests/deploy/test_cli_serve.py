@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import time
 import grpc
 import openai
 
+from deploy.launch import free_port
 from deploy.proto_gen import dsray_pb2 as pb
 from deploy.proto_gen.dsray_pb2_grpc import DsrayStub
 
@@ -94,8 +96,6 @@ def _descendants(pid: int) -> set[int]:
 
 def test_sigterm_while_deploying_stops_and_leaves_no_ray_process(tiny_model):
     """A supervisor's SIGTERM while the app deploys (Ray is up, the model loading) cleans up like Ctrl-C."""
-    from deploy.launch import free_port
-
     cmd = [sys.executable, "-m", "dsray.cli", "serve", str(tiny_model), "--port", str(free_port())]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
@@ -128,3 +128,33 @@ def test_sigterm_while_deploying_stops_and_leaves_no_ray_process(tiny_model):
     else:
         assert code == 128 + signal.SIGTERM, "".join(lines[-40:])
         assert any("interrupted while starting" in line for line in lines)
+
+
+def _raylets() -> set[int]:
+    found = set()
+    for pid in _parents():
+        try:
+            if "raylet" in open(f"/proc/{pid}/cmdline").read().split("\0")[0]:
+                found.add(pid)
+        except OSError:
+            pass
+    return found
+
+
+def test_a_checkpoint_that_cannot_load_is_a_clear_error_and_leaves_no_ray_process(tiny_model, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model, broken)
+    shard = next(broken.glob("*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:1000])  # a truncated download
+    before = _raylets()
+    cmd = [sys.executable, "-m", "dsray.cli", "serve", str(broken), "--port", str(free_port())]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 1, done.stderr[-3000:]
+    error = done.stderr[done.stderr.index("dsray serve: error: deploying 'broken' failed") :]
+    assert "LLMServer" in error and "It is missing or corrupt" in error and str(shard) in error
+    assert "dsray: serving" not in done.stdout
+    deadline = time.monotonic() + 30
+    while (left := _raylets() - before) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, f"a raylet outlived dsray serve: {left}"
