@@ -20,6 +20,12 @@ from deploy.proto_gen import dsray_pb2 as pb
 from deploy.proto_gen.dsray_pb2_grpc import DsrayStub
 
 
+def _dsray_serve(model, *options: str, **env: str) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment of a `dsray serve` that starts its own local cluster."""
+    cmd = [sys.executable, "-m", "dsray.cli", "serve", str(model), *options]
+    return cmd, {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **env}
+
+
 def test_dsray_serve_starts_serves_and_stops_on_sigint(tiny_model, tmp_path):
     import socket
 
@@ -27,10 +33,8 @@ def test_dsray_serve_starts_serves_and_stops_on_sigint(tiny_model, tmp_path):
         http_sock.bind(("127.0.0.1", 0))
         grpc_sock.bind(("127.0.0.1", 0))
         port, grpc_port = http_sock.getsockname()[1], grpc_sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "dsray.cli", "serve", str(tiny_model), "--port", str(port), "--max-model-len", "128"]
-    cmd += ["--grpc-port", str(grpc_port)]
-    env = {**os.environ, "DSRAY_API_KEY": "cli-key"}
-    env.pop("RAY_ADDRESS", None)
+    options = ("--port", str(port), "--max-model-len", "128", "--grpc-port", str(grpc_port))
+    cmd, env = _dsray_serve(tiny_model, *options, DSRAY_API_KEY="cli-key")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     lines: list[str] = []
     ready = threading.Event()
@@ -96,8 +100,7 @@ def _descendants(pid: int) -> set[int]:
 
 def test_sigterm_while_deploying_stops_and_leaves_no_ray_process(tiny_model):
     """A supervisor's SIGTERM while the app deploys (Ray is up, the model loading) cleans up like Ctrl-C."""
-    cmd = [sys.executable, "-m", "dsray.cli", "serve", str(tiny_model), "--port", str(free_port())]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    cmd, env = _dsray_serve(tiny_model, "--port", str(free_port()))
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     lines: list[str] = []
     deploying = threading.Event()
@@ -147,8 +150,7 @@ def test_a_checkpoint_that_cannot_load_is_a_clear_error_and_leaves_no_ray_proces
     shard = next(broken.glob("*.safetensors"))
     shard.write_bytes(shard.read_bytes()[:1000])  # a truncated download
     before = _raylets()
-    cmd = [sys.executable, "-m", "dsray.cli", "serve", str(broken), "--port", str(free_port())]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    cmd, env = _dsray_serve(broken, "--port", str(free_port()))
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 1, done.stderr[-3000:]
     error = done.stderr[done.stderr.index("dsray serve: error: deploying 'broken' failed") :]
