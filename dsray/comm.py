@@ -1,21 +1,50 @@
-"""All-to-all backends for MoE dispatch/combine: in-process (the reference) and torch.distributed.
+"""Transports for the MoE exchange: torch.distributed (gloo on CPU, NCCL on CUDA) and in-process.
 
-The exchange is two collectives, as in ARCHITECTURE.md: first counts (a small all-to-all of
-int64), then rows with uneven splits (``all_to_all_single``). Every rank of the group calls
-every exchange of a step, also with zero rows: a rank that skips one hangs the group.
+A transport moves one all-to-all at a time between the ranks of a step group: counts (a small
+``[world, M]`` int64 tensor, blocking) and rows with uneven splits (returned as a ``Pending``,
+so a caller can post rows and compute something else while they travel). Every rank of the
+group calls every exchange of a step, in the same order, also with zero rows: a rank that skips
+one hangs the group (or, here, fails it after ``timeout_s``).
+
+* ``TorchDistTransport`` — ``all_to_all_single`` over a process group, ``async_op`` for rows.
+* ``SelfTransport`` — a group of one (the local executor: the rank is its own expert rank).
+* ``LoopbackGroup`` — ``world`` ranks as threads of one process, so the whole expert-parallel
+  data path (plan → dispatch → expert compute → combine) runs and is tested in one process.
 """
 
 from __future__ import annotations
 
 import datetime
 import socket
+import threading
+import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 
 
-class AllToAll(ABC):
+class Pending:
+    """Rows in flight: ``wait()`` returns what this rank receives."""
+
+    def __init__(self, wait: Callable[[], torch.Tensor]):
+        self._wait = wait
+        self._value: torch.Tensor | None = None
+
+    def wait(self) -> torch.Tensor:
+        if self._value is None:
+            self._value = self._wait()
+        return self._value
+
+
+def done(value: torch.Tensor) -> Pending:
+    pending = Pending(lambda: value)
+    pending._value = value
+    return pending
+
+
+class Transport(ABC):
     """One rank's view of an all-to-all group of ``world_size`` ranks."""
 
     rank: int
@@ -26,24 +55,24 @@ class AllToAll(ABC):
         """``send_counts [world, M]`` int64 (row r goes to rank r) → ``[world, M]`` received from each rank."""
 
     @abstractmethod
-    def exchange_rows(self, rows: torch.Tensor, send_splits: list[int], recv_splits: list[int]) -> torch.Tensor:
-        """Send ``rows[sum(send_splits[:r]) : …]`` to rank r; receive ``sum(recv_splits)`` rows."""
+    def exchange_rows(self, rows: torch.Tensor, send_splits: list[int], recv_splits: list[int]) -> Pending:
+        """Send ``rows[sum(send_splits[:r]) : …]`` to rank r; receive ``sum(recv_splits)`` rows (posted now)."""
 
 
-class LocalAllToAll(AllToAll):
-    """A group of one: what is sent comes straight back (single-process reference)."""
+class SelfTransport(Transport):
+    """A group of one: what is sent comes straight back, without a copy."""
 
     rank, world_size = 0, 1
 
     def exchange_counts(self, send_counts: torch.Tensor) -> torch.Tensor:
-        return send_counts.clone()
+        return send_counts
 
-    def exchange_rows(self, rows: torch.Tensor, send_splits: list[int], recv_splits: list[int]) -> torch.Tensor:
-        return rows
+    def exchange_rows(self, rows: torch.Tensor, send_splits: list[int], recv_splits: list[int]) -> Pending:
+        return done(rows)
 
 
-class TorchDistAllToAll(AllToAll):
-    """gloo (CPU) or NCCL (GPU) process group; rows travel with ``all_to_all_single``."""
+class TorchDistTransport(Transport):
+    """gloo (CPU) or NCCL (GPU) process group; rows travel with asynchronous ``all_to_all_single``."""
 
     def __init__(self, group: dist.ProcessGroup | None = None):
         self.group = group
@@ -55,10 +84,73 @@ class TorchDistAllToAll(AllToAll):
         dist.all_to_all_single(out, send_counts.contiguous(), group=self.group)
         return out
 
-    def exchange_rows(self, rows: torch.Tensor, send_splits: list[int], recv_splits: list[int]) -> torch.Tensor:
+    def exchange_rows(self, rows: torch.Tensor, send_splits: list[int], recv_splits: list[int]) -> Pending:
         out = rows.new_empty((sum(recv_splits),) + tuple(rows.shape[1:]))
-        dist.all_to_all_single(out, rows.contiguous(), recv_splits, send_splits, group=self.group)
-        return out
+        work = dist.all_to_all_single(out, rows.contiguous(), recv_splits, send_splits, group=self.group, async_op=True)
+
+        def wait() -> torch.Tensor:
+            work.wait()
+            return out
+
+        return Pending(wait)
+
+
+class LoopbackGroup:
+    """``world_size`` ranks in one process (one thread each) exchanging through shared mailboxes.
+
+    Each collective has a sequence number per rank; a rank posts its chunks under it at once and
+    collects its share when every rank has posted. Waiting longer than ``timeout_s`` raises, as a
+    gloo collective would.
+    """
+
+    def __init__(self, world_size: int, timeout_s: float = 60.0):
+        self.world_size = world_size
+        self.timeout_s = timeout_s
+        self._cond = threading.Condition()
+        self._posted: dict[int, list] = {}  # sequence → per source rank, its chunks (None until posted)
+        self._collected: dict[int, int] = {}
+
+    def transport(self, rank: int) -> LoopbackTransport:
+        return LoopbackTransport(self, rank)
+
+    def post(self, seq: int, rank: int, chunks: list[torch.Tensor]) -> None:
+        with self._cond:
+            self._posted.setdefault(seq, [None] * self.world_size)[rank] = chunks
+            self._cond.notify_all()
+
+    def collect(self, seq: int, rank: int) -> list[torch.Tensor]:
+        deadline = time.monotonic() + self.timeout_s
+        with self._cond:
+            while any(c is None for c in self._posted[seq]):
+                if not self._cond.wait(timeout=max(0.0, deadline - time.monotonic())):
+                    missing = [r for r, c in enumerate(self._posted[seq]) if c is None]
+                    raise TimeoutError(f"loopback collective {seq}: ranks {missing} never joined")
+            got = [chunks[rank] for chunks in self._posted[seq]]
+            self._collected[seq] = self._collected.get(seq, 0) + 1
+            if self._collected[seq] == self.world_size:
+                del self._posted[seq], self._collected[seq]
+            return got
+
+
+class LoopbackTransport(Transport):
+    def __init__(self, group: LoopbackGroup, rank: int):
+        self.group = group
+        self.rank = rank
+        self.world_size = group.world_size
+        self._seq = 0
+
+    def _post(self, chunks: list[torch.Tensor]) -> int:
+        seq, self._seq = self._seq, self._seq + 1
+        self.group.post(seq, self.rank, chunks)
+        return seq
+
+    def exchange_counts(self, send_counts: torch.Tensor) -> torch.Tensor:
+        seq = self._post(list(send_counts.clone().unbind(0)))
+        return torch.stack(self.group.collect(seq, self.rank))
+
+    def exchange_rows(self, rows: torch.Tensor, send_splits: list[int], recv_splits: list[int]) -> Pending:
+        seq = self._post(list(rows.split(send_splits)))
+        return Pending(lambda: torch.cat(self.group.collect(seq, self.rank)))
 
 
 def free_address(host: str) -> tuple[str, int]:
@@ -68,13 +160,20 @@ def free_address(host: str) -> tuple[str, int]:
         return host, s.getsockname()[1]
 
 
-def init_group(address: str, port: int, rank: int, world_size: int, backend: str, timeout_s: float) -> AllToAll:
+def backend_for(device: torch.device) -> str:
+    """NCCL between GPU workers, gloo between CPU workers."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def init_group(
+    address: str, port: int, rank: int, world_size: int, device: torch.device, timeout_s: float
+) -> TorchDistTransport:
     """Join the step group; collectives that wait longer than ``timeout_s`` raise instead of hanging."""
     dist.init_process_group(
-        backend,
+        backend_for(device),
         init_method=f"tcp://{address}:{port}",
         rank=rank,
         world_size=world_size,
         timeout=datetime.timedelta(seconds=timeout_s),
     )
-    return TorchDistAllToAll()
+    return TorchDistTransport()

@@ -39,6 +39,28 @@ class EngineConfig(BaseModel):
     )
     num_attention_workers: int = Field(1, ge=1, description="Data-parallel attention workers (ray executor).")
     num_expert_workers: int = Field(1, ge=1, description="Expert workers sharing the routed experts (ray executor).")
+    num_redundant_experts: int = Field(
+        0,
+        ge=0,
+        description="Extra expert slots beyond one per routed expert (ray executor): replicas of experts on other "
+        "expert workers, which share their expert's rows. Placed round-robin unless expert_placement says where.",
+    )
+    expert_placement: list[list[int]] | None = Field(
+        None,
+        description="Which routed experts each expert worker holds (one list of expert ids per worker, the same for "
+        "every MoE layer); default contiguous ranges plus num_redundant_experts replicas spread over the workers.",
+    )
+    overlap_shared_experts: bool = Field(
+        True, description="Compute the shared experts while routed rows are at the expert workers (ray executor)."
+    )
+    micro_batch_overlap: bool = Field(
+        True,
+        description="Split a step's batch in two micro-batches so one's attention runs while the other's rows are at "
+        "the experts (ray executor; only for steps of at least micro_batch_min_tokens tokens on some rank).",
+    )
+    micro_batch_min_tokens: int = Field(
+        8, ge=2, description="Smallest per-rank batch (tokens) that micro_batch_overlap splits in two."
+    )
     ray_address: str | None = Field(
         None, description="Ray cluster to join; default RAY_ADDRESS, else a local cluster is started."
     )

@@ -1,7 +1,7 @@
 """The DeepSeek-V2/V3 transformer on one device: embed → blocks (MLA + MLP/MoE) → norm → head.
 
-Plain single-device code; expert parallelism is applied after construction by replacing a
-MoE layer's ``routed`` callable (see ``RoutedExperts``). Parameter names are those of the
+Plain single-device code; expert parallelism is applied after construction by giving the MoE
+layers an exchange over a step group (``router/exchange.py``) instead of the local one. Parameter names are those of the
 Hugging Face checkpoints, except routed experts, which are stacked per shard (``weights.py``
 maps the names).
 """
@@ -9,7 +9,6 @@ maps the names).
 from __future__ import annotations
 
 import dataclasses
-from typing import Protocol
 
 import torch
 from torch import nn
@@ -18,56 +17,54 @@ from attention.metadata import AttentionMetadata
 from attention.mla import MLA
 from attention.rope import RotaryEmbedding
 from dsray import cpu_kernels
+from dsray.comm import SelfTransport
 from dsray.config import ModelArgs
 from dsray.layers import MLP, Linear, RMSNorm, linear
 from experts.shard import ExpertShard
-from router.dispatch import build_plan
+from router.exchange import Combine, MoEExchange
+from router.expert_map import ExpertMap
 from router.gate import Gate
 
 EXPERT_MODES = ("grouped", "loop")
 
 
-class RoutedExperts(Protocol):
-    """The seam between the gate and the routed experts of one MoE layer.
+class Ready:
+    """A routed result that is already computed (the same ``wait()`` as a ``Combine`` in flight)."""
 
-    Given hidden states ``x [T, D]`` and the gate's ``topk_ids``/``topk_weights [T, K]``, return
-    ``sum_k weight[t, k] * expert_{id[t, k]}(x[t])`` as ``[T, D]`` in ``x``'s dtype. Local
-    compute and the all-to-all dispatcher both implement it.
-    """
+    def __init__(self, value: torch.Tensor, includes_shared: bool = False):
+        self.value = value
+        self.includes_shared = includes_shared  # the fused single-token kernel adds the shared experts itself
 
-    def __call__(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor: ...
+    def wait(self) -> torch.Tensor:
+        return self.value
 
 
-def combine_sorted(
-    shard: ExpertShard, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
-) -> torch.Tensor:
-    """Grouped path on one shard: dispatch plan → rows sorted by expert → one matmul pair per expert → combine."""
-    if x.shape[0] == 1:
-        return shard.forward_single(x, topk_ids, topk_weights)  # batch-1 decode: no plan to build
-    plan = build_plan(topk_ids, shard.first_expert + shard.num_local_experts)
-    first, end = shard.expert_range
-    counts = plan.expert_counts[first:end].tolist()
-    start = int(plan.expert_counts[:first].sum())
-    rows = slice(start, start + sum(counts))
-    token_ids = plan.token_ids[rows]
-    y = shard.run_sorted(x[token_ids], counts)  # [M, D]
-    weights = topk_weights.reshape(-1)[plan.pair_ids[rows]]  # [M]
-    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    out.index_add_(0, token_ids, y.float() * weights[:, None])
-    return out.to(x.dtype)
+def local_exchange(moes: list[MoE]) -> MoEExchange:
+    """The local executor's exchange: a group of one that is its own expert rank, all experts in its slots."""
+    num_experts = moes[0].gate.num_experts
+    expert_map = ExpertMap.contiguous(num_experts, 1, len(moes))
+    return MoEExchange(SelfTransport(), expert_map, compute=[moe.experts.run_sorted for moe in moes])
 
 
 class MoE(nn.Module):
-    """Gate, routed experts (through the ``routed`` seam) and the always-on shared experts."""
+    """Gate, routed experts (through the MoE exchange) and the always-on shared experts.
 
-    def __init__(self, args: ModelArgs, expert_mode: str = "grouped", with_experts: bool = True):
+    ``start`` scores the tokens and puts their rows on their way to the experts; ``finish`` runs
+    the shared experts while they are away (``overlap_shared``), then adds the routed result. The
+    exchange (``self.exchange``) is set after construction: the local one (``local_exchange``) or an
+    attention worker's over the step group. ``expert_mode="loop"`` runs the readable per-expert
+    loop on local experts instead (the oracle).
+    """
+
+    def __init__(self, args: ModelArgs, moe_index: int, expert_mode: str = "grouped", with_experts: bool = True):
         super().__init__()
         if expert_mode not in EXPERT_MODES:
             raise ValueError(f"expert mode {expert_mode!r} is not supported; supported: {EXPERT_MODES}")
+        self.moe_index = moe_index  # this layer's index among the MoE layers (the expert map's layer)
         self.gate = Gate(args)
-        # Without local experts (an attention worker), ``routed`` must be replaced by a dispatcher.
+        # Without local experts (an attention worker) the exchange sends rows to expert ranks.
         self.experts = (
-            ExpertShard(0, args.n_routed_experts, args.hidden_size, args.moe_intermediate_size)
+            ExpertShard(range(args.n_routed_experts), args.hidden_size, args.moe_intermediate_size)
             if with_experts
             else None
         )
@@ -75,14 +72,10 @@ class MoE(nn.Module):
             MLP(args.hidden_size, args.moe_intermediate_size * args.n_shared_experts) if args.n_shared_experts else None
         )
         self.expert_mode = expert_mode
-        self.routed: RoutedExperts = self._local_routed
+        self.exchange: MoEExchange | None = None
+        self.overlap_shared = True
         # Tokens routed to each expert since start: the load the metrics export and placement reads.
         self.register_buffer("expert_load", torch.zeros(args.n_routed_experts, dtype=torch.int64), persistent=False)
-
-    def _local_routed(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-        if self.expert_mode == "loop":
-            return self.experts.forward_loop(x, topk_ids, topk_weights)
-        return combine_sorted(self.experts, x, topk_ids, topk_weights)
 
     def _fused_single_token(self, x: torch.Tensor) -> bool:
         return (
@@ -91,27 +84,53 @@ class MoE(nn.Module):
             and self.experts.inter_dim % 4 == 0
             and (self.shared_experts is None or self.shared_experts.gate_proj.out_features % 4 == 0)
             and self.expert_mode == "grouped"
-            and self.routed == self._local_routed
             and cpu_kernels.usable(x, max_rows=1)
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def start(self, x: torch.Tensor) -> Ready | Combine:
+        """Gate ``x [T, D]`` (T may be 0: an idle micro-batch still takes part in the exchange) and
+        start the routed experts; with the fused single-token kernel, the shared experts too."""
+        if not x.shape[0]:
+            ids = torch.empty((0, self.gate.top_k), dtype=torch.int64, device=x.device)
+            return self.exchange.start_round(self.moe_index, x, ids, ids.float())
         topk_weights, topk_ids = self.gate(x)  # [T, K]
         self.expert_load += torch.bincount(topk_ids.reshape(-1), minlength=self.expert_load.shape[0])
         if self._fused_single_token(x):
             # Batch-1 decode with local experts: routed and shared experts in one kernel call.
             shared = [self.shared_experts.swiglu_weights()] if self.shared_experts is not None else []
             routed = self.experts.single_token_experts(topk_ids, topk_weights)
-            return cpu_kernels.swiglu_experts(x, routed, shared, checked=True)
-        out = self.routed(x, topk_ids, topk_weights)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
-        return out
+            return Ready(cpu_kernels.swiglu_experts(x, routed, shared, checked=True), includes_shared=True)
+        if self.expert_mode == "loop" and self.experts is not None:
+            return Ready(self.experts.forward_loop(x, topk_ids, topk_weights))
+        return self.exchange.start_round(self.moe_index, x, topk_ids, topk_weights)
+
+    def finish(self, x: torch.Tensor, routed: Ready | Combine) -> torch.Tensor:
+        """The layer's output: routed result (waited for) plus the shared experts."""
+        if self.shared_experts is None or not x.shape[0] or getattr(routed, "includes_shared", False):
+            return routed.wait()
+        if self.overlap_shared:
+            shared = self.shared_experts(x)  # runs while the routed rows are away
+            return routed.wait() + shared
+        out = routed.wait()
+        return out + self.shared_experts(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.finish(x, self.start(x))
 
 
 class Block(nn.Module):
+    """One transformer layer in three steps, so micro-batches can interleave around the MoE exchange:
+    ``attend`` (attention and residual, then the MLP's norm), ``start_mlp``, ``finish_mlp``."""
+
     def __init__(
-        self, args: ModelArgs, layer_id: int, rope: RotaryEmbedding, mla_mode: str, expert_mode: str, with_experts: bool
+        self,
+        args: ModelArgs,
+        layer_id: int,
+        rope: RotaryEmbedding,
+        mla_mode: str,
+        expert_mode: str,
+        with_experts: bool,
+        moe_index: int | None,
     ):
         super().__init__()
         self.layer_id = layer_id
@@ -119,14 +138,28 @@ class Block(nn.Module):
         self.self_attn = MLA(args, rope, mla_mode)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp: nn.Module = (
-            MoE(args, expert_mode, with_experts)
-            if args.is_moe_layer(layer_id)
+            MoE(args, moe_index, expert_mode, with_experts)
+            if moe_index is not None
             else MLP(args.hidden_size, args.intermediate_size)
         )
 
+    def attend(
+        self, x: torch.Tensor, meta: AttentionMetadata, kv_cache: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x`` after attention (the residual stream) and the MLP's normed input."""
+        if x.shape[0]:
+            x = x + self.self_attn(self.input_layernorm(x), meta, kv_cache)
+        return x, self.post_attention_layernorm(x)
+
+    def start_mlp(self, h: torch.Tensor) -> Ready | Combine:
+        return self.mlp.start(h) if isinstance(self.mlp, MoE) else Ready(self.mlp(h) if h.shape[0] else h)
+
+    def finish_mlp(self, x: torch.Tensor, h: torch.Tensor, pending: Ready | Combine) -> torch.Tensor:
+        return x + (self.mlp.finish(h, pending) if isinstance(self.mlp, MoE) else pending.wait())
+
     def forward(self, x: torch.Tensor, meta: AttentionMetadata, kv_cache: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), meta, kv_cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x, h = self.attend(x, meta, kv_cache)
+        return self.finish_mlp(x, h, self.start_mlp(h))
 
 
 class Decoder(nn.Module):
@@ -136,8 +169,10 @@ class Decoder(nn.Module):
         super().__init__()
         self.rope = RotaryEmbedding(args)  # tables only, no parameters: shared by every layer's MLA
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        moe_index = {layer_id: i for i, layer_id in enumerate(args.moe_layer_ids)}
         self.layers = nn.ModuleList(
-            Block(args, i, self.rope, mla_mode, expert_mode, with_experts) for i in range(args.num_hidden_layers)
+            Block(args, i, self.rope, mla_mode, expert_mode, with_experts, moe_index.get(i))
+            for i in range(args.num_hidden_layers)
         )
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
@@ -169,14 +204,49 @@ class Transformer(nn.Module):
                     raise ValueError(f"expert mode {expert_mode!r} is not supported; supported: {EXPERT_MODES}")
                 blk.mlp.expert_mode = expert_mode
 
+    def set_exchange(self, exchange: MoEExchange | None = None, overlap_shared: bool = True) -> None:
+        """Route every MoE layer through ``exchange``; None: the local one (needs the local experts)."""
+        moes = list(self.moe_layers.values())
+        if moes:
+            exchange = exchange or local_exchange(moes)
+        for moe in moes:
+            moe.exchange = exchange
+            moe.overlap_shared = overlap_shared
+
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, kv_cache: torch.Tensor) -> torch.Tensor:
         """``input_ids [T]`` → hidden ``[T, D]``; ``kv_cache [layers, slots, C + R]`` is read and written."""
-        # Every layer rotates at the same positions: look the rotations up once per forward.
-        meta = dataclasses.replace(meta, rope_cis=self.model.rope.cis(meta.positions))
-        x = self.model.embed_tokens(input_ids)  # [T, D]
+        return self.forward_micro_batches([(input_ids, meta)], kv_cache)[0]
+
+    def forward_micro_batches(
+        self, batches: list[tuple[torch.Tensor, AttentionMetadata | None]], kv_cache: torch.Tensor
+    ) -> list[torch.Tensor]:
+        """Run micro-batches ``[(input_ids [T_i], meta_i)]`` interleaved layer by layer → hidden ``[T_i, D]`` each.
+
+        While one micro-batch's rows are at the experts, the next one's attention runs (two
+        micro-batches: DeepSeek's overlap of computation and communication). Every layer starts
+        each micro-batch's MLP in order and finishes it just before that micro-batch's next
+        attention, so every rank issues its exchanges in the same order: layer by layer, micro-batch
+        by micro-batch. A micro-batch may be empty (T_i = 0, meta None): it only takes part in the
+        exchanges.
+        """
+        xs, metas = [], []
+        for input_ids, meta in batches:
+            if meta is not None:
+                # Every layer rotates at the same positions: look the rotations up once per forward.
+                meta = dataclasses.replace(meta, rope_cis=self.model.rope.cis(meta.positions))
+            xs.append(self.model.embed_tokens(input_ids))  # [T_i, D]
+            metas.append(meta)
+        hs: list[torch.Tensor | None] = [None] * len(xs)
+        pending: list = [None] * len(xs)
+        prev: Block | None = None
         for i, blk in enumerate(self.model.layers):
-            x = blk(x, meta, kv_cache[i])
-        return self.model.norm(x)
+            for b in range(len(xs)):
+                if prev is not None:
+                    xs[b] = prev.finish_mlp(xs[b], hs[b], pending[b])
+                xs[b], hs[b] = blk.attend(xs[b], metas[b], kv_cache[i])
+                pending[b] = blk.start_mlp(hs[b])
+            prev = blk
+        return [self.model.norm(prev.finish_mlp(x, h, p)) for x, h, p in zip(xs, hs, pending)]
 
     def expert_load(self) -> list[list[int]]:
         """Tokens routed to each expert of each MoE layer since start: ``[num_moe_layers][E]``."""

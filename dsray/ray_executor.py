@@ -12,12 +12,14 @@ from __future__ import annotations
 import logging
 import os
 import time
+import weakref
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from dsray.config import ModelArgs
 from dsray.engine_config import EngineConfig
 from dsray.executor import Executor
 from dsray.protocol import StepInput, StepOutput
@@ -46,24 +48,68 @@ def _bundle(resources: dict[str, float]) -> dict[str, float]:
     return {k: float(v) for k, v in resources.items() if v}
 
 
+def expert_map_for(config: EngineConfig, args: ModelArgs) -> ExpertMap:
+    """The expert map a config asks for; refuses, saying which option to change, one that cannot work."""
+    A, E, n = config.num_attention_workers, config.num_expert_workers, args.n_routed_experts
+    layers = len(args.moe_layer_ids) or 1
+    try:
+        if config.expert_placement is None:
+            return ExpertMap.contiguous(n, E, layers, config.num_redundant_experts, first_rank=A)
+        placement = config.expert_placement
+        if len(placement) != E:
+            raise ValueError(f"it lists {len(placement)} expert workers but num_expert_workers is {E}")
+        extra = sum(len(slots) for slots in placement) - n
+        if config.num_redundant_experts and extra != config.num_redundant_experts:
+            raise ValueError(
+                f"it has {extra} redundant slots but num_redundant_experts is {config.num_redundant_experts}"
+            )
+        return ExpertMap.from_rank_slots(n, placement, layers, first_rank=A)
+    except ValueError as exc:
+        option = "expert_placement" if config.expert_placement is not None else "num_redundant_experts"
+        raise ValueError(f"{option}: {exc}") from None
+
+
+class _Held:
+    """The actors and placement group of one executor, released once (also when the executor is collected)."""
+
+    def __init__(self):
+        self.actors: list = []
+        self.pg = None
+
+    def release(self) -> None:
+        for actor in self.actors:
+            try:
+                ray.kill(actor)
+            except Exception:  # already gone
+                pass
+        self.actors = []
+        if self.pg is not None:
+            try:
+                remove_placement_group(self.pg)
+            except Exception:
+                pass
+            self.pg = None
+
+
 class RayExecutor(Executor):
     def __init__(self, config: EngineConfig):
         self.config = config
         A, E = config.num_attention_workers, config.num_expert_workers
+        args = ModelArgs.from_pretrained(config.model)
+        self.map = expert_map_for(config, args)  # refused before anything starts
         bundles = [_bundle(config.attention_worker_resources)] * A + [_bundle(config.expert_worker_resources)] * E
         _connect(config, sum(b.get("CPU", 0) for b in bundles))
         self.num_attention_ranks = A
         self.dead: str | None = None
-        from dsray.config import ModelArgs
-
-        args = ModelArgs.from_pretrained(config.model)
-        self.map = ExpertMap(args.n_routed_experts, E, first_rank=A)
-        self.pg = placement_group(bundles, strategy=config.placement_strategy)
+        self._held = _Held()
+        # An executor dropped without shutdown() (a deleted LLM) still frees the cluster for the next one.
+        self._finalizer = weakref.finalize(self, self._held.release)
+        self.pg = self._held.pg = placement_group(bundles, strategy=config.placement_strategy)
         self._wait_for_placement(bundles)
         world = A + E
         self.attention = [self._spawn(AttentionWorker, i, world, config.attention_worker_resources) for i in range(A)]
         self.experts = [self._spawn(ExpertWorker, A + i, world, config.expert_worker_resources) for i in range(E)]
-        self.workers = self.attention + self.experts
+        self.workers = self._held.actors = self.attention + self.experts
         self.names = [f"attention worker {i}" for i in range(A)] + [f"expert worker {i}" for i in range(E)]
         start = time.perf_counter()
         address, port = ray.get(self.workers[0].rendezvous_address.remote())
@@ -80,7 +126,7 @@ class RayExecutor(Executor):
         try:
             ray.get(self.pg.ready(), timeout=self.config.placement_timeout_s)
         except GetTimeoutError:
-            remove_placement_group(self.pg)
+            self._held.release()
             raise RuntimeError(
                 f"the Ray cluster could not place {self.config.num_attention_workers} attention worker(s) "
                 f"{self.config.attention_worker_resources} and {self.config.num_expert_workers} expert worker(s) "
@@ -126,9 +172,20 @@ class RayExecutor(Executor):
 
     def execute(self, steps: list[StepInput]) -> list[StepOutput]:
         self.check_health()
+        n = self._num_micro_batches(steps)
+        for step in steps:
+            step.num_micro_batches = n
         refs = [w.execute.remote(s) for w, s in zip(self.attention, steps)]
-        refs += [e.serve_step.remote() for e in self.experts]
+        refs += [e.serve_step.remote(n) for e in self.experts]
         return self._get(refs, "a step")[: self.num_attention_ranks]
+
+    def _num_micro_batches(self, steps: list[StepInput]) -> int:
+        """Two when some rank has a batch worth splitting (every rank must run the same number of rounds)."""
+        c = self.config
+        if not c.micro_batch_overlap:
+            return 1
+        big = any(len(s.seqs) >= 2 and s.num_tokens >= c.micro_batch_min_tokens for s in steps)
+        return 2 if big else 1
 
     def check_health(self) -> None:
         if self.dead:
@@ -148,15 +205,7 @@ class RayExecutor(Executor):
         return self._get([w.location.remote() for w in self.workers], "locating workers")
 
     def shutdown(self) -> None:
-        for w in getattr(self, "workers", []):
-            try:
-                ray.kill(w)
-            except Exception:  # already gone
-                pass
+        """Kill the workers and remove the placement group (idempotent)."""
+        self._held.release()
         self.workers = []
-        if getattr(self, "pg", None) is not None:
-            try:
-                remove_placement_group(self.pg)
-            except Exception:
-                pass
-            self.pg = None
+        self.pg = None

@@ -1,7 +1,7 @@
 """Checkpoint tensor names per role, and loading them into a ``Transformer``.
 
-A role reads only its own tensors: the attention side (everything but routed experts) or an
-expert shard ``[first, end)`` of every MoE layer. HF checkpoints store each routed expert's
+A role reads only its own tensors: the attention side (everything but routed experts) or the
+experts in an expert rank's slots, per MoE layer. HF checkpoints store each routed expert's
 ``gate_proj``/``up_proj``/``down_proj`` separately; we stack them per shard.
 """
 
@@ -56,11 +56,11 @@ def attention_tensor_specs(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     return specs
 
 
-def expert_tensor_specs(args: ModelArgs, first: int, end: int) -> dict[str, tuple[int, ...]]:
-    """The routed experts ``[first, end)`` of every MoE layer: what an expert worker reads."""
+def expert_tensor_specs(args: ModelArgs, experts: dict[int, list[int] | range]) -> dict[str, tuple[int, ...]]:
+    """The routed experts ``experts[layer_id]`` of each MoE layer: what an expert worker reads."""
     specs: dict[str, tuple[int, ...]] = {}
-    for i in args.moe_layer_ids:
-        for e in range(first, end):
+    for i, ids in experts.items():
+        for e in ids:
             _mlp_specs(specs, f"model.layers.{i}.mlp.experts.{e}.", args.hidden_size, args.moe_intermediate_size)
     return specs
 
@@ -77,10 +77,9 @@ def keep_fp32(name: str) -> bool:
 
 
 def load_expert_shard(shard: ExpertShard, tensors: dict[str, torch.Tensor], layer_id: int) -> None:
-    """Stack experts ``shard.expert_range`` of one layer into ``w13``/``w2``."""
-    first, end = shard.expert_range
+    """Stack the experts of ``shard``'s slots of one layer into ``w13``/``w2``."""
     inter = shard.inter_dim
-    for local, e in enumerate(range(first, end)):
+    for local, e in enumerate(shard.expert_ids):
         p = f"model.layers.{layer_id}.mlp.experts.{e}."
         shard.w13.data[local, :inter].copy_(tensors[p + "gate_proj.weight"])
         shard.w13.data[local, inter:].copy_(tensors[p + "up_proj.weight"])
@@ -107,14 +106,15 @@ def load_transformer(
         moe.expert_load.zero_()
     specs = attention_tensor_specs(args)
     if with_experts:
-        specs |= expert_tensor_specs(args, 0, args.n_routed_experts)
+        specs |= expert_tensor_specs(args, {i: range(args.n_routed_experts) for i in args.moe_layer_ids})
     tensors = Checkpoint(path).load(specs, dtype=dtype, keep_fp32=keep_fp32, progress=progress)
     params = dict(model.named_parameters())
     for name in attention_tensor_specs(args):
-        params[name].data = tensors.pop(name)  # take the loaded tensor; no second copy
+        params[name].data = tensors.pop(name).to(device)  # take the loaded tensor; no second copy on CPU
     if args.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     if with_experts:
         for layer_id, moe in model.moe_layers.items():
             load_expert_shard(moe.experts, tensors, layer_id)
+        model.set_exchange()
     return model.eval()

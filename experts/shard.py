@@ -1,5 +1,7 @@
-"""An expert shard: routed experts ``[first, first + E_local)`` of one MoE layer, stacked.
+"""An expert shard: the slots of one MoE layer on one rank, each a routed expert's weights, stacked.
 
+``expert_ids[s]`` is the logical expert in slot ``s`` (a contiguous range for the full model; any
+set, in any order, on an expert rank whose placement came from the balancer or has replicas).
 Weights are stacked per shard — ``w13 [E_local, 2I, D]`` (gate rows then up rows) and
 ``w2 [E_local, D, I]`` — so grouped compute indexes one tensor instead of E small modules.
 Compute paths: ``forward_loop`` (one expert at a time over a token mask; the oracle),
@@ -18,17 +20,17 @@ from dsray.layers import linear
 
 
 class ExpertShard(nn.Module):
-    def __init__(self, first_expert: int, num_local_experts: int, dim: int, inter_dim: int):
+    def __init__(self, expert_ids: list[int] | range, dim: int, inter_dim: int):
         super().__init__()
-        self.first_expert = first_expert
-        self.num_local_experts = num_local_experts
+        self.expert_ids = list(expert_ids)
+        self.num_local_experts = len(self.expert_ids)
+        self.local_of = {e: s for s, e in enumerate(self.expert_ids)}
+        if len(self.local_of) != self.num_local_experts:
+            raise ValueError(f"a shard holds each expert once; got {self.expert_ids}")
+        num_local_experts = self.num_local_experts
         self.inter_dim = inter_dim
         self.w13 = nn.Parameter(torch.empty(num_local_experts, 2 * inter_dim, dim), requires_grad=False)
         self.w2 = nn.Parameter(torch.empty(num_local_experts, dim, inter_dim), requires_grad=False)
-
-    @property
-    def expert_range(self) -> tuple[int, int]:
-        return self.first_expert, self.first_expert + self.num_local_experts
 
     def expert_ffn(self, local_id: int, x: torch.Tensor) -> torch.Tensor:
         """SwiGLU of one local expert over rows ``x [M, D]``."""
@@ -39,8 +41,8 @@ class ExpertShard(nn.Module):
     def forward_loop(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         """Reference: weighted sum over this shard's experts of ``x [T, D]`` (other experts add 0)."""
         out = torch.zeros_like(x, dtype=torch.float32)  # [T, D]
-        for local_id in range(self.num_local_experts):
-            token_ids, k = torch.where(topk_ids == self.first_expert + local_id)
+        for local_id, expert in enumerate(self.expert_ids):
+            token_ids, k = torch.where(topk_ids == expert)
             if token_ids.numel() == 0:
                 continue
             y = self.expert_ffn(local_id, x[token_ids])  # [M, D]
@@ -57,10 +59,9 @@ class ExpertShard(nn.Module):
         if self.inter_dim % 4 == 0 and cpu_kernels.usable(x, max_rows=1):
             return cpu_kernels.swiglu_experts(x, self.single_token_experts(topk_ids, topk_weights), checked=True)
         out = torch.zeros_like(x, dtype=torch.float32)  # [1, D]
-        first, end = self.expert_range
         for expert, weight in sorted(zip(topk_ids[0].tolist(), topk_weights[0].tolist())):
-            if first <= expert < end:
-                out += self.expert_ffn(expert - first, x).float() * weight
+            if expert in self.local_of:
+                out += self.expert_ffn(self.local_of[expert], x).float() * weight
         return out.to(x.dtype)
 
     def single_token_experts(
@@ -69,9 +70,8 @@ class ExpertShard(nn.Module):
         """One token's experts on this shard as ``(gate, up, down, weight)`` in expert order (the
         summation order of ``forward_single``), for ``cpu_kernels.swiglu_experts``."""
         views = self._expert_views()
-        first, end = self.expert_range
         pairs = sorted(zip(topk_ids[0].tolist(), topk_weights[0].tolist()))
-        return [(*views[expert - first], weight) for expert, weight in pairs if first <= expert < end]
+        return [(*views[self.local_of[e]], weight) for e, weight in pairs if e in self.local_of]
 
     def _expert_views(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Per-expert ``(gate, up, down)`` views of the stacked weights, made once per weight storage."""
@@ -85,7 +85,8 @@ class ExpertShard(nn.Module):
         return self._views
 
     def run_sorted(self, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """Fast path: ``rows [M, D]`` sorted by local expert, ``counts[e]`` rows each → ``[M, D]``."""
+        """Fast path: ``rows [M, D]`` sorted by slot, ``counts[s]`` rows each → ``[M, D]`` (the exchange's
+        ``SlotCompute``; ``counts`` may be padded past this shard's slots with zeros)."""
         out = torch.empty_like(rows)
         start = 0
         for local_id, n in enumerate(counts):

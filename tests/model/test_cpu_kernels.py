@@ -59,7 +59,7 @@ def test_linear_takes_the_kernel_for_a_few_bf16_rows_only(monkeypatch):
 def test_swiglu_experts_equals_shard_and_shared_mlp():
     dim, inter, experts, top_k = 256, 64, 16, 4
     torch.manual_seed(0)
-    shard = ExpertShard(0, experts, dim, inter)
+    shard = ExpertShard(range(experts), dim, inter)
     shard.w13.data = _randn(experts, 2 * inter, dim, scale=dim**-0.5, seed=3)
     shard.w2.data = _randn(experts, dim, inter, scale=inter**-0.5, seed=4)
     mlp = MLP(dim, 2 * inter)

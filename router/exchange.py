@@ -1,0 +1,131 @@
+"""The MoE exchange: dispatch and combine of one MoE layer, for every rank of a step group.
+
+This module is the one owner of the wire protocol of a MoE layer. Per layer and micro-batch,
+every rank runs one *round*, three collectives in this order:
+
+1. counts — ``[world, max_local_slots]`` int64: rows this rank sends to each (rank, slot);
+2. rows out — the (token, k) rows, sorted by global slot (so by destination rank, then slot),
+   with uneven splits;
+3. rows back — each expert rank returns its results on the reverse splits, in the order the
+   rows came.
+
+An attention rank sends its tokens' rows and combines what comes back; an expert rank computes
+the rows it receives with its slots; a rank may be both (the local executor: a group of one that
+is its own expert rank); an attention rank with no tokens and an expert rank take part with
+zero rows of their own. So attention ranks, idle ranks and expert ranks all run the same
+``round``; which of them compute is a matter of whether they hold slots.
+
+``start_round`` returns once the rows are posted: the caller can compute something else (the
+shared experts, the other micro-batch's attention) while the rows travel and the experts
+compute, then ``Combine.wait()`` for the weighted sum. Combining sums each token's K results in
+k order, so the result does not depend on which replica or rank served a row.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+from dsray.comm import Pending, Transport
+from router.expert_map import ExpertMap
+
+# An expert rank's compute for one layer: rows sorted by local slot, rows per local slot → results.
+SlotCompute = Callable[[torch.Tensor, list[int]], torch.Tensor]
+
+
+class Combine:
+    """One round's results in flight; ``wait()`` → ``sum_k w[t, k] * expert(x[t])`` as ``[T, D]``."""
+
+    def __init__(self, exchange: MoEExchange, back: Pending, order: torch.Tensor, weights: torch.Tensor, x_dtype):
+        self._exchange, self._back, self._order, self._weights, self._dtype = exchange, back, order, weights, x_dtype
+
+    def wait(self) -> torch.Tensor:
+        start = time.perf_counter()
+        back = self._back.wait()  # [T*K, D] in sorted-pair order
+        self._exchange.wait_seconds += time.perf_counter() - start
+        T, K = self._weights.shape
+        rows = torch.empty_like(back).index_copy_(0, self._order, back)  # back to (token, k) order
+        out = (rows.view(T, K, back.shape[1]).float() * self._weights.unsqueeze(-1)).sum(dim=1)  # [T, D]
+        return out.to(self._dtype)
+
+
+class MoEExchange:
+    """One rank's side of every MoE layer's exchange.
+
+    ``transport`` is the step group; ``expert_map`` says which group ranks are expert ranks and
+    what their slots hold. ``compute[layer]`` (an expert rank's, or the local executor's) runs
+    one layer's slots; attention-only ranks pass none. ``replica_offset`` (the attention rank)
+    staggers which replica each attention rank starts with.
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        expert_map: ExpertMap,
+        compute: list[SlotCompute] | None = None,
+        replica_offset: int = 0,
+    ):
+        self.transport = transport
+        self.map = expert_map
+        self.compute = compute
+        self.replica_offset = replica_offset
+        self.wait_seconds = 0.0  # blocked in the exchange (waiting on experts included)
+        self.compute_seconds = 0.0  # expert compute on this rank
+        self.rows_computed = 0
+
+    def start_round(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> Combine:
+        """Send ``x [T, D]``'s rows to the slots the gate picked (``topk_ids``/``topk_weights [T, K]``;
+        T may be 0), serve this rank's slots, and return the combine in flight."""
+        m, world = self.map, self.transport.world_size
+        slots = m.route(layer, topk_ids, self.replica_offset)  # [T*K] global slot per pair
+        order = torch.argsort(slots, stable=True)  # pairs by destination rank, then slot
+        send = torch.zeros(world, m.max_local_slots, dtype=torch.int64)
+        send[m.first_rank : m.first_rank + m.num_ranks] = torch.bincount(slots, minlength=m.num_slots).view(
+            m.num_ranks, m.max_local_slots
+        )
+        start = time.perf_counter()
+        recv = self.transport.exchange_counts(send.to(x.device)).cpu()  # [world, M] from each source
+        self.wait_seconds += time.perf_counter() - start
+        send_splits, recv_splits = send.sum(dim=1).tolist(), recv.sum(dim=1).tolist()
+        rows = x[torch.div(order, topk_ids.shape[1], rounding_mode="floor")] if x.shape[0] else x[:0]  # [T*K, D]
+        rows_in = self.transport.exchange_rows(rows, send_splits, recv_splits)
+        if self.compute is not None:
+            start = time.perf_counter()
+            received = rows_in.wait()
+            self.wait_seconds += time.perf_counter() - start
+            results = self._serve(layer, received, recv)
+        else:
+            results = x.new_empty((0, x.shape[1]))
+        back = self.transport.exchange_rows(results, recv_splits, send_splits)
+        return Combine(self, back, order, topk_weights, x.dtype)
+
+    def round(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        """``start_round`` and wait: the routed experts' weighted sum for ``x``."""
+        return self.start_round(layer, x, topk_ids, topk_weights).wait()
+
+    def idle_round(self, layer: int, dim: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
+        """Take part in one round with no tokens of this rank's own (an expert rank, or an idle attention rank)."""
+        x = torch.empty((0, dim), dtype=dtype, device=device)
+        ids = torch.empty((0, 1), dtype=torch.int64, device=device)
+        self.round(layer, x, ids, torch.empty((0, 1), dtype=torch.float32, device=device))
+
+    def _serve(self, layer: int, rows: torch.Tensor, recv: torch.Tensor) -> torch.Tensor:
+        """Run this rank's slots over ``rows`` (from each source, sorted by local slot); results in arrival order."""
+        if not rows.shape[0]:
+            return rows
+        start = time.perf_counter()
+        per_slot = recv.sum(dim=0).tolist()  # [M]
+        if int((recv.sum(dim=1) > 0).sum()) == 1:  # one source: rows already sorted by slot
+            out = self.compute[layer](rows, per_slot)
+        else:
+            # Rows of each source arrive sorted by local slot; merge the sources by slot.
+            num_slots = recv.shape[1]
+            local = torch.repeat_interleave(torch.arange(num_slots).repeat(recv.shape[0]), recv.reshape(-1))
+            order = torch.argsort(local, stable=True)
+            out = torch.empty_like(rows)
+            out[order] = self.compute[layer](rows[order], per_slot)
+        self.compute_seconds += time.perf_counter() - start
+        self.rows_computed += rows.shape[0]
+        return out
