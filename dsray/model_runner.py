@@ -1,14 +1,31 @@
-"""ModelRunner: owns a model and its paged latent cache, and runs one step of a ragged batch."""
+"""ModelRunner: owns a model, its paged latent cache and its sequences' state; runs one step of a ragged batch."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from attention.kv_cache import allocate_latent_cache, num_blocks_for_budget
 from attention.metadata import AttentionMetadata
 from dsray.model import Transformer
-from dsray.protocol import StepInput, StepOutput
-from dsray.sampler import sample
+from dsray.protocol import SeqStep, StepInput, StepOutput
+from dsray.sampler import SampleRequest, sample
+from dsray.sampling_params import SamplingParams
+
+
+@dataclass
+class SeqState:
+    """What a worker keeps of a running sequence between steps."""
+
+    token_ids: list[int]  # prompt, then every token sampled so far
+    num_prompt_tokens: int
+    params: SamplingParams
+    block_table: list[int]
+
+    def sample_request(self) -> SampleRequest:
+        ids, n = self.token_ids, self.num_prompt_tokens
+        return SampleRequest(self.params, ids[:n], ids[n:])
 
 
 class ModelRunner:
@@ -30,33 +47,76 @@ class ModelRunner:
         self.kv_cache = allocate_latent_cache(
             args.num_hidden_layers, num_blocks, block_size, args.kv_cache_dim, self.dtype, self.device
         )
+        self.seqs: dict[str, SeqState] = {}
 
     @property
     def num_blocks(self) -> int:
         return self.kv_cache.shape[1] // self.block_size
 
+    def apply(self, step: StepInput) -> None:
+        """Bring the sequences' state up to date with ``step``: forget, add, extend block tables."""
+        for request_id in step.dropped:
+            self.seqs.pop(request_id, None)
+        for new in step.new:
+            self.seqs[new.request_id] = SeqState(list(new.token_ids), new.num_prompt_tokens, new.params, [])
+        for s in step.seqs:
+            self.seqs[s.request_id].block_table.extend(s.new_block_ids)
+
     @torch.inference_mode()
     def execute(self, step: StepInput) -> StepOutput:
-        """Write the step's latents, run the model, sample for the sequences that need a token."""
-        meta = AttentionMetadata.build(
-            [s.block_table for s in step.seqs],
-            [s.num_computed for s in step.seqs],
-            [len(s.token_ids) for s in step.seqs],
-            self.block_size,
-            self.device,
-        )
-        input_ids = torch.tensor([t for s in step.seqs for t in s.token_ids], device=self.device)
-        hidden = self.model(input_ids, meta, self.kv_cache)  # [T, D]
+        """Write the step's latents, run the model, sample for the sequences that need a token.
+
+        With ``num_micro_batches`` 2 the batch is split in two halves of about equal tokens that
+        interleave around the MoE exchange; a rank with nothing to run still takes part in every
+        exchange of the step (its micro-batches are empty).
+        """
+        self.apply(step)
+        groups = _split(step.seqs, step.num_micro_batches)
+        batches = [self._batch(group) for group in groups]
+        hidden = torch.cat(self.model.forward_micro_batches(batches, self.kv_cache))  # [T, D]
         last, wanted = [], []
         end = 0
         for i, s in enumerate(step.seqs):
-            end += len(s.token_ids)
-            if s.sample is not None:
+            end += s.num_new_tokens
+            if s.needs_sample:
                 last.append(end - 1)
                 wanted.append(i)
         results: list = [None] * len(step.seqs)
         if wanted:
             logits = self.model.compute_logits(hidden[last])  # [N, V]
-            for i, r in zip(wanted, sample(logits, [step.seqs[i].sample for i in wanted])):
+            states = [self.seqs[step.seqs[i].request_id] for i in wanted]
+            for i, state, r in zip(wanted, states, sample(logits, [st.sample_request() for st in states])):
                 results[i] = r
+                state.token_ids.append(r.token_id)
         return StepOutput(results)
+
+    def _batch(self, seqs: list[SeqStep]) -> tuple[torch.Tensor, AttentionMetadata | None]:
+        if not seqs:
+            return torch.empty(0, dtype=torch.int64, device=self.device), None
+        states = [self.seqs[s.request_id] for s in seqs]
+        meta = AttentionMetadata.build(
+            [st.block_table for st in states],
+            [s.num_computed for s in seqs],
+            [s.num_new_tokens for s in seqs],
+            self.block_size,
+            self.device,
+        )
+        tokens = [
+            t for s, st in zip(seqs, states) for t in st.token_ids[s.num_computed : s.num_computed + s.num_new_tokens]
+        ]
+        return torch.tensor(tokens, device=self.device), meta
+
+
+def _split(seqs: list[SeqStep], parts: int) -> list[list[SeqStep]]:
+    """``seqs`` in ``parts`` contiguous groups of about equal tokens (some may be empty)."""
+    if parts == 1:
+        return [seqs]
+    total = sum(s.num_new_tokens for s in seqs)
+    groups: list[list[SeqStep]] = [[] for _ in range(parts)]
+    done = 0
+    for s in seqs:
+        # The group this sequence's middle token falls in: halves of about equal work.
+        g = min(parts - 1, (2 * done + s.num_new_tokens) * parts // (2 * total)) if total else 0
+        groups[g].append(s)
+        done += s.num_new_tokens
+    return groups

@@ -1,30 +1,51 @@
-"""Typed messages between the engine and the workers that run a step (small, picklable)."""
+"""Typed messages between the engine and the workers that run a step (small, picklable).
+
+Workers keep each running sequence's state — its tokens, sampling parameters and block table —
+so a step carries only what changed: sequences new to the worker (their tokens once, at
+admission or re-admission after preemption), per scheduled sequence how many tokens to compute
+and the blocks appended since the last step, and the ids the worker may forget (finished,
+aborted, preempted). Its size grows with the batch, never with the context.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from dsray.sampler import SampleRequest, SampleResult
+from dsray.sampler import SampleResult
+from dsray.sampling_params import SamplingParams
+
+
+@dataclass
+class NewSeq:
+    """A sequence the worker does not know yet: every token it has so far (prompt, then outputs)."""
+
+    request_id: str
+    token_ids: list[int]
+    num_prompt_tokens: int
+    params: SamplingParams
 
 
 @dataclass
 class SeqStep:
-    """One sequence's work in a step: compute ``token_ids`` at positions ``num_computed …``."""
+    """One sequence's work in a step: compute ``num_new_tokens`` tokens at positions ``num_computed …``."""
 
     request_id: str
-    token_ids: list[int]
+    num_new_tokens: int
     num_computed: int
-    block_table: list[int]
-    sample: SampleRequest | None  # set when this chunk ends the sequence's known tokens
+    new_block_ids: list[int]  # appended to the worker's block table for this sequence
+    needs_sample: bool  # this chunk ends the sequence's known tokens: sample the next one
 
 
 @dataclass
 class StepInput:
-    seqs: list[SeqStep]
+    seqs: list[SeqStep] = field(default_factory=list)
+    new: list[NewSeq] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)  # forget these before running the step
+    num_micro_batches: int = 1  # the same on every rank of a step: each runs this many exchange rounds per layer
 
     @property
     def num_tokens(self) -> int:
-        return sum(len(s.token_ids) for s in self.seqs)
+        return sum(s.num_new_tokens for s in self.seqs)
 
 
 @dataclass

@@ -8,7 +8,7 @@ thread for the server.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from dsray.config import ModelArgs
 from dsray.engine.block_manager import BlockManager
@@ -17,12 +17,24 @@ from dsray.engine.sequence import Sequence
 from dsray.engine_config import EngineConfig
 from dsray.executor import Executor, create_executor
 from dsray.outputs import RequestOutput
-from dsray.protocol import SeqStep, StepInput
-from dsray.sampler import SampleRequest
+from dsray.protocol import NewSeq, SeqStep, StepInput
 from dsray.sampling_params import SamplingParams
 from dsray.tokenizer import IncrementalDetokenizer, Tokenizer
 
 EXPERT_LOAD_REFRESH_S = 2.0
+
+
+@dataclass
+class _WorkerView:
+    """What one attention rank's worker knows: its sequences (with how many of their blocks it has)
+    and the ids it may forget at the next step."""
+
+    blocks_sent: dict[str, int] = field(default_factory=dict)
+    dropped: list[str] = field(default_factory=list)
+
+    def forget(self, request_id: str) -> None:
+        if self.blocks_sent.pop(request_id, None) is not None:
+            self.dropped.append(request_id)
 
 
 @dataclass
@@ -108,6 +120,7 @@ class LLMEngine(RequestChecks):
         ]
         self.requests: dict[str, _Request] = {}
         self._rank_of: dict[str, int] = {}
+        self._views = [_WorkerView() for _ in self.schedulers]
         self._next_id = 0
         self._expert_load: list[list[int]] = []
         self._expert_load_time = 0.0
@@ -187,7 +200,9 @@ class LLMEngine(RequestChecks):
         req = self.requests.pop(request_id, None)
         if req is None:
             return False
-        self.schedulers[self._rank_of.pop(request_id)].abort(request_id)
+        rank = self._rank_of.pop(request_id)
+        self.schedulers[rank].abort(request_id)
+        self._views[rank].forget(request_id)
         return True
 
     def has_unfinished(self) -> bool:
@@ -204,10 +219,11 @@ class LLMEngine(RequestChecks):
         outs = [s.schedule() for s in self.schedulers]
         if all(o.is_empty for o in outs):
             return []
-        results = self.executor.execute([self._step_input(o) for o in outs])
+        steps = [self._step_input(view, o) for view, o in zip(self._views, outs)]
+        results = self.executor.execute(steps)
         updates = []
         now = time.monotonic()
-        for sched, out, result in zip(self.schedulers, outs, results):
+        for sched, view, out, result in zip(self.schedulers, self._views, outs, results):
             sampled = [r.token_id if r is not None else None for r in result.results]
             by_id = {s.seq.request_id: r for s, r in zip(out.scheduled, result.results)}
             for seq in sched.postprocess(out, sampled):
@@ -219,20 +235,30 @@ class LLMEngine(RequestChecks):
                 if req.output.finished:
                     del self.requests[seq.request_id]
                     self._rank_of.pop(seq.request_id, None)
+            for s in out.scheduled:
+                if s.seq.is_finished:
+                    view.forget(s.seq.request_id)
         self._refresh_expert_load(now)
         return updates
 
-    def _step_input(self, out: SchedulerOutput) -> StepInput:
-        seqs = []
+    def _step_input(self, view: _WorkerView, out: SchedulerOutput) -> StepInput:
+        """What changed for one rank's worker since its last step (see ``dsray/protocol.py``)."""
+        for seq in out.preempted:
+            view.forget(seq.request_id)  # its KV is gone: re-admission sends its tokens again
+        step = StepInput()
         for s in out.scheduled:
             seq = s.seq
-            start = s.num_computed_tokens
-            sample = None
-            if s.needs_sample:
-                sample = SampleRequest(seq.sampling_params, seq.prompt_token_ids, seq.output_token_ids)
-            tokens = seq.all_token_ids[start : start + s.num_new_tokens]
-            seqs.append(SeqStep(seq.request_id, tokens, start, list(seq.block_table), sample))
-        return StepInput(seqs)
+            sent = view.blocks_sent.get(seq.request_id)
+            if sent is None:
+                step.new.append(NewSeq(seq.request_id, seq.all_token_ids, seq.num_prompt_tokens, seq.sampling_params))
+                sent = 0
+            table = seq.block_table
+            step.seqs.append(
+                SeqStep(seq.request_id, s.num_new_tokens, s.num_computed_tokens, table[sent:], s.needs_sample)
+            )
+            view.blocks_sent[seq.request_id] = len(table)
+        step.dropped, view.dropped = view.dropped, []
+        return step
 
     def _update(
         self, sched: Scheduler, req: _Request, token_id: int, logprobs: dict[int, float] | None, now: float
