@@ -1,8 +1,12 @@
-"""Dispatch + combine round trip of one MoE layer over gloo loopback (A attention ranks, E expert ranks).
+"""The MoE exchange: one layer's round trip over gloo, and the bytes of a step message vs context.
 
-Expert ranks echo rows back, so the figure is the transport alone (as DeepEP's dispatch/combine
-figures are). Output: JSON with µs per round trip and DeepEP-style GB/s (bytes of rows moved
-in both directions ÷ time), per token count.
+1. Round trip: A attention ranks and E expert ranks (processes on this machine, gloo over
+   loopback) run ``router/exchange.py``'s rounds; expert ranks echo rows back, so the figure is
+   the exchange alone (as DeepEP's dispatch/combine figures are). µs per round trip and
+   DeepEP-style GB/s (bytes of rows moved in both directions ÷ time), per token count.
+2. Step bytes: the pickled ``StepInput`` an attention worker receives per decode step (what Ray
+   sends), for a batch of sequences at each context length, from the real engine on the tiny
+   model. Workers keep sequence state, so it must not grow with the context.
 
     python benchmarks/dispatch.py --tokens 1 64 512 --hidden 1024 --experts 64 --topk 8
 """
@@ -20,25 +24,21 @@ import torch
 import torch.multiprocessing as mp
 
 from dsray.comm import free_address, init_group
-from experts.remote import serve_round
-from router.dispatcher import AllToAllDispatcher
+from router.exchange import MoEExchange
 from router.expert_map import ExpertMap
 
 
-class EchoShard:
-    """Stands in for an expert shard: returns its rows, so only communication is timed."""
-
-    def __init__(self, num_local_experts: int):
-        self.num_local_experts = num_local_experts
-
-    def run_sorted(self, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        return rows
+def echo(rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Stands in for an expert shard: returns its rows, so only the exchange is timed."""
+    return rows
 
 
 def _rank_main(rank: int, world: int, num_attention: int, port: int, cfg: dict, queue) -> None:
     torch.set_num_threads(1)
-    comm = init_group("127.0.0.1", port, rank, world, "gloo", 60)
-    emap = ExpertMap(cfg["experts"], world - num_attention, first_rank=num_attention)
+    comm = init_group("127.0.0.1", port, rank, world, torch.device("cpu"), 60)
+    emap = ExpertMap.contiguous(cfg["experts"], world - num_attention, 1, first_rank=num_attention)
+    is_expert = rank >= num_attention
+    exchange = MoEExchange(comm, emap, compute=[echo] if is_expert else None, replica_offset=rank)
     dtype = torch.bfloat16
     results = {}
     for tokens in cfg["tokens"]:
@@ -51,11 +51,10 @@ def _rank_main(rank: int, world: int, num_attention: int, port: int, cfg: dict, 
                 x = torch.randn(tokens, cfg["hidden"], generator=gen).to(dtype)
                 ids = torch.rand(tokens, cfg["experts"], generator=gen).topk(cfg["topk"], dim=-1).indices
                 weights = torch.full((tokens, cfg["topk"]), 1.0 / cfg["topk"])
-                out = AllToAllDispatcher(comm, emap)(x, ids, weights)
+                out = exchange.round(0, x, ids, weights)
                 assert torch.allclose(out.float(), x.float(), atol=1e-2)  # echo × weights summing to 1
             else:
-                first, end = emap.ranges[rank - num_attention]
-                serve_round(comm, EchoShard(end - first), emap.max_local_experts, cfg["hidden"], dtype)
+                exchange.idle_round(0, cfg["hidden"], dtype)
             if it >= cfg["warmup"]:
                 times.append(time.perf_counter() - start)
         results[tokens] = times
@@ -88,12 +87,47 @@ def run(cfg: dict) -> dict:
                 "bytes_moved": moved,
             }
         )
-    return {
-        "benchmark": "dispatch",
-        "config": cfg,
-        "results": rows,
-        "anchor": "DeepEP low-latency EP8 on H800, 128 tokens: dispatch 77 us + combine 114 us",
-    }
+    return rows
+
+
+def _record(executor, sent: list[bytes]) -> None:
+    """Keep the pickled StepInput of every step (what Ray would send the attention worker)."""
+    import pickle
+
+    execute = executor.execute
+
+    def recording(steps):
+        sent.append(pickle.dumps(steps[0]))
+        return execute(steps)
+
+    executor.execute = recording
+
+
+def step_bytes(contexts: list[int], num_seqs: int) -> list[dict]:
+    """Pickled bytes of the decode steps' ``StepInput`` for ``num_seqs`` sequences at each context."""
+    from dsray import LLM, SamplingParams
+    from dsray.make_model import ensure_default_model
+
+    rows = []
+    for context in contexts:
+        llm = LLM(
+            ensure_default_model(),
+            dtype="float32",
+            max_model_len=context + 64,
+            max_num_batched_tokens=num_seqs * context,  # one prefill step, then decode steps of the whole batch
+            kv_cache_memory_gb=0.5,
+        )
+        engine, sent = llm.engine, []
+        _record(engine.executor, sent)
+        params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+        for i in range(num_seqs):
+            engine.add_request([4 + (i + j) % 900 for j in range(context)], params)
+        while engine.has_unfinished():
+            engine.step()
+        decode = [len(b) for b in sent[1:-1]]  # after the prefill step: decode steps of every sequence
+        rows.append({"context": context, "num_seqs": num_seqs, "decode_step_bytes": max(decode)})
+        llm.shutdown()
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,11 +140,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--expert-ranks", type=int, default=2, help="expert ranks (E)")
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--contexts", type=int, nargs="+", default=[100, 4000], help="step-bytes contexts")
+    parser.add_argument("--step-seqs", type=int, default=16, help="sequences per step for step bytes")
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args(argv)
     cfg = {k: getattr(args, k) for k in ("tokens", "hidden", "experts", "topk", "attention", "iters", "warmup")}
     cfg["expert_ranks"] = args.expert_ranks
-    report = run(cfg)
+    sizes = step_bytes(args.contexts, args.step_seqs)
+    report = {
+        "benchmark": "dispatch",
+        "config": cfg,
+        "results": run(cfg),
+        "anchor": "DeepEP low-latency EP8 on H800, 128 tokens: dispatch 77 us + combine 114 us",
+        "step_bytes": sizes,
+        "step_bytes_ratio_longest_to_shortest": sizes[-1]["decode_step_bytes"] / sizes[0]["decode_step_bytes"],
+    }
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:

@@ -11,6 +11,14 @@ Workloads (BENCHMARKS.md, the engine issue):
     python benchmarks/offline.py                      # the `small` bench model, bf16
     python benchmarks/offline.py --only-batch1 --repeats 3   # quick: workload (a) only, best of 3
     python benchmarks/offline.py --executor ray --attention-workers 1 --expert-workers 2
+
+With ``--executor ray`` it also reports where the batched run's time went and the *exposed*
+exchange time (what the attention rank spends blocked in MoE exchanges, as a fraction of its
+step time); ``--compare-local`` runs the local executor on the same prompts in the same run
+(``--local-threads``, default 2) and gives the ratio; ``--overlap both`` runs the Ray executor
+with and without the overlaps (shared experts during the exchange, two micro-batches):
+
+    python benchmarks/offline.py --executor ray --num-prompts 32 --skip-hf --compare-local --overlap both
 """
 
 from __future__ import annotations
@@ -121,11 +129,85 @@ def step_breakdown(before: dict, after: dict, wall: float) -> dict:
     expert_compute = delta("expert", "compute_seconds")
     return {
         "wall_s": wall,
+        "attention_step_s": attention_step,
         "attention_compute_s": attention_step - exchange,
         "expert_compute_s": expert_compute,
-        "communication_and_wait_s": max(exchange - expert_compute, 0.0),
+        "exposed_exchange_s": exchange,
+        "exposed_exchange_fraction_of_step": exchange / attention_step if attention_step else None,
         "ray_and_engine_overhead_s": wall - attention_step,
     }
+
+
+def ray_batched(args, prompts: list[list[int]], overlap: bool) -> dict:
+    """The batched workload on the Ray executor (one thread per worker), with its time breakdown."""
+    llm = LLM(
+        args.model,
+        dtype=args.dtype,
+        executor="ray",
+        num_attention_workers=args.attention_workers,
+        num_expert_workers=args.expert_workers,
+        overlap_shared_experts=overlap,
+        micro_batch_overlap=overlap,
+    )
+    with llm:
+        ours_batched(llm, prompts[:2], 4)  # warm-up
+        before = llm.engine.executor.timings()
+        out = ours_batched(llm, prompts, args.new_tokens)
+        out["breakdown"] = step_breakdown(before, llm.engine.executor.timings(), out["seconds"])
+        out["overlap"] = overlap
+    return out
+
+
+def _local_child(model: str, dtype: str, threads: int, prompts, new_tokens: int, queue) -> None:
+    torch.set_num_threads(threads)
+    llm = LLM(model, dtype=dtype)
+    ours_batched(llm, prompts[:2], 4)  # warm-up
+    queue.put(ours_batched(llm, prompts, new_tokens))
+
+
+def local_batched(args, prompts: list[list[int]]) -> dict:
+    """The same workload on the local executor with ``--local-threads`` threads, in a fresh process."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    child = ctx.Process(
+        target=_local_child, args=(args.model, args.dtype, args.local_threads, prompts, args.new_tokens, queue)
+    )
+    child.start()
+    result = queue.get(timeout=3600)
+    child.join()
+    result["threads"] = args.local_threads
+    return result
+
+
+def ray_report(args) -> dict:
+    """Ray executor (with and/or without overlap) against the local executor on the same prompts."""
+    from dsray.config import ModelArgs
+
+    prompts = make_prompts(args.num_prompts, ModelArgs.from_pretrained(args.model).vocab_size)
+    report: dict = {
+        "benchmark": "offline-ray",
+        "model": args.model,
+        "dtype": args.dtype,
+        "workload": f"{args.num_prompts} prompts of 16-128 tokens x {args.new_tokens} new tokens",
+        "attention_workers": args.attention_workers,
+        "expert_workers": args.expert_workers,
+        "threads_per_worker": 1,
+    }
+    runs = {"on": [True], "off": [False], "both": [False, True]}[args.overlap]
+    if args.compare_local:
+        report["local_before"] = local_batched(args, prompts)
+    for overlap in runs:
+        report[f"ray_overlap_{'on' if overlap else 'off'}"] = ray_batched(args, prompts, overlap)
+    if args.compare_local:
+        report["local_after"] = local_batched(args, prompts)
+        local = (report["local_before"]["output_tok_s"] + report["local_after"]["output_tok_s"]) / 2
+        report["ratios_vs_local"] = {
+            f"ray_overlap_{'on' if o else 'off'}": report[f"ray_overlap_{'on' if o else 'off'}"]["output_tok_s"] / local
+            for o in runs
+        }
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
         "--only-batch1", action="store_true", help="only the batch-1 decode and its roofline (no batched run, no HF)"
     )
     parser.add_argument("--repeats", type=int, default=1, help="batch-1 runs; the fastest counts (shared machines)")
+    parser.add_argument("--compare-local", action="store_true", help="ray: also run the local executor, same run")
+    parser.add_argument("--local-threads", type=int, default=2, help="threads of the local executor compared")
+    parser.add_argument("--overlap", default="on", choices=["on", "off", "both"], help="ray: overlaps on/off/both")
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args(argv)
     if args.threads:
@@ -151,6 +236,12 @@ def main(argv: list[str] | None = None) -> int:
         from dsray.make_model import ensure_default_model
 
         args.model = str(ensure_default_model("small"))
+    if args.executor == "ray" and args.skip_hf:
+        text = json.dumps(ray_report(args), indent=2)
+        print(text)
+        if args.out:
+            Path(args.out).write_text(text)
+        return 0
     engine_args = dict(dtype=args.dtype, executor=args.executor)
     if args.executor == "ray":
         engine_args |= dict(num_attention_workers=args.attention_workers, num_expert_workers=args.expert_workers)

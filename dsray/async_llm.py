@@ -1,8 +1,12 @@
 """AsyncLLM: the engine loop on a background thread (or in a child process), per-request async streams, abort.
 
-With ``engine_process`` set (and the local executor), the loop runs in a process of its own
-(``dsray/engine_core.py``) and this object keeps validation and the streams; otherwise on a
-thread here.
+With ``engine_process`` set, the loop runs in a process of its own (``dsray/engine_core.py``;
+with the Ray executor that process drives the workers, joining this process's Ray cluster) and
+this object keeps validation and the streams; otherwise on a thread here.
+
+``shutdown()`` (or ``with AsyncLLM(...)``) stops the loop and releases the engine's workers; an
+``AsyncLLM`` that is garbage-collected does the same, so a new one in the same process starts
+normally.
 
 The server's handlers call ``generate`` (an async iterator of every step's output), ``stream``
 (an ``OutputStream`` that hands over only the newest output whenever its reader asks: a server
@@ -18,6 +22,7 @@ import asyncio
 import logging
 import queue
 import threading
+import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from typing import Any
@@ -132,13 +137,17 @@ class AsyncLLM:
         self._stopped = False
         self.error: BaseException | None = None
         self.core: EngineCore | None = None
-        if engine is None and config.engine_process and config.executor == "local":
-            self.core = EngineCore(config, self._deliver_many, self._fail)
+        # The engine side holds this object only weakly, so dropping it releases the engine.
+        ref = weakref.ref(self)
+        if engine is None and config.engine_process:
+            self.core = EngineCore(_with_ray_address(config), _weak(ref, "_deliver_many"), _weak(ref, "_fail"))
             self.engine: LLMEngine | EngineCore = self.core
             self._thread = None
+            self._finalizer = weakref.finalize(self, self.core.shutdown)
         else:
             self.engine = engine or LLMEngine(config)
-            self._thread = threading.Thread(target=self._loop, name="dsray-engine", daemon=True)
+            self._thread = threading.Thread(target=_run_loop, args=(ref, self._wake), name="dsray-engine", daemon=True)
+            self._finalizer = weakref.finalize(self, _stop_engine, self._thread, self._wake, self.engine)
             self._thread.start()
 
     @property
@@ -205,13 +214,21 @@ class AsyncLLM:
         self._send("abort", request_id)
 
     def shutdown(self) -> None:
+        """Stop the engine loop and release its workers (idempotent)."""
         self._stopped = True
-        if self.core is not None:
-            self.core.shutdown()
-            return
-        self._wake.set()
-        self._thread.join(timeout=30)
-        self.engine.executor.shutdown()
+        self._finalizer()
+
+    def __enter__(self) -> AsyncLLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    async def __aenter__(self) -> AsyncLLM:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.shutdown()
 
     # Engine thread ----------------------------------------------------------------------------
 
@@ -261,20 +278,65 @@ class AsyncLLM:
             else:
                 self.engine.abort(payload)
 
-    def _loop(self) -> None:
+    def _loop_once(self) -> bool:
+        """Take the commands that came, then step if there is work; False when idle."""
+        self._drain_commands()
+        if not self.engine.has_unfinished():
+            return False
+        self._deliver_many([(out.request_id, _snapshot(out)) for out in self.engine.step()])
+        return True
+
+    def _loop_failed(self, exc: BaseException) -> None:
+        logger.exception("dsray engine loop failed")
+        self.error = exc
+        dead = EngineDeadError(f"engine failed: {exc!r}")
+        self._deliver_many([(request_id, dead) for request_id in list(self._streams)])
+
+
+def _run_loop(ref: weakref.ref, wake: threading.Event) -> None:
+    """The engine thread. It holds the ``AsyncLLM`` only while it steps, so a dropped one is collected."""
+    while True:
+        llm = ref()
+        if llm is None or llm._stopped:
+            return
         try:
-            while not self._stopped:
-                self._drain_commands()
-                if not self.engine.has_unfinished():
-                    self._wake.wait(timeout=1.0)
-                    self._wake.clear()
-                    continue
-                self._deliver_many([(out.request_id, _snapshot(out)) for out in self.engine.step()])
+            busy = llm._loop_once()
         except BaseException as exc:  # the loop must never die silently: fail every waiter
-            logger.exception("dsray engine loop failed")
-            self.error = exc
-            dead = EngineDeadError(f"engine failed: {exc!r}")
-            self._deliver_many([(request_id, dead) for request_id in list(self._streams)])
+            llm._loop_failed(exc)
+            return
+        del llm
+        if not busy:
+            wake.wait(timeout=1.0)
+            wake.clear()
+
+
+def _stop_engine(thread: threading.Thread, wake: threading.Event, engine: LLMEngine) -> None:
+    wake.set()
+    if thread is not threading.current_thread():
+        thread.join(timeout=30)
+    engine.executor.shutdown()
+
+
+def _weak(ref: weakref.ref, method: str) -> Callable[..., None]:
+    """A callback that reaches ``ref()``'s method while the object lives, and does nothing after."""
+
+    def call(*args: Any) -> None:
+        obj = ref()
+        if obj is not None:
+            getattr(obj, method)(*args)
+
+    return call
+
+
+def _with_ray_address(config: EngineConfig) -> EngineConfig:
+    """The engine process joins the Ray cluster this process is connected to (a Serve replica's)."""
+    if config.executor != "ray" or config.ray_address is not None:
+        return config
+    import ray
+
+    if not ray.is_initialized():
+        return config
+    return config.model_copy(update={"ray_address": ray.get_runtime_context().gcs_address})
 
 
 def _resolve(future: asyncio.Future) -> None:

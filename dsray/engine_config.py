@@ -86,8 +86,9 @@ class EngineConfig(BaseModel):
     )
     engine_process: bool = Field(
         False,
-        description="AsyncLLM runs the engine loop in a child process of its own (local executor only), so the "
-        "serving side and the engine do not share one GIL. The OpenAI server turns it on.",
+        description="AsyncLLM runs the engine loop in a child process of its own (with the ray executor, that "
+        "process drives the workers), so the serving side and the engine do not share one GIL. The OpenAI server "
+        "turns it on.",
     )
 
     @property

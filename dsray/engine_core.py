@@ -105,6 +105,8 @@ def core_main(config: dict[str, Any], conn: Any) -> None:
             conn.send(("failed", f"engine failed: {exc!r}"))
         finally:
             raise
+    finally:
+        engine.executor.shutdown()  # Ray workers and their placement group go with the engine
 
 
 class EngineCore(RequestChecks):

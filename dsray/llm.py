@@ -18,6 +18,9 @@ class LLM:
     ``model`` is a checkpoint directory; None uses the embedded default model (made once,
     offline). Keyword arguments are ``EngineConfig`` fields (``dtype``, ``kv_cache_memory_gb``,
     ``max_num_seqs``, ``max_num_batched_tokens``, ``block_size``, ``enable_prefix_caching``, …).
+
+    ``shutdown()`` — or leaving ``with LLM(...) as llm:`` — releases the workers (Ray actors and
+    their placement group with ``executor="ray"``); so does dropping the last reference.
     """
 
     def __init__(self, model: str | Path | None = None, **engine_args: Any):
@@ -31,6 +34,16 @@ class LLM:
     @property
     def tokenizer(self):
         return self.engine.tokenizer
+
+    def shutdown(self) -> None:
+        """Release the executor's workers (idempotent); the ``LLM`` cannot generate afterwards."""
+        self.engine.executor.shutdown()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
 
     def generate(
         self,

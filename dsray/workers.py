@@ -131,4 +131,5 @@ class ExpertWorker(_Worker):
             "step_seconds": self.step_seconds,
             "compute_seconds": self.exchange.compute_seconds,
             "rows": self.exchange.rows_computed,
+            "rounds": self.exchange.num_rounds,
         }

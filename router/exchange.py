@@ -74,11 +74,13 @@ class MoEExchange:
         self.wait_seconds = 0.0  # blocked in the exchange (waiting on experts included)
         self.compute_seconds = 0.0  # expert compute on this rank
         self.rows_computed = 0
+        self.num_rounds = 0
 
     def start_round(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> Combine:
         """Send ``x [T, D]``'s rows to the slots the gate picked (``topk_ids``/``topk_weights [T, K]``;
         T may be 0), serve this rank's slots, and return the combine in flight."""
         m, world = self.map, self.transport.world_size
+        self.num_rounds += 1
         slots = m.route(layer, topk_ids, self.replica_offset)  # [T*K] global slot per pair
         order = torch.argsort(slots, stable=True)  # pairs by destination rank, then slot
         send = torch.zeros(world, m.max_local_slots, dtype=torch.int64)

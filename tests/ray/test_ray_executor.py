@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 
 import pytest
@@ -16,6 +17,8 @@ from dsray.testing import make_hf_checkpoint
 
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
 PROMPTS = [[5, 6, 7, 8, 9], list(range(10, 47)), [100, 200], list(range(300, 321))]
+# Every worker of the lifecycle tests takes one of these: a leaked placement group blocks the next instance.
+SLOT = {"CPU": 1, "dsray_test_slot": 1}
 
 
 @pytest.fixture(scope="module")
@@ -34,14 +37,28 @@ def local_outputs(models):
     }
 
 
+@pytest.fixture(scope="module")
+def slots_cluster(fresh_ray):
+    ray.init(num_cpus=8, resources={"dsray_test_slot": 2}, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
 @pytest.mark.parametrize("model", ["v3", "v2"])
-@pytest.mark.parametrize(("A", "E"), [(1, 1), (1, 2), (2, 2), (1, 3)])
-def test_ray_executor_matches_local(ray_cluster, models, local_outputs, model, A, E):
-    llm = LLM(models[model], dtype="float32", executor="ray", num_attention_workers=A, num_expert_workers=E)
-    try:
+@pytest.mark.parametrize(("A", "E", "redundant"), [(1, 1, 0), (1, 2, 0), (2, 2, 0), (1, 3, 0), (1, 2, 4), (2, 3, 5)])
+def test_ray_executor_matches_local(slots_cluster, models, local_outputs, model, A, E, redundant):
+    with LLM(
+        models[model],
+        dtype="float32",
+        executor="ray",
+        num_attention_workers=A,
+        num_expert_workers=E,
+        num_redundant_experts=redundant,
+    ) as llm:
         executor = llm.engine.executor
-        if E == 3:
+        if (E, redundant) == (3, 0):
             assert executor.map.ranges == [(0, 6), (6, 11), (11, 16)]  # uneven shards
+        assert executor.map.num_redundant == redundant
         assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == local_outputs[model]
         # One request on two attention ranks: the idle rank still takes part in every exchange.
         assert llm.generate(PROMPTS[1], GREEDY)[0].token_ids == local_outputs[model][1]
@@ -49,11 +66,114 @@ def test_ray_executor_matches_local(ray_cluster, models, local_outputs, model, A
         assert len(load) == len(llm.engine.args.moe_layer_ids) and len(load[0]) == llm.engine.args.n_routed_experts
         # Every routed token counted once per layer: tokens run × experts per token.
         assert sum(load[0]) % llm.engine.args.num_experts_per_tok == 0 and sum(load[0]) > 0
-    finally:
-        llm.engine.executor.shutdown()
+        rows = sum(t["rows"] for t in executor.timings()["expert"])
+        assert rows == sum(map(sum, load))  # every routed pair computed once, on some replica
 
 
-def test_killing_an_expert_worker_fails_requests_cleanly(ray_cluster, models):
+def test_overlap_on_and_off_give_identical_outputs(slots_cluster, models, local_outputs):
+    """Shared experts during the exchange and two micro-batches per step change the schedule, not the result."""
+    rounds = {}
+    for overlap in (False, True):
+        with LLM(
+            models["v3"],
+            dtype="float32",
+            executor="ray",
+            num_attention_workers=2,
+            num_expert_workers=2,
+            num_redundant_experts=2,
+            overlap_shared_experts=overlap,
+            micro_batch_overlap=overlap,
+            micro_batch_min_tokens=2,  # split even the 2-sequence decode steps of this small test
+        ) as llm:
+            prompts = PROMPTS * 2
+            assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == local_outputs["v3"] * 2
+            rounds[overlap] = sum(t["rounds"] for t in llm.engine.executor.timings()["expert"])
+    assert rounds[True] > rounds[False]  # the micro-batches really ran as extra exchange rounds
+
+
+def test_a_placement_that_cannot_work_is_refused_before_anything_starts(slots_cluster, models):
+    with pytest.raises(ValueError, match=r"expert_placement: .*experts \[15\] have no slot"):
+        LLM(models["v3"], executor="ray", num_expert_workers=2, expert_placement=[list(range(8)), list(range(8, 15))])
+    with pytest.raises(ValueError, match="num_redundant_experts: .*does not fit"):
+        LLM(models["v3"], executor="ray", num_expert_workers=2, num_redundant_experts=17)
+    with pytest.raises(ValueError, match="need executor='ray'"):
+        LLM(models["v3"], num_redundant_experts=2)
+    assert ray.util.placement_group_table() == {} or all(
+        pg["state"] == "REMOVED" for pg in ray.util.placement_group_table().values()
+    )
+
+
+def test_user_placement_with_replicas_matches_local(slots_cluster, models, local_outputs):
+    placement = [[15, 3, 0, 7, 1, 2, 4, 5], [6, 8, 9, 10, 11, 12, 13, 14, 0, 3]]
+    with LLM(models["v3"], dtype="float32", executor="ray", num_expert_workers=2, expert_placement=placement) as llm:
+        assert llm.engine.executor.map.rank_slots(1)[0] == placement[1]
+        assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == local_outputs["v3"]
+
+
+def _ray_llm(models, **kw):
+    return LLM(
+        models["v3"],
+        dtype="float32",
+        executor="ray",
+        attention_worker_resources=SLOT,
+        expert_worker_resources=SLOT,
+        placement_timeout_s=15,
+        **kw,
+    )
+
+
+def test_lifecycle_releases_workers_for_the_next_instance(slots_cluster, models, local_outputs):
+    """``with``, ``shutdown()`` and garbage collection each free the cluster: the next instance starts at once."""
+    with _ray_llm(models) as llm:
+        assert llm.generate(PROMPTS[0], GREEDY)[0].token_ids == local_outputs["v3"][0]
+    llm = _ray_llm(models)
+    llm.shutdown()
+    llm.shutdown()  # idempotent
+    llm = _ray_llm(models)
+    assert llm.generate(PROMPTS[2], GREEDY)[0].token_ids == local_outputs["v3"][2]
+    del llm
+    gc.collect()
+    llm = _ray_llm(models)  # would wait placement_timeout_s and fail if the dropped one held its bundles
+    assert llm.generate(PROMPTS[3], GREEDY)[0].token_ids == local_outputs["v3"][3]
+    llm.shutdown()
+
+
+def _collect(llm: AsyncLLM, prompts) -> list[list[int]]:
+    async def one(prompt):
+        outs = [out async for out in llm.generate(prompt, GREEDY)]
+        return outs[-1].token_ids
+
+    async def main():
+        return await asyncio.gather(*(one(p) for p in prompts))
+
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("engine_process", [False, True])
+def test_async_llm_lifecycle_and_engine_process_with_ray(slots_cluster, models, local_outputs, engine_process):
+    """The serving engine loop runs in its own process with the Ray executor too; shutdown and GC free the workers."""
+    config = EngineConfig(
+        model=str(models["v3"]),
+        dtype="float32",
+        executor="ray",
+        attention_worker_resources=SLOT,
+        expert_worker_resources=SLOT,
+        placement_timeout_s=15,
+        engine_process=engine_process,
+    )
+    with AsyncLLM(config) as llm:
+        assert (llm.core is not None) == engine_process
+        assert _collect(llm, PROMPTS) == local_outputs["v3"]
+    llm = AsyncLLM(config)
+    assert _collect(llm, PROMPTS[:1]) == local_outputs["v3"][:1]
+    del llm
+    gc.collect()
+    llm = AsyncLLM(config)
+    assert _collect(llm, PROMPTS[1:2]) == local_outputs["v3"][1:2]
+    llm.shutdown()
+
+
+def test_killing_an_expert_worker_fails_requests_cleanly(slots_cluster, models):
     config = EngineConfig(
         model=str(models["v3"]), dtype="float32", executor="ray", num_expert_workers=2, step_timeout_s=10
     )
@@ -85,7 +205,7 @@ def test_killing_an_expert_worker_fails_requests_cleanly(ray_cluster, models):
         llm.shutdown()
 
 
-def test_unplaceable_workers_fail_fast_with_what_is_missing(ray_cluster, models):
+def test_unplaceable_workers_fail_fast_with_what_is_missing(slots_cluster, models):
     with pytest.raises(RuntimeError, match="could not place"):
         LLM(
             models["v3"],
