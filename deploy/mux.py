@@ -10,15 +10,19 @@ cost is paid per batch and a stream item carries the chunks of many requests.
 A ``MuxStream`` behaves like the ``DeploymentResponseGenerator`` of a per-request
 ``generate.remote``: ``async for`` / ``__anext__`` give the request's chunks (``StreamChunk`` or
 a final ``ErrorInfo``), a failed call raises its exception in every request it carried, and
-``cancel()`` aborts the request alone (``LLMServer.abort``) while the others go on. Aborts reach
-the replica holding the request only when the deployment has one replica, so the ingress uses
-the mux only then (``DsrayServeArgs.batches_requests``) and per-request calls otherwise.
+``cancel()`` aborts the request alone (``LLMServer.abort``) while the others go on. An abort names
+the request by a key this mux made for it, never by its request id: clients choose ids, and a
+second request reusing a running one's id (refused with 409) must not be able to abort it. Aborts
+reach the replica holding the request only when the deployment has one replica, so the ingress
+uses the mux only then (``DsrayServeArgs.batches_requests``) and per-request calls otherwise.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import uuid
 from typing import Any
 
 from ray.serve.handle import DeploymentHandle
@@ -34,9 +38,10 @@ _END = object()  # the batch stream ended before this request finished
 class MuxStream:
     """One request's chunks out of a shared batch stream."""
 
-    def __init__(self, mux: RequestMux, request_id: str):
+    def __init__(self, mux: RequestMux, request_id: str, key: str):
         self._mux = mux
         self.request_id = request_id
+        self.key = key  # names this request in LLMServer.generate_batch / abort
         self._queue: asyncio.Queue = asyncio.Queue()
         self.done = False  # finished, failed, or ended: nothing more will come
         self.cancelled = False
@@ -60,7 +65,7 @@ class MuxStream:
             return
         self.cancelled = True
         if self.sent:
-            self._mux.abort(self.request_id)
+            self._mux.abort(self.key)
 
     # Fed by the mux ---------------------------------------------------------------------------
 
@@ -87,18 +92,20 @@ class RequestMux:
         self._pending: list[tuple[GenerateRequest, MuxStream]] = []
         self._flush_scheduled = False
         self._tasks: set[asyncio.Task] = set()
+        self._prefix = uuid.uuid4().hex[:12]  # keys unique across the ingress replicas sharing an LLMServer
+        self._numbers = itertools.count()
 
     def generate(self, request: GenerateRequest) -> MuxStream:
         """Queue ``request`` for the next batch call (this turn of the loop); its stream of chunks."""
-        stream = MuxStream(self, request.request_id)
+        stream = MuxStream(self, request.request_id, f"{self._prefix}-{next(self._numbers)}")
         self._pending.append((request, stream))
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
         return stream
 
-    def abort(self, request_id: str) -> None:
-        self._spawn(self._abort(request_id))
+    def abort(self, key: str) -> None:
+        self._spawn(self._abort(key))
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -116,7 +123,8 @@ class RequestMux:
 
     async def _run(self, batch: list[tuple[GenerateRequest, MuxStream]]) -> None:
         streams = [stream for _, stream in batch]
-        call = self._stream_handle.generate_batch.remote([request for request, _ in batch])
+        keys = [stream.key for stream in streams]
+        call = self._stream_handle.generate_batch.remote([request for request, _ in batch], keys)
         failure: BaseException | None = None
         try:
             async for items in call:
@@ -128,8 +136,8 @@ class RequestMux:
             for stream in streams:
                 stream._end(failure)
 
-    async def _abort(self, request_id: str) -> None:
-        call = self._handle.abort.remote([request_id])
+    async def _abort(self, key: str) -> None:
+        call = self._handle.abort.remote([key])
 
         async def result() -> Any:
             return await call
@@ -137,4 +145,4 @@ class RequestMux:
         try:
             await asyncio.wait_for(result(), ABORT_TIMEOUT_S)
         except Exception as exc:  # the replica is gone (and the request with it) or busy: nothing to undo
-            logger.warning("could not abort request %s: %r", request_id, exc)
+            logger.warning("could not abort request %s: %r", key, exc)

@@ -15,6 +15,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from deploy.messages import ErrorInfo, GenerateRequest, StreamChunk
@@ -26,6 +27,7 @@ from dsray.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 GIL_SWITCH_INTERVAL_S = 0.02
+EARLY_ABORT_TTL_S = 60.0  # how long an abort waits for a generate_batch request that has not arrived
 
 # Error messages of SamplingParams and of the prompt checks start with the parameter's name.
 _PARAMS = set(SamplingParams.__dataclass_fields__) | {"prompt", "messages"}
@@ -44,6 +46,67 @@ def value_error_info(exc: Exception, prompt_param: str = "prompt") -> ErrorInfo:
 
 def engine_dead_info(exc: BaseException) -> ErrorInfo:
     return ErrorInfo(f"the model instance cannot serve: {exc}", type="ServiceUnavailableError", status=503)
+
+
+def max_token_chars(tokenizer: Any) -> int:
+    """The longest text one token of ``tokenizer`` stands for, in characters (at least 1).
+
+    Byte-level BPE vocabularies spell each byte as one character, so this bounds bytes too; a
+    prompt of N tokens is then at most N times this long, unless the tokenizer drops characters.
+    """
+    vocab = tokenizer.vocab() if tokenizer is not None else {}
+    return max((len(token) for token in vocab), default=1) or 1
+
+
+class PromptTokenizer:
+    """Text → token ids off the event loop, refusing a prompt that cannot fit without reading all of it.
+
+    Tokenizing is CPU work proportional to the text: on the replica's event loop a multi-megabyte
+    prompt stalled every stream and the health check for seconds. Here it runs on a worker thread
+    (the tokenizer releases the GIL), and text longer than ``prefix_chars`` is tokenized only that
+    far first: a prefix that already has ``max_model_len`` tokens or more (plus what a cut through
+    one token can add) means the whole prompt cannot fit, and the rest is never read. Only a
+    tokenizer that drops characters makes the prefix short of that, and then the whole text is
+    tokenized.
+    """
+
+    def __init__(self, tokenizer: Any, max_model_len: int):
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        token_chars = max_token_chars(tokenizer)
+        self.limit_tokens = max_model_len + token_chars
+        self.prefix_chars = self.limit_tokens * token_chars
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dsray-tokenize")
+
+    async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """``tokenizer.encode(text)``, or ValueError (context length) when it cannot fit the model."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._encode, text, add_special_tokens)
+
+    async def render_and_encode(self, messages: list[dict[str, Any]]) -> list[int]:
+        """Chat ``messages`` through the chat template, then ``encode`` (the template writes bos itself)."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._render_and_encode, messages)
+
+    def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        if len(text) > self.prefix_chars:
+            prefix = self.tokenizer.encode(text[: self.prefix_chars], add_special_tokens=add_special_tokens)
+            if len(prefix) >= self.limit_tokens:
+                raise ValueError(
+                    f"prompt has more than {self.max_model_len} tokens ({len(text)} characters); this model's "
+                    f"context is {self.max_model_len} tokens (prompt plus at least one generated token must fit)"
+                )
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    def _render_and_encode(self, messages: list[dict[str, Any]]) -> list[int]:
+        try:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        except ValueError:
+            raise
+        except Exception as exc:  # a template tripping over odd content is the request's fault
+            raise ValueError(f"chat template could not render these messages: {exc}") from exc
+        return self._encode(text, add_special_tokens=False)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 class LLMServer:
@@ -88,12 +151,18 @@ class LLMServer:
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         self.llm = engine_cls(config)
         self.tokenizer = self.llm.engine.tokenizer
+        self.prompts = PromptTokenizer(self.tokenizer, self.llm.engine.max_model_len) if self.tokenizer else None
         self.max_admitted = config.max_num_seqs + max_waiting_requests
         self.stream_interval_s = stream_interval_ms / 1000
         self.stream_chunks_per_s = stream_chunks_per_s
         self.created = int(time.time())
         self.num_admitted = 0  # requests between admission and their last chunk
-        self.batched: dict[str, asyncio.Task] = {}  # request id -> its task in a generate_batch call
+        # A generate_batch request's task, by the key its caller gave it (never by request id: ids come from
+        # clients, and one client's abort must not reach another's request).
+        self.batched: dict[str, asyncio.Task] = {}
+        # Keys aborted before their generate_batch call registered them (the abort is a call of its own
+        # and can overtake the batch), with when: their request is cancelled as soon as it arrives.
+        self.early_aborts: dict[str, float] = {}
         self.counters = {"num_finished": 0, "num_refused": 0, "num_failed": 0, "num_cancelled": 0}
 
     # Requests ---------------------------------------------------------------------------------
@@ -106,13 +175,17 @@ class LLMServer:
             yield refusal
             return
         prompt_param = "messages" if request.messages is not None else "prompt"
+        self.num_admitted += 1  # counted while it tokenizes too: the queue limit bounds that work as well
         try:
-            prompt = self._prompt(request)
             params = SamplingParams(**request.sampling)
+            prompt = await self._prompt(request)
         except (ValueError, TypeError) as exc:
+            self.num_admitted -= 1
             yield value_error_info(exc, prompt_param)
             return
-        self.num_admitted += 1
+        except BaseException:
+            self.num_admitted -= 1
+            raise
         finished = False
         try:
             stream = self.llm.stream(prompt, params, request.request_id)
@@ -144,13 +217,17 @@ class LLMServer:
             if finished:
                 self.counters["num_finished"] += 1
 
-    async def generate_batch(self, requests: list[GenerateRequest]) -> AsyncIterator[list[tuple[int, Any]]]:
+    async def generate_batch(
+        self, requests: list[GenerateRequest], keys: list[str] | None = None
+    ) -> AsyncIterator[list[tuple[int, Any]]]:
         """Several requests over one stream (``deploy/mux.py``): lists of ``(index, chunk or ErrorInfo)``.
 
         Each request runs ``generate`` in a task of its own, so admission, validation, chunking and
         errors are those of a single request; a list goes out whenever chunks have piled up, and
-        the stream ends when every request has. ``abort`` cancels one request; cancelling the
-        stream (the ingress went away) cancels them all.
+        the stream ends when every request has. ``abort(keys)`` cancels the requests given those
+        ``keys`` (unique per request, chosen by the caller: a request id, which clients choose,
+        could name someone else's request); cancelling the stream (the ingress went away) cancels
+        them all.
         """
         ready: list[tuple[int, Any]] = []
         wake = asyncio.Event()
@@ -164,8 +241,10 @@ class LLMServer:
         for index, request in enumerate(requests):
             task = asyncio.create_task(run(index, request))
             task.add_done_callback(lambda _: wake.set())
-            if self.batched.setdefault(request.request_id, task) is task:  # a duplicate id is refused (409) anyway
-                task.add_done_callback(lambda done, rid=request.request_id: self._unregister(rid, done))
+            if keys is not None and self.early_aborts.pop(keys[index], None) is not None:
+                task.cancel()  # its client left while the call was on its way
+            elif keys is not None and self.batched.setdefault(keys[index], task) is task:
+                task.add_done_callback(lambda done, key=keys[index]: self._unregister(key, done))
             tasks.append(task)
         try:
             while True:
@@ -182,16 +261,22 @@ class LLMServer:
             for task in tasks:
                 task.cancel()
 
-    def _unregister(self, request_id: str, task: asyncio.Task) -> None:
-        if self.batched.get(request_id) is task:
-            del self.batched[request_id]
+    def _unregister(self, key: str, task: asyncio.Task) -> None:
+        if self.batched.get(key) is task:
+            del self.batched[key]
 
-    async def abort(self, request_ids: list[str]) -> None:
-        """Cancel these requests of ``generate_batch`` calls (ids this replica does not hold are ignored)."""
-        for request_id in request_ids:
-            task = self.batched.get(request_id)
+    async def abort(self, keys: list[str]) -> None:
+        """Cancel the ``generate_batch`` requests given these keys (one not here yet is cancelled on arrival)."""
+        now = time.monotonic()
+        for key, when in list(self.early_aborts.items()):
+            if now - when > EARLY_ABORT_TTL_S:  # its request finished, or never came
+                del self.early_aborts[key]
+        for key in keys:
+            task = self.batched.get(key)
             if task is not None:
                 task.cancel()
+            else:
+                self.early_aborts[key] = now
 
     def _stream_interval(self) -> float:
         """Seconds a stream gathers tokens before its next chunk (the first token never waits).
@@ -219,26 +304,24 @@ class LLMServer:
             )
         return None
 
-    def _prompt(self, request: GenerateRequest) -> str | list[int]:
+    async def _prompt(self, request: GenerateRequest) -> list[int]:
+        """The request's prompt as token ids; text is rendered and tokenized off the event loop."""
         given = [x is not None for x in (request.prompt, request.prompt_token_ids, request.messages)]
         if sum(given) != 1:
             raise ValueError("give exactly one of prompt, prompt_token_ids and messages")
         if request.prompt_token_ids is not None:
             return list(request.prompt_token_ids)
+        if self.prompts is None:
+            what = "text prompts" if request.prompt is not None else "chat messages"
+            raise ValueError(f"this model has no tokenizer.json, so it cannot take {what}: give prompt_token_ids")
         if request.prompt is not None:
-            return request.prompt
-        if self.tokenizer is None:
-            raise ValueError("this model has no tokenizer, so it cannot render chat messages")
+            if not request.prompt:
+                raise ValueError("prompt must not be empty")
+            return await self.prompts.encode(request.prompt)
         messages = [_plain_message(m) for m in request.messages or []]
         if not messages:
             raise ValueError("messages must not be empty")
-        try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        except ValueError:
-            raise
-        except Exception as exc:  # a template tripping over odd content is the request's fault
-            raise ValueError(f"chat template could not render these messages: {exc}") from exc
-        return self.tokenizer.encode(text, add_special_tokens=False)  # the template wrote bos itself
+        return await self.prompts.render_and_encode(messages)
 
     def _chunk(self, out: RequestOutput, num_tokens: int, num_chars: int, want_logprobs: bool) -> StreamChunk:
         """The delta of ``out`` (cumulative) since ``num_tokens`` tokens and ``num_chars`` characters."""
@@ -310,6 +393,9 @@ class LLMServer:
         llm = getattr(self, "llm", None)
         if llm is not None:
             llm.shutdown()
+        prompts = getattr(self, "prompts", None)
+        if prompts is not None:
+            prompts.shutdown()
 
 
 def _plain_message(message: dict[str, Any]) -> dict[str, Any]:

@@ -32,10 +32,16 @@ class Tokenizer:
         self.vocab_size = self._tok.get_vocab_size()
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = self._tok.encode(text, add_special_tokens=False).ids
+        # encode_batch releases the GIL while it works (encode holds it: a long prompt stalled every
+        # other thread of the process for as long as it took).
+        ids = self._tok.encode_batch([text], add_special_tokens=False)[0].ids
         if add_special_tokens and self.add_bos and self.bos_token_id is not None and ids[:1] != [self.bos_token_id]:
             ids = [self.bos_token_id] + ids
         return ids
+
+    def vocab(self) -> dict[str, int]:
+        """Every token's string (added tokens included) → its id."""
+        return self._tok.get_vocab(with_added_tokens=True)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)

@@ -1,5 +1,6 @@
 """RequestMux + LLMServer.generate_batch without Ray: one call per loop turn, same chunks as one call per
-request, a cancel aborts only its request, a failed call fails every request it carried."""
+request, a cancel aborts only its request (also when another request reuses its id), a failed call fails
+every request it carried."""
 
 from __future__ import annotations
 
@@ -30,9 +31,9 @@ class _Handle:
     def options(self, **_):
         return self
 
-    def _batch(self, requests):
+    def _batch(self, requests, keys):
         self.batches.append([r.request_id for r in requests])
-        stream = self.server.generate_batch(requests)
+        stream = self.server.generate_batch(requests, keys)
         return stream if self.fail_after is None else self._failing(stream)
 
     async def _failing(self, stream):
@@ -42,9 +43,9 @@ class _Handle:
                 raise RuntimeError("the replica died")
             yield items
 
-    def _abort(self, request_ids):
-        self.aborts.append(list(request_ids))
-        return self.server.abort(request_ids)
+    def _abort(self, keys):
+        self.aborts.append(list(keys))
+        return self.server.abort(keys)
 
 
 async def _all(stream) -> list:
@@ -117,10 +118,10 @@ def test_cancel_aborts_only_its_request(server):
         streams["b"].cancel()
         rest = {rid: await _all(streams[rid]) for rid in "ac"}
         await _settle(server)  # the abort is a call of its own; the engine drops the request at its next step
-        return handle, rest
+        return handle, rest, streams["b"].key
 
-    handle, rest = asyncio.run(scenario())
-    assert handle.aborts == [["b"]]
+    handle, rest, key = asyncio.run(scenario())
+    assert handle.aborts == [[key]] and key != "b"  # aborts name the mux's key, never the client's id
     assert all(chunks[-1].num_generated_tokens == 60 for chunks in rest.values())
     assert server.counters["num_cancelled"] >= 1
     assert _idle(server)
@@ -159,4 +160,41 @@ def test_a_duplicate_id_is_refused_and_the_first_request_stays_abortable(server)
     refused = asyncio.run(scenario())
     assert len(refused) == 1 and isinstance(refused[0], ErrorInfo) and refused[0].status == 409
     assert server.counters["num_cancelled"] == cancelled_before + 1  # the cancel still found the first request
+    assert _idle(server)
+
+
+def test_a_duplicate_that_leaves_at_once_does_not_touch_the_running_request(server):
+    """Issue 17: a second request reusing a running request's id, whose client disconnects at once, used to
+    end the first one's stream (its abort was keyed by request id)."""
+
+    async def scenario():
+        handle = _Handle(server)
+        mux = RequestMux(handle)
+        first = mux.generate(_request("shared", 40))
+        got = [await first.__anext__()]
+        left = mux.generate(_request("shared", 5))  # the client leaves before its 409 arrives
+        await asyncio.sleep(0)  # sent with the next batch call
+        left.cancel()
+        refused = await _all(mux.generate(_request("shared", 5)))
+        got += await _all(first)
+        await _settle(server)
+        return handle, got, refused
+
+    handle, got, refused = asyncio.run(scenario())
+    assert len(handle.aborts) == 1  # the leaving duplicate's own abort, which found nothing to cancel
+    assert len(refused) == 1 and isinstance(refused[0], ErrorInfo) and refused[0].status == 409
+    assert got[-1].finish_reason == "length" and got[-1].num_generated_tokens == 40
+    assert _idle(server)
+
+
+def test_an_abort_that_overtakes_its_batch_call_still_cancels_the_request(server):
+    """The abort is a call of its own: it can reach the LLMServer before the batch carrying its request."""
+    cancelled_before = server.counters["num_cancelled"]
+
+    async def scenario():
+        await server.abort(["key-early"])
+        return await _all(server.generate_batch([_request("early", 50)], ["key-early"]))
+
+    assert asyncio.run(scenario()) == []  # cancelled before it produced a chunk
+    assert server.counters["num_cancelled"] <= cancelled_before + 1 and not server.early_aborts
     assert _idle(server)

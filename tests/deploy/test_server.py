@@ -180,3 +180,59 @@ def test_stats_and_models(server):
     assert all(len(layer) == server.llm.engine.args.n_routed_experts for layer in load)
     (model,) = server.models()
     assert model["id"] == "tiny" and model["max_model_len"] == 128
+
+
+class _CountingTokenizer:
+    """The tiny model's tokenizer, recording how much text each encode call read, and sleeping (GIL released)
+    while it encodes so that a test can see whether the event loop kept running meanwhile."""
+
+    def __init__(self, inner, sleep_s: float = 0.0):
+        self.inner, self.sleep_s = inner, sleep_s
+        self.lengths: list[int] = []
+
+    def vocab(self):
+        return self.inner.vocab()
+
+    def encode(self, text, add_special_tokens=True):
+        import time
+
+        self.lengths.append(len(text))
+        time.sleep(self.sleep_s)
+        return self.inner.encode(text, add_special_tokens=add_special_tokens)
+
+
+def test_a_prompt_that_cannot_fit_is_refused_without_tokenizing_all_of_it(server):
+    from deploy.server import PromptTokenizer
+
+    counting = _CountingTokenizer(server.tokenizer)
+    prompts = PromptTokenizer(counting, server.llm.engine.max_model_len)
+    try:
+        huge = "the weather today is fine " * 400_000  # 10 MB, a context of 128 tokens
+        with pytest.raises(ValueError, match="context"):
+            asyncio.run(prompts.encode(huge))
+        assert counting.lengths == [prompts.prefix_chars] and prompts.prefix_chars < len(huge) / 100
+        chunks = asyncio.run(_collect(server, GenerateRequest("huge", prompt=huge, sampling={"max_tokens": 1})))
+        assert len(chunks) == 1 and chunks[0].status == 400 and chunks[0].code == "context_length_exceeded"
+        assert asyncio.run(prompts.encode("The weather today is")) == server.tokenizer.encode("The weather today is")
+    finally:
+        prompts.shutdown()
+
+
+def test_tokenizing_runs_off_the_event_loop(server):
+    from deploy.server import PromptTokenizer
+
+    prompts = PromptTokenizer(_CountingTokenizer(server.tokenizer, sleep_s=1.0), server.llm.engine.max_model_len)
+
+    async def scenario() -> int:
+        ticks = 0
+        encode = asyncio.ensure_future(prompts.encode("The weather today is"))
+        while not encode.done():
+            ticks += 1
+            await asyncio.sleep(0.01)
+        await encode
+        return ticks
+
+    try:
+        assert asyncio.run(scenario()) > 10  # the loop kept turning during the one-second encode
+    finally:
+        prompts.shutdown()
