@@ -1,4 +1,4 @@
-"""The ``dsray`` command: make-model, generate, serve."""
+"""The ``dsray`` command: make-model, generate, serve, eplb."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 import time
+
+from dsray import eplb_cli
 
 DEFAULT_PROMPTS = [
     "The weather today is",
@@ -136,9 +138,12 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
     _add_serve_parser(sub)
+    eplb_cli.add_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "eplb":
+        return eplb_cli.run(args)
     try:
         return _generate(args)
     except (ValueError, FileNotFoundError) as exc:
