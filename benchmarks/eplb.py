@@ -36,6 +36,10 @@ def _timed_plan(*args, **kwargs) -> tuple[Placement, dict]:
 
 
 def leave_one_out(loads: dict[str, list], ranks: int, redundant: int, nodes: int, groups: int | None) -> dict:
+    try:  # sizes that do not give every rank the same number of slots are refused, and reported as such
+        plan_placement(next(iter(loads.values())), ranks, redundant, nodes, num_groups=groups)
+    except ValueError as exc:
+        return {"refused": str(exc)}
     rows = {}
     for name, held_out in loads.items():
         history = [load for other, load in loads.items() if other != name]
@@ -53,19 +57,21 @@ def leave_one_out(loads: dict[str, list], ranks: int, redundant: int, nodes: int
     return {
         "held_out": rows,
         "worst_history": max(r["history"] for r in rows.values()),
+        "mean_history": round(sum(r["history"] for r in rows.values()) / len(rows), 4),
         "worst_itself": max(r["itself"] for r in rows.values()),
     }
 
 
-def incremental(loads: dict[str, list], ranks: int, redundant: int, nodes: int, groups: int | None) -> dict:
-    """Every ordered pair of workloads: plan on the first, re-plan on the second from that placement."""
+def incremental(
+    loads: dict[str, list], ranks: int, redundant: int, nodes: int, groups: int | None, all_pairs: bool
+) -> dict:
+    """Plan on one workload, re-plan on another from that placement: each file to the next, or every pair."""
     names = list(loads)
+    pairs = [(a, b) for a in names for b in names if a != b] if all_pairs else list(zip(names, names[1:] + names[:1]))
     rows = []
-    for old in names:
+    for old in dict.fromkeys(a for a, _ in pairs):
         before = plan_placement(loads[old], ranks, redundant, nodes, num_groups=groups)
-        for new in names:
-            if new == old:
-                continue
+        for new in (b for a, b in pairs if a == old):
             scratch = plan_placement(loads[new], ranks, redundant, nodes, num_groups=groups)
             after, took = _timed_plan(loads[new], ranks, redundant, nodes, before, num_groups=groups)
             rows.append(
@@ -96,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--groups", type=int, default=None, help="expert groups (DeepSeek-V3: 8); default one per node")
     parser.add_argument("--incremental-redundant", type=int, default=32, help="redundancy of the incremental check")
     parser.add_argument("--no-incremental", action="store_true", help="skip the incremental re-plan check")
+    parser.add_argument("--all-pairs", action="store_true", help="incremental: every ordered pair, not file to next")
     args = parser.parse_args(argv)
     files = sorted(args.data.glob("*.json"))
     if len(files) < 2:
@@ -113,7 +120,9 @@ def main(argv: list[str] | None = None) -> int:
         "redundant": {str(r): leave_one_out(loads, args.ranks, r, args.nodes, args.groups) for r in args.redundant},
     }
     if not args.no_incremental:
-        result["incremental"] = incremental(loads, args.ranks, args.incremental_redundant, args.nodes, args.groups)
+        result["incremental"] = incremental(
+            loads, args.ranks, args.incremental_redundant, args.nodes, args.groups, args.all_pairs
+        )
         result["incremental"]["redundant"] = args.incremental_redundant
     print(json.dumps(result, indent=1))
     return 0
