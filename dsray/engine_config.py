@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from dsray import envs
 from dsray.engine.scheduler import SchedulerConfig
@@ -90,6 +90,16 @@ class EngineConfig(BaseModel):
         "process drives the workers), so the serving side and the engine do not share one GIL. The OpenAI server "
         "turns it on.",
     )
+
+    @model_validator(mode="after")
+    def _placement_needs_expert_workers(self) -> EngineConfig:
+        if self.executor == "local" and (self.num_redundant_experts or self.expert_placement is not None):
+            raise ValueError(
+                "num_redundant_experts/expert_placement place experts on expert workers: they need executor='ray' "
+                "and num_expert_workers >= 2 (dsray serve: --expert-workers N); the local executor holds every "
+                "expert once"
+            )
+        return self
 
     @property
     def torch_dtype(self) -> torch.dtype:

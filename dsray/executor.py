@@ -69,9 +69,4 @@ def create_executor(config: EngineConfig) -> Executor:
         return RayExecutor(config)
     if config.num_attention_workers != 1 or config.num_expert_workers != 1:
         raise ValueError("num_attention_workers/num_expert_workers need executor='ray'")
-    if config.num_redundant_experts or config.expert_placement is not None:
-        raise ValueError(
-            "num_redundant_experts/expert_placement place experts on expert workers: they need executor='ray' "
-            "and num_expert_workers >= 2 (the local executor holds every expert once)"
-        )
     return LocalExecutor(config)

@@ -125,6 +125,8 @@ def test_killing_an_expert_worker_fails_streams_cleanly_then_the_replica_heals(e
     workers = _expert_workers()
     assert len(workers) == 2, workers
     assert _health(ep) == 200
+    engine_pid = server.stats("ep")["engine_pid"]  # the serving loop runs in a process of its own with Ray too
+    assert "ExpertWorker" not in Path(f"/proc/{engine_pid}/cmdline").read_text(errors="replace")
     started = threading.Semaphore(0)
     with ThreadPoolExecutor(3) as pool:
         streams = [pool.submit(_sse_stream, ep, i, started) for i in range(2)]
