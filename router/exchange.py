@@ -84,9 +84,8 @@ class MoEExchange:
         slots = m.route(layer, topk_ids, self.replica_offset)  # [T*K] global slot per pair
         order = torch.argsort(slots, stable=True)  # pairs by destination rank, then slot
         send = torch.zeros(world, m.max_local_slots, dtype=torch.int64)
-        send[m.first_rank : m.first_rank + m.num_ranks] = torch.bincount(slots, minlength=m.num_slots).view(
-            m.num_ranks, m.max_local_slots
-        )
+        per_slot = torch.bincount(slots, minlength=m.num_slots).cpu()
+        send[m.first_rank : m.first_rank + m.num_ranks] = per_slot.view(m.num_ranks, m.max_local_slots)
         start = time.perf_counter()
         recv = self.transport.exchange_counts(send.to(x.device)).cpu()  # [world, M] from each source
         self.wait_seconds += time.perf_counter() - start
@@ -125,7 +124,7 @@ class MoEExchange:
             # Rows of each source arrive sorted by local slot; merge the sources by slot.
             num_slots = recv.shape[1]
             local = torch.repeat_interleave(torch.arange(num_slots).repeat(recv.shape[0]), recv.reshape(-1))
-            order = torch.argsort(local, stable=True)
+            order = torch.argsort(local, stable=True).to(rows.device)
             out = torch.empty_like(rows)
             out[order] = self.compute[layer](rows[order], per_slot)
         self.compute_seconds += time.perf_counter() - start

@@ -124,12 +124,14 @@ class ExpertMap:
         """
         table, counts = self._tables[layer]
         flat = topk_ids.reshape(-1)  # [T*K]
+        if table.device != flat.device:
+            table, counts = self._tables[layer] = table.to(flat.device), counts.to(flat.device)
         if table.shape[1] == 1:
             return table[flat, 0]
         order = torch.argsort(flat, stable=True)
         sorted_ids = flat[order]
         group_start = torch.searchsorted(sorted_ids, sorted_ids, right=False)  # first pair of the same expert
-        nth = torch.arange(flat.numel()) - group_start  # [T*K] position within its expert
+        nth = torch.arange(flat.numel(), device=flat.device) - group_start  # [T*K] position within its expert
         pick = torch.empty_like(flat)
         pick[order] = (nth + offset) % counts[sorted_ids]
         return table[flat, pick]
