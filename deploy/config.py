@@ -72,6 +72,40 @@ class IngressDeploymentArgs(_Strict):
     )
 
 
+class FrontDoorArgs(_Strict):
+    """The HAProxy in front of the ingress on a cluster that ``dsray serve`` starts (deploy/haproxy.py).
+
+    Slow or idle clients cost HAProxy a connection each, and a connection over ``max_connections``
+    waits for one to close: these bound how long a client may take and how many connections one
+    address may hold, so thousands of slow connections cannot lock a normal request out.
+    """
+
+    header_timeout_s: int = Field(
+        10,
+        ge=1,
+        description="A client must send a request's headers within this many seconds (HAProxy "
+        "`timeout http-request`), else 408 and the connection closes.",
+    )
+    client_timeout_s: int = Field(
+        120,
+        ge=1,
+        description="Longest a client may stay silent while it should send or read (HAProxy "
+        "`timeout client`); an idle keep-alive connection closes after Serve's keep_alive_timeout_s.",
+    )
+    max_connections: int = Field(
+        16384,
+        ge=64,
+        description="Connections HAProxy holds at once (its `maxconn`; fewer where the open-file limit "
+        "allows fewer); more wait in the kernel.",
+    )
+    max_connections_per_client: int = Field(
+        512,
+        ge=0,
+        description="Connections one client address may hold at once; more are refused at "
+        "connect (0: no limit — set that when a load balancer in front makes every client one address).",
+    )
+
+
 class DsrayServeArgs(_Strict):
     """Everything that shapes one dsray Serve application.
 
@@ -105,6 +139,12 @@ class DsrayServeArgs(_Strict):
         description="Streaming: chunks a replica aims to send per second over all its streams; under load "
         "each stream's chunks carry more tokens instead (0: no target, a chunk per engine step).",
     )
+    max_request_body_bytes: int | None = Field(
+        None,
+        ge=1024,
+        description="Largest request body; a larger one gets 413 before it is read whole. None: 32 bytes "
+        "per token of the model's context, at least 1 MiB.",
+    )
     host: str = Field("127.0.0.1", description="HTTP bind address when dsray starts Serve.")
     port: int = Field(8000, ge=0, le=65535, description="HTTP port when dsray starts Serve.")
     grpc_port: int | None = Field(
@@ -119,6 +159,10 @@ class DsrayServeArgs(_Strict):
     ingress: IngressDeploymentArgs = Field(
         default_factory=IngressDeploymentArgs, description="Ingress deployment options."
     )
+    front_door: FrontDoorArgs = Field(
+        default_factory=FrontDoorArgs,
+        description="HAProxy limits where dsray starts the cluster (dsray serve); a joined cluster keeps its own.",
+    )
     attention_workers: int | None = Field(
         None, ge=1, description="Attention worker actors per model instance; set → engine.executor 'ray'."
     )
@@ -131,7 +175,6 @@ class DsrayServeArgs(_Strict):
     def _engine_fields(cls, engine: dict[str, Any]) -> dict[str, Any]:
         if "model" in engine:
             raise ValueError("give the checkpoint as the top-level 'model' argument, not engine.model")
-        EngineConfig(model="<checkpoint>", **engine)  # fail here, naming the bad field, not in a replica
         return engine
 
     @model_validator(mode="after")
@@ -144,6 +187,8 @@ class DsrayServeArgs(_Strict):
                 "num_attention_workers": self.attention_workers or self.engine.get("num_attention_workers", 1),
                 "num_expert_workers": self.expert_workers or self.engine.get("num_expert_workers", 1),
             }
+        # Fail here, naming the bad field, not in a replica (after the worker counts chose the executor).
+        EngineConfig(model="<checkpoint>", **self.engine)
         if self.api_key is None:
             self.api_key = envs.api_key()
         if self.served_model_name is None:

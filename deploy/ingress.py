@@ -20,6 +20,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
@@ -41,8 +42,20 @@ ChunkStream = DeploymentResponseGenerator | MuxStream  # what open_stream return
 REQUEST_ID_HEADER = "x-request-id"
 RETRY_AFTER_S = 1  # a full queue drains within a few decode steps of the running batch
 CONTROL_TIMEOUT_S = 5.0  # health, stats and model-list calls to an LLMServer
+# Request bodies by default: room for a context of text prompt, JSON-escaped (a CJK character is 6 bytes
+# as \uXXXX and about a token), and never under 1 MiB. Past it: 413, before the body is read whole.
+BODY_BYTES_PER_TOKEN = 32
+MIN_BODY_LIMIT_BYTES = 1 << 20
 
-app = FastAPI(title="dsray", description="OpenAI-compatible serving of DeepSeek-architecture models.")
+# FastAPI's own /docs, /redoc and /openapi.json would answer without the API key; the routes below
+# serve them behind it.
+app = FastAPI(
+    title="dsray",
+    description="OpenAI-compatible serving of DeepSeek-architecture models.",
+    docs_url=None,
+    redoc_url=None,
+    openapi_url=None,
+)
 
 
 # Errors ---------------------------------------------------------------------------------------
@@ -115,6 +128,62 @@ def _sse(data: dict[str, Any]) -> str:
     return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
+def default_body_limit(max_model_len: int) -> int:
+    """The request-body limit for a model of this context length when none is configured."""
+    return max(MIN_BODY_LIMIT_BYTES, BODY_BYTES_PER_TOKEN * max_model_len)
+
+
+def body_too_large(limit: int) -> Response:
+    """413, and the connection closed: the rest of the body is never read."""
+    info = ErrorInfo(
+        f"request body is larger than {limit} bytes (the server's max_request_body_bytes)",
+        type="BadRequestError",
+        code="request_too_large",
+        status=413,
+    )
+    response = error_response(info)
+    response.headers["Connection"] = "close"
+    return response
+
+
+async def read_body(request: Request, limit: int) -> bytes | None:
+    """The request body, or None as soon as it is known to exceed ``limit`` bytes (Content-Length, or counted)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        return None
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            return None
+    return bytes(body)
+
+
+async def disconnected(request: Request) -> None:
+    """Return when the client has gone away (call once the body has been read)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_disconnected(request: Request, awaitable: Any) -> tuple[bool, Any]:
+    """``(True, result)`` of ``awaitable``, or ``(False, None)`` once the client has gone (it is cancelled then).
+
+    While a request waits for its first token, or a non-streaming one for its last, nothing is
+    written to the client, so nothing else would notice it leave.
+    """
+    work = asyncio.ensure_future(awaitable)
+    gone = asyncio.ensure_future(disconnected(request))
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not work.done():
+            work.cancel()
+    if not work.done() or work.cancelled():
+        return False, None
+    return True, work.result()
+
+
 # The deployment ---------------------------------------------------------------------------
 # serve.ingress pickles the app while this class is being defined, so the route methods are
 # copied by value with the module globals that exist at that moment: everything they use is
@@ -138,6 +207,7 @@ class OpenAIIngress:
         )
         self.metrics = ServingMetrics(self.model_name)
         self._models: list[dict[str, Any]] | None = None
+        self._body_limit: int | None = self.args.max_request_body_bytes
 
     # Routes -----------------------------------------------------------------------------------
 
@@ -153,12 +223,28 @@ class OpenAIIngress:
     async def list_models(self, request: Request) -> Response:
         if (refusal := self._auth_error(request)) is not None:
             return error_response(refusal)
-        if self._models is None:
-            try:
-                self._models = await control(self.server.models.remote())
-            except Exception as exc:
-                return error_response(_handle_error_info(exc))
-        return JSONResponse({"object": "list", "data": self._models})
+        try:
+            return JSONResponse({"object": "list", "data": await self._model_list()})
+        except Exception as exc:
+            return error_response(_handle_error_info(exc))
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(self, request: Request) -> Response:
+        if (refusal := self._auth_error(request)) is not None:
+            return error_response(refusal)
+        return JSONResponse(request.app.openapi())
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs(self, request: Request) -> Response:
+        if (refusal := self._auth_error(request)) is not None:
+            return error_response(refusal)
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="dsray")
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc(self, request: Request) -> Response:
+        if (refusal := self._auth_error(request)) is not None:
+            return error_response(refusal)
+        return get_redoc_html(openapi_url="/openapi.json", title="dsray")
 
     @app.get("/health")
     async def health(self) -> Response:
@@ -189,8 +275,16 @@ class OpenAIIngress:
             return error_response(ErrorInfo("x-request-id must be printable and at most 256 characters"))
         if (refusal := self._auth_error(request)) is not None:
             return error_response(refusal)
+        if self._body_limit is None:
+            try:
+                self._body_limit = default_body_limit((await self._model_list())[0]["max_model_len"])
+            except Exception as exc:
+                return error_response(_handle_error_info(exc))
+        raw = await read_body(request, self._body_limit)
+        if raw is None:
+            return body_too_large(self._body_limit)
         try:
-            body = body_cls.model_validate_json(await request.body())
+            body = body_cls.model_validate_json(raw)
             generate_request = self._generate_request(body, request_id)
         except ValidationError as exc:
             return error_response(validation_error_info(exc))
@@ -205,13 +299,16 @@ class OpenAIIngress:
         observer = self.metrics.observer()
         stream = self.open_stream(generate_request)
         try:
-            first = await stream.__anext__()
+            answered, first = await unless_disconnected(request, stream.__anext__())
         except asyncio.CancelledError:
             stream.cancel()
             raise
         except Exception as exc:
             stream.cancel()
             return error_response(_handle_error_info(exc))
+        if not answered:
+            stream.cancel()  # the client left while the request queued or prefilled: abort it
+            return Response(status_code=499)
         if isinstance(first, ErrorInfo):
             return error_response(first)
         chat = body_cls is ChatCompletionRequest
@@ -220,10 +317,12 @@ class OpenAIIngress:
             events = self._stream_events(response, first, stream, observer)
             return StreamingResponse(events, media_type="text/event-stream")
         try:
-            final = await self._collect(response, first, stream, observer)
+            answered, final = await unless_disconnected(request, self._collect(response, first, stream, observer))
         finally:
             if not observer.done:
                 stream.cancel()  # the client left (or the stream failed): abort the request
+        if not answered:
+            return Response(status_code=499)  # nobody is there to read it
         if isinstance(final, ErrorInfo):
             return error_response(final)
         return JSONResponse(response.full(final))
@@ -302,6 +401,11 @@ class OpenAIIngress:
                 stream.cancel()  # the client disconnected: abort the request in the engine
 
     # Helpers ----------------------------------------------------------------------------------
+
+    async def _model_list(self) -> list[dict[str, Any]]:
+        if self._models is None:
+            self._models = await control(self.server.models.remote())
+        return self._models
 
     def _auth_error(self, request: Request) -> ErrorInfo | None:
         if not self.api_key:

@@ -2,26 +2,42 @@
 
 ``start`` brings up (or joins, with ``RAY_ADDRESS``) a Ray cluster and deploys the app;
 ``stop`` removes what ``start`` made (all of Serve and Ray when it started the cluster, only
-its own application when it joined one). ``serve_forever`` is the body of ``dsray serve``:
-start, print the URL, wait for SIGINT/SIGTERM, stop.
+its own application when it joined one, and the private folder of its HAProxy). ``serve_forever``
+is the body of ``dsray serve``: start, print the URL, wait for SIGINT/SIGTERM, stop.
+
+A cluster of its own listens on the loopback interface only unless ``host`` is another address:
+Ray's node address (and with it the ports of its processes and its metrics export) is then
+127.0.0.1, the dashboard stays on 127.0.0.1 always, and HAProxy's stats and Prometheus pages do
+too (``deploy/haproxy.py``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
+import logging
 import os
+import shlex
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
-from deploy.config import DsrayServeArgs
+from deploy.config import DsrayServeArgs, FrontDoorArgs
 from dsray import envs
 
 APP_NAME = "dsray"
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+_run_dir: Path | None = None  # the private folder of the cluster start() made; stop() removes it
+# HAProxy refuses unix socket paths over 97 characters; Serve puts its sockets at <folder>/<node id>/*.sock.
+_SOCKET_PATH_MAX = 97
+_SOCKET_SUFFIX = len("/") + 56 + len("/metrics.sock")
 
 
 def grpc_options(args: DsrayServeArgs) -> dict[str, Any] | None:
@@ -40,7 +56,41 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def fast_ingress_env() -> dict[str, str]:
+def make_run_dir() -> Path:
+    """A private (0700) folder for HAProxy's files, short enough a path for the sockets in it."""
+    base = tempfile.gettempdir()
+    if len(base) + len("/dsray-12345678") + _SOCKET_SUFFIX > _SOCKET_PATH_MAX:
+        base = "/tmp"
+    return Path(tempfile.mkdtemp(prefix="dsray-", dir=base))
+
+
+def haproxy_env(run_dir: Path, front_door: FrontDoorArgs) -> dict[str, str]:
+    """Serve's HAProxy settings that put its files in ``run_dir`` and run it through ``deploy/haproxy.py``.
+
+    Serve's defaults put the admin socket (``level admin``) and the config in ``/tmp/haproxy-serve``,
+    world-readable and left behind; ``run_dir`` is private (0700) and removed by ``stop``. Serve runs
+    the binary it is given with the config to use: a shim here hardens the config
+    (``deploy.haproxy.harden``), then runs the real HAProxy.
+    """
+    from ray.serve._private.haproxy import get_haproxy_binary
+
+    settings = run_dir / "haproxy-settings.json"
+    settings.write_text(json.dumps({"haproxy": get_haproxy_binary(), **front_door.model_dump()}))
+    guard = Path(__file__).with_name("haproxy.py")
+    shim = run_dir / "haproxy"
+    shim.write_text(f'#!/bin/sh\nexec {shlex.join([sys.executable, str(guard), str(settings)])} "$@"\n')
+    shim.chmod(0o700)
+    return {
+        "RAY_SERVE_HAPROXY_BINARY_PATH": str(shim),
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": str(run_dir / "admin.sock"),
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(run_dir / "haproxy.cfg"),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(run_dir),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(run_dir / "server-state"),
+        "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(run_dir / "metrics.sock"),
+    }
+
+
+def fast_ingress_env(run_dir: Path | None = None, front_door: FrontDoorArgs | None = None) -> dict[str, str]:
     """Serve settings for a cluster that serves dsray, to be in the environment Ray starts with.
 
     Serve's default front door is a Python proxy actor that parses every HTTP request and streams
@@ -50,9 +100,10 @@ def fast_ingress_env() -> dict[str, str]:
     listens on the HTTP/gRPC ports and forwards to the ingress replica's own server, and the
     throughput-optimised settings send handle calls between deployments over gRPC and run user code
     and the router on the replica's event loop. Empty where Ray or the platform lacks HAProxy
-    mode, or where ``DSRAY_SERVE_FAST_INGRESS=0`` asks for Serve's defaults. Serve reads these at
-    import in its controller and replicas, so they must be set before the cluster starts;
-    variables already in the environment win.
+    mode, or where ``DSRAY_SERVE_FAST_INGRESS=0`` asks for Serve's defaults. With ``run_dir`` (a
+    private folder), HAProxy keeps its files there and runs with ``front_door``'s limits
+    (``haproxy_env``). Serve reads these at import in its controller and replicas, so they must be
+    set before the cluster starts; variables already in the environment win.
     """
     from ray.serve._private import constants
 
@@ -71,6 +122,8 @@ def fast_ingress_env() -> dict[str, str]:
         "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
         "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
     }
+    if run_dir is not None:
+        env.update(haproxy_env(run_dir, front_door or FrontDoorArgs()))
     return {key: value for key, value in env.items() if key not in os.environ}
 
 
@@ -89,15 +142,70 @@ def cluster_env(env: dict[str, str]) -> Iterator[None]:
                 os.environ[key] = value
 
 
-def init_cluster(**ray_init: Any) -> None:
-    """``ray.init`` a local cluster of our own, or join ``RAY_ADDRESS``'s."""
+def init_cluster(args: DsrayServeArgs | None = None, **ray_init: Any) -> None:
+    """``ray.init`` a local cluster of our own, or join ``RAY_ADDRESS``'s.
+
+    A cluster of our own listens on 127.0.0.1 unless ``args.host`` is another address, and gets a
+    private folder for its HAProxy (removed by ``stop``).
+    """
     import ray
 
+    global _run_dir
+    args = args or DsrayServeArgs()
     address = envs.ray_address()
-    # A joined cluster keeps the Serve settings it was started with (see deploy/README.md).
-    with cluster_env({} if address else fast_ingress_env()):
+    if address:  # a joined cluster keeps the Serve settings it was started with (see deploy/README.md)
+        ray.init(address=address, **ray_init)
+        return
+    _run_dir = make_run_dir()
+    env = fast_ingress_env(_run_dir, args.front_door)
+    ray_init.setdefault("dashboard_host", "127.0.0.1")
+    with cluster_env(env), single_machine(args.host in LOOPBACK_HOSTS):
         # "local": never attach to some other cluster on this machine unless RAY_ADDRESS says so.
-        ray.init(address=address or "local", **ray_init)
+        ray.init(address="local", **ray_init)
+
+
+@contextlib.contextmanager
+def single_machine(loopback: bool) -> Iterator[None]:
+    """While a local cluster starts: with ``loopback``, a node address of 127.0.0.1 instead of the machine's.
+
+    Ray turns a 127.0.0.1 node address into the machine's (for other nodes to reach) unless
+    clusters are off, as Ray runs on macOS and Windows (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``);
+    then its agents, metrics exporters and dashboard listen on 127.0.0.1, not on every interface.
+    Ray reads that variable when it is imported, which ``dsray serve`` has done by now, so the
+    constant is set for the start too; its processes get the variable.
+    """
+    from ray._private import ray_constants
+
+    if not loopback:
+        yield
+        return
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        with cluster_env({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}):
+            yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
+
+
+@contextlib.contextmanager
+def _quiet_reconnect() -> Iterator[None]:
+    """Drop the "Connecting to existing Serve app ... New http_options will not be applied" line.
+
+    ``serve.run`` takes no HTTP options, so ``deploy`` starts Serve with them first; ``serve.run``
+    then finds that instance and says its (absent) options will not apply, which on a fresh start
+    reads as if ours were ignored.
+    """
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Connecting to existing Serve app")
+
+    serve_logger = logging.getLogger("ray.serve")
+    serve_logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        serve_logger.removeFilter(keep)
 
 
 class DeployError(RuntimeError):
@@ -116,7 +224,8 @@ def deploy(args: DsrayServeArgs, should_stop: Callable[[], bool] = lambda: False
     from deploy.app import build_app
 
     serve.start(http_options={"host": args.host, "port": args.port}, grpc_options=grpc_options(args))
-    serve._run(build_app(args), name=APP_NAME, route_prefix="/", _blocking=False)  # serve.run, minus the wait
+    with _quiet_reconnect():
+        serve._run(build_app(args), name=APP_NAME, route_prefix="/", _blocking=False)  # serve.run, minus the wait
     while (app := serve.status().applications[APP_NAME]).status != ApplicationStatus.RUNNING:
         if app.status == ApplicationStatus.DEPLOY_FAILED:
             why = [f"{name}: {d.message}" for name, d in app.deployments.items() if d.message] or [app.message]
@@ -130,8 +239,35 @@ def deploy(args: DsrayServeArgs, should_stop: Callable[[], bool] = lambda: False
 
 def start(args: DsrayServeArgs, **ray_init: Any) -> str:
     """Deploy ``args`` on a Ray cluster of its own (or ``RAY_ADDRESS``'s); returns the base URL."""
-    init_cluster(**ray_init)
+    init_cluster(args, **ray_init)
     return deploy(args)
+
+
+def shutdown_serve(timeout_s: float = 60.0) -> None:
+    """``serve.shutdown()`` without its traceback.
+
+    ``serve.shutdown`` waits on ``ServeController.graceful_shutdown``, a call that by design only
+    ends when the controller kills itself; Ray then reports the call as failed ("Task
+    ServeController.graceful_shutdown failed ... killed by `ray.kill`") on every Ctrl-C. Here the
+    controller is only told to shut down, and its exit is watched by name instead.
+    """
+    import ray
+    from ray.serve import context
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    try:
+        controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    except ValueError:  # Serve never started
+        return
+    ray.get(controller.graceful_shutdown.remote(wait=False), timeout=timeout_s)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+        except ValueError:  # gone: every application, replica and proxy is down
+            break
+        time.sleep(0.1)
+    context._set_global_client(None)
 
 
 def stop() -> None:
@@ -139,13 +275,18 @@ def stop() -> None:
     import ray
     from ray import serve
 
-    if not ray.is_initialized():
-        return
-    if envs.ray_address() is not None:
-        serve.delete(APP_NAME)
-    else:
-        serve.shutdown()
-    ray.shutdown()
+    global _run_dir
+    try:
+        if ray.is_initialized():
+            if envs.ray_address() is not None:
+                serve.delete(APP_NAME)
+            else:
+                shutdown_serve()
+            ray.shutdown()
+    finally:
+        if _run_dir is not None:
+            shutil.rmtree(_run_dir, ignore_errors=True)
+            _run_dir = None
 
 
 def _banner(url: str, args: DsrayServeArgs) -> str:
@@ -165,7 +306,7 @@ def serve_forever(args: DsrayServeArgs) -> int:
     signals: list[int] = []
     try:
         began = time.perf_counter()
-        init_cluster(log_to_driver=False)
+        init_cluster(args, log_to_driver=False)
         # From here a signal only records itself; we stop at the next poll. Raising from the handler
         # instead would interrupt Ray's own calls (inside ray.init's connect it once aborted the
         # process). Left to Ray's fatal-signal handler, a SIGTERM would end the process without

@@ -63,6 +63,10 @@ def _serve(args: argparse.Namespace) -> int:
     )
     if args.max_waiting_requests is not None:
         fields["max_waiting_requests"] = args.max_waiting_requests
+    if args.max_request_body_bytes is not None:
+        fields["max_request_body_bytes"] = args.max_request_body_bytes
+    if args.max_connections_per_client is not None:
+        fields["front_door"] = {"max_connections_per_client": args.max_connections_per_client}
     try:
         serve_args = DsrayServeArgs(**fields)
         return serve_forever(serve_args)
@@ -101,6 +105,18 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output")
     srv.add_argument(
         "--max-waiting-requests", type=int, default=None, help="queue beyond a full batch; more get 429 (default 1024)"
+    )
+    srv.add_argument(
+        "--max-request-body-bytes",
+        type=int,
+        default=None,
+        help="larger request bodies get 413 (default: 32 bytes per token of context, at least 1 MiB)",
+    )
+    srv.add_argument(
+        "--max-connections-per-client",
+        type=int,
+        default=None,
+        help="connections one client address may hold at HAProxy (default 512; 0: no limit, for a balancer in front)",
     )
     srv.add_argument(
         "--attention-workers",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,7 +66,9 @@ def server(tiny_model) -> Server:
     # address="local": a cluster of our own, never one another process started on this machine.
     # 4 logical CPUs so a second (fault-injection) app fits beside the main one.
     # The Serve settings `dsray serve` starts its cluster with (HAProxy ingress), so the tests meet what users run.
-    with launch.cluster_env(launch.fast_ingress_env()):
+    # HAProxy's files in a private folder, as `dsray serve` keeps them (pytest's own are too deep a path).
+    run_dir = launch.make_run_dir()
+    with launch.cluster_env(launch.fast_ingress_env(run_dir)):
         ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(
@@ -84,6 +87,7 @@ def server(tiny_model) -> Server:
         if ray.is_initialized():  # tests/ray may have ended this session already for its own clusters
             serve.shutdown()
             ray.shutdown()
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 @pytest.fixture

