@@ -10,6 +10,7 @@ aborted, preempted). Its size grows with the batch, never with the context.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from dsray.sampler import SampleResult
 from dsray.sampling_params import SamplingParams
@@ -42,6 +43,7 @@ class StepInput:
     new: list[NewSeq] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)  # forget these before running the step
     num_micro_batches: int = 1  # the same on every rank of a step: each runs this many exchange rounds per layer
+    expert_map: Any = None  # a router.expert_map.ExpertMap to switch to before this step (a rebalance), or None
 
     @property
     def num_tokens(self) -> int:

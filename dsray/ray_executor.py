@@ -13,6 +13,7 @@ import logging
 import os
 import time
 import weakref
+from dataclasses import dataclass
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError
@@ -91,6 +92,17 @@ class _Held:
             self.pg = None
 
 
+@dataclass
+class _Rebalance:
+    """A placement being loaded by the expert workers; every rank switches once all have it."""
+
+    version: int
+    expert_map: ExpertMap
+    started: float
+    deadline: float
+    ready: bool = False
+
+
 class RayExecutor(Executor):
     def __init__(self, config: EngineConfig):
         self.config = config
@@ -101,6 +113,9 @@ class RayExecutor(Executor):
         _connect(config, sum(b.get("CPU", 0) for b in bundles))
         self.num_attention_ranks = A
         self.dead: str | None = None
+        self.map_version = 0
+        self._rebalance: _Rebalance | None = None
+        self.rebalance_stats = {"ok": 0, "failed": 0, "seconds": 0.0, "slots_moved": 0, "last_error": None}
         self._held = _Held()
         # An executor dropped without shutdown() (a deleted LLM) still frees the cluster for the next one.
         self._finalizer = weakref.finalize(self, self._held.release)
@@ -173,11 +188,79 @@ class RayExecutor(Executor):
     def execute(self, steps: list[StepInput]) -> list[StepOutput]:
         self.check_health()
         n = self._num_micro_batches(steps)
+        switch = self._rebalance if self._rebalance is not None and self._rebalance.ready else None
         for step in steps:
             step.num_micro_batches = n
+            step.expert_map = switch.expert_map if switch is not None else None
         refs = [w.execute.remote(s) for w, s in zip(self.attention, steps)]
-        refs += [e.serve_step.remote(n) for e in self.experts]
-        return self._get(refs, "a step")[: self.num_attention_ranks]
+        refs += [e.serve_step.remote(n, switch.version if switch is not None else None) for e in self.experts]
+        results = self._get(refs, "a step")
+        if switch is not None:
+            self._switched(switch)
+        elif self._rebalance is not None:
+            self._poll_rebalance(results[self.num_attention_ranks :])
+        return results[: self.num_attention_ranks]
+
+    # Rebalancing -----------------------------------------------------------------------------
+
+    def rebalance(self, expert_map: ExpertMap, timeout_s: float | None = None) -> int:
+        """Move to ``expert_map`` without stopping: expert workers load their new slots in the background
+        (copying experts they hold, reading the rest from the checkpoint, checking each), then every rank
+        switches at one step boundary. A failed or timed-out load keeps the current placement (logged,
+        counted in ``rebalance_stats``). Returns the new placement's version."""
+        if self._rebalance is not None:
+            raise RuntimeError(f"a rebalance (placement {self._rebalance.version}) is still in progress")
+        m = self.map
+        if (expert_map.num_experts, expert_map.num_ranks, expert_map.first_rank, expert_map.num_layers) != (
+            m.num_experts,
+            m.num_ranks,
+            m.first_rank,
+            m.num_layers,
+        ):
+            raise ValueError(
+                f"a new placement must keep {m.num_experts} experts, {m.num_ranks} expert ranks from group rank "
+                f"{m.first_rank} and {m.num_layers} MoE layers"
+            )
+        version = self.map_version + 1
+        now = time.monotonic()
+        timeout = timeout_s if timeout_s is not None else max(60.0, self.config.step_timeout_s)
+        self._get([e.prepare.remote(version, expert_map) for e in self.experts], "starting a rebalance")
+        self._rebalance = _Rebalance(version, expert_map, now, now + timeout)
+        return version
+
+    def _poll_rebalance(self, statuses: list[dict]) -> None:
+        r = self._rebalance
+        failed = [s["failed"][1] for s in statuses if s["failed"] is not None and s["failed"][0] == r.version]
+        if failed:
+            self._abandon(f"an expert worker could not load it: {failed[0]}")
+        elif all(s["prepared"] == r.version for s in statuses):
+            r.ready = True  # every rank switches at the start of the next step
+        elif time.monotonic() > r.deadline:
+            self._abandon(f"the expert workers did not load it within {r.deadline - r.started:.0f}s")
+
+    def _abandon(self, reason: str) -> None:
+        r, self._rebalance = self._rebalance, None
+        self._get([e.cancel.remote(r.version) for e in self.experts], "cancelling a rebalance")
+        self.rebalance_stats["failed"] += 1
+        self.rebalance_stats["last_error"] = f"placement {r.version}: {reason}"
+        logger.warning("dsray: rebalance to placement %d abandoned, serving on the old one: %s", r.version, reason)
+
+    def _switched(self, r: _Rebalance) -> None:
+        moved = sum(
+            len(set(new) - set(old))
+            for new_layer, old_layer in zip(r.expert_map.placement, self.map.placement)
+            for new, old in zip(new_layer, old_layer)
+        )
+        self.map, self.map_version, self._rebalance = r.expert_map, r.version, None
+        stats = self.rebalance_stats
+        stats["ok"] += 1
+        stats["seconds"] += time.monotonic() - r.started
+        stats["slots_moved"] += moved
+        logger.info("dsray: switched to placement %d (%d slots moved)", r.version, moved)
+
+    @property
+    def rebalancing(self) -> bool:
+        return self._rebalance is not None
 
     def _num_micro_batches(self, steps: list[StepInput]) -> int:
         """Two when some rank has a batch worth splitting (every rank must run the same number of rounds)."""

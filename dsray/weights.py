@@ -78,12 +78,43 @@ def keep_fp32(name: str) -> bool:
 
 def load_expert_shard(shard: ExpertShard, tensors: dict[str, torch.Tensor], layer_id: int) -> None:
     """Stack the experts of ``shard``'s slots of one layer into ``w13``/``w2``."""
-    inter = shard.inter_dim
+    fill_expert_slots(shard, tensors, layer_id, previous=None, check=False)
+
+
+def fill_expert_slots(
+    shard: ExpertShard,
+    tensors: dict[str, torch.Tensor],
+    layer_id: int,
+    previous: ExpertShard | None = None,
+    check: bool = True,
+) -> list[int]:
+    """Fill ``shard``'s slots of one layer: experts ``previous`` holds are copied from it, the others
+    come from ``tensors`` (read from the checkpoint) and, with ``check``, are compared with them
+    after stacking (a rebalance never serves a slot that differs from its checkpoint expert).
+    Returns the experts taken from the checkpoint."""
+    inter, loaded = shard.inter_dim, []
     for local, e in enumerate(shard.expert_ids):
+        if previous is not None and e in previous.local_of:
+            shard.w13.data[local].copy_(previous.w13.data[previous.local_of[e]])
+            shard.w2.data[local].copy_(previous.w2.data[previous.local_of[e]])
+            continue
         p = f"model.layers.{layer_id}.mlp.experts.{e}."
         shard.w13.data[local, :inter].copy_(tensors[p + "gate_proj.weight"])
         shard.w13.data[local, inter:].copy_(tensors[p + "up_proj.weight"])
         shard.w2.data[local].copy_(tensors[p + "down_proj.weight"])
+        loaded.append(e)
+        if not check:
+            continue
+        checks = (
+            (shard.w13.data[local, :inter], "gate_proj"),
+            (shard.w13.data[local, inter:], "up_proj"),
+            (shard.w2.data[local], "down_proj"),
+        )
+        for got, name in checks:
+            want = tensors[p + name + ".weight"].to(got.dtype)
+            if not torch.equal(got.cpu(), want):
+                raise ValueError(f"expert {e} of layer {layer_id}: {name} in its new slot differs from the checkpoint")
+    return loaded
 
 
 def load_transformer(

@@ -13,7 +13,9 @@ GPU runs on it, and the group is NCCL; otherwise CPU and gloo.
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 import time
 
 import torch
@@ -24,10 +26,12 @@ from dsray.config import ModelArgs
 from dsray.engine_config import EngineConfig
 from dsray.model_runner import ModelRunner
 from dsray.protocol import StepInput, StepOutput
-from dsray.weights import expert_tensor_specs, keep_fp32, load_expert_shard, load_transformer
+from dsray.weights import expert_tensor_specs, fill_expert_slots, keep_fp32, load_transformer
 from experts.shard import ExpertShard
 from router.exchange import MoEExchange
 from router.expert_map import ExpertMap
+
+logger = logging.getLogger(__name__)
 
 
 def worker_device() -> torch.device:
@@ -85,6 +89,8 @@ class AttentionWorker(_Worker):
 
     def execute(self, step: StepInput) -> StepOutput:
         start = time.perf_counter()
+        if step.expert_map is not None:  # a rebalance: every rank switches at this step's start
+            self.map = self.exchange.map = step.expert_map
         out = self.runner.execute(step)  # with no sequences: only the step's exchange rounds
         self.step_seconds += time.perf_counter() - start
         return out
@@ -98,32 +104,83 @@ class AttentionWorker(_Worker):
 
 
 class ExpertWorker(_Worker):
+    """Serves its slots; a rebalance loads the next placement's slots in the background (``prepare``),
+    and the executor switches every rank to it at one step boundary (``serve_step(switch_to=…)``)."""
+
     def load(self, expert_rank: int) -> list[list[int]]:
         """Read only the experts of this rank's slots from the checkpoint; returns them per MoE layer."""
-        args, c = self.args, self.config
-        slots = self.map.rank_slots(expert_rank)  # [moe layer] → logical expert ids
-        wanted = dict(zip(args.moe_layer_ids, slots))
-        tensors = Checkpoint(c.model).load(
-            expert_tensor_specs(args, wanted), dtype=c.torch_dtype, keep_fp32=keep_fp32, progress=False
-        )
-        self.shards: list[ExpertShard] = []
-        for layer_id, ids in wanted.items():
-            shard = ExpertShard(ids, args.hidden_size, args.moe_intermediate_size).to(c.torch_dtype)
-            load_expert_shard(shard, tensors, layer_id)
-            self.shards.append(shard.to(self.device))
+        self.expert_rank = expert_rank
+        self.shards = self._build_shards(self.map, None)
         self.exchange = MoEExchange(self.comm, self.map, compute=[s.run_sorted for s in self.shards])
-        return slots
+        self._prepared: tuple[int, ExpertMap, list[ExpertShard]] | None = None
+        self._preparing: int | None = None
+        self._prepare_failed: tuple[int, str] | None = None
+        return self.map.rank_slots(expert_rank)
+
+    def _build_shards(self, expert_map: ExpertMap, previous: list[ExpertShard] | None) -> list[ExpertShard]:
+        """This rank's shards under ``expert_map``: experts it already holds are copied, the rest read from
+        the checkpoint (only those tensors) and checked against it."""
+        args, c = self.args, self.config
+        slots = dict(zip(args.moe_layer_ids, expert_map.rank_slots(self.expert_rank)))
+        missing = {
+            layer_id: [e for e in ids if previous is None or e not in previous[i].local_of]
+            for i, (layer_id, ids) in enumerate(slots.items())
+        }
+        tensors = {}
+        if any(missing.values()):
+            specs = expert_tensor_specs(args, missing)
+            tensors = Checkpoint(c.model).load(specs, dtype=c.torch_dtype, keep_fp32=keep_fp32, progress=False)
+        shards = []
+        for i, (layer_id, ids) in enumerate(slots.items()):
+            shard = ExpertShard(ids, args.hidden_size, args.moe_intermediate_size).to(c.torch_dtype)
+            fill_expert_slots(shard, tensors, layer_id, previous[i] if previous else None, check=previous is not None)
+            shards.append(shard.to(self.device))
+        return shards
+
+    def prepare(self, version: int, expert_map: ExpertMap) -> None:
+        """Start loading ``expert_map``'s slots for this rank on a background thread; returns at once."""
+        self._prepared, self._prepare_failed, self._preparing = None, None, version
+        previous = self.shards
+        threading.Thread(target=self._prepare, args=(version, expert_map, previous), daemon=True).start()
+
+    def _prepare(self, version: int, expert_map: ExpertMap, previous: list[ExpertShard]) -> None:
+        try:
+            with torch.inference_mode():
+                shards = self._build_shards(expert_map, previous)
+        except Exception as exc:  # reported to the executor, which keeps the old placement
+            logger.warning("dsray: expert rank %d could not load placement %d: %r", self.expert_rank, version, exc)
+            if self._preparing == version:
+                self._prepare_failed = (version, f"{type(exc).__name__}: {exc}")
+            return
+        if self._preparing == version:
+            self._prepared = (version, expert_map, shards)
+
+    def cancel(self, version: int) -> None:
+        """Drop a prepared (or still loading) placement: the executor keeps the current one."""
+        if self._preparing == version:
+            self._prepared, self._preparing, self._prepare_failed = None, None, None
 
     @torch.inference_mode()
-    def serve_step(self, num_micro_batches: int = 1) -> int:
-        """Serve one step's rounds (layer by layer, micro-batch by micro-batch); returns rows computed."""
+    def serve_step(self, num_micro_batches: int = 1, switch_to: int | None = None) -> dict:
+        """Serve one step's rounds (layer by layer, micro-batch by micro-batch), after switching to the
+        prepared placement ``switch_to`` if given. Returns rows computed and where a rebalance stands."""
+        if switch_to is not None:
+            version, expert_map, shards = self._prepared
+            assert version == switch_to, (version, switch_to)
+            self.map, self.shards = expert_map, shards
+            self.exchange.map, self.exchange.compute = expert_map, [s.run_sorted for s in shards]
+            self._prepared = self._preparing = None
         start = time.perf_counter()
         before = self.exchange.rows_computed
         for layer in range(self.map.num_layers):
             for _ in range(num_micro_batches):
                 self.exchange.idle_round(layer, self.args.hidden_size, self.config.torch_dtype, self.device)
         self.step_seconds += time.perf_counter() - start
-        return self.exchange.rows_computed - before
+        return {
+            "rows": self.exchange.rows_computed - before,
+            "prepared": self._prepared[0] if self._prepared is not None else None,
+            "failed": self._prepare_failed,
+        }
 
     def timings(self) -> dict[str, float]:
         """Seconds since start: whole steps, and expert compute within them (the rest is exchanges/waiting)."""

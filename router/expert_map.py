@@ -76,6 +76,12 @@ class ExpertMap:
         """The same user-given placement (``rank_slots[rank]`` = expert ids) for every MoE layer."""
         return cls(num_experts, [rank_slots] * num_layers, first_rank)
 
+    def as_placement(self):
+        """This map's slots as a ``router.placement.Placement`` (what the planner takes as ``current``)."""
+        from router.placement import Placement
+
+        return Placement(slots=self.placement, num_experts=self.num_experts)
+
     @property
     def num_layers(self) -> int:
         return len(self.placement)

@@ -1,0 +1,114 @@
+"""Live rebalancing on a Ray cluster: a model whose gate sends most tokens to two experts.
+
+The planner (``router/eplb.py``) places the experts by the load the workers saw; the expert
+workers load the new slots in the background and every rank switches at one step boundary.
+Greedy outputs stay those of the local executor before, during and after; a load that fails
+keeps the old placement and serving goes on.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from dsray import LLM, SamplingParams
+from dsray.config import ModelArgs
+from dsray.make_model import make_model
+from router.eplb import plan_placement
+from router.expert_map import ExpertMap
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+PROMPTS = [list(range(10 + 17 * i, 40 + 17 * i)) for i in range(6)]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(fresh_ray):
+    import ray
+
+    ray.init(num_cpus=8, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def skewed(tmp_path_factory):
+    """The tiny V3 model with its gates biased towards experts 0 and 1 (the article's "two experts" case)."""
+    path = make_model("tiny", tmp_path_factory.mktemp("skewed") / "tiny", dtype="float32")
+    weights = path / "model.safetensors"
+    tensors = load_file(weights)
+    for name, t in tensors.items():
+        if name.endswith("mlp.gate.e_score_correction_bias"):
+            t[:2] += 1.0  # noaux_tc: the bias steers the choice only
+    save_file(tensors, weights, metadata={"format": "pt"})
+    return path
+
+
+@pytest.fixture(scope="module")
+def expected(skewed):
+    with LLM(skewed, dtype="float32") as llm:
+        return [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
+
+
+def _rank_rows(llm: LLM) -> list[int]:
+    return [t["rows"] for t in llm.engine.executor.timings()["expert"]]
+
+
+def _imbalance(rows_before: list[int], rows_after: list[int]) -> float:
+    work = [a - b for a, b in zip(rows_after, rows_before)]
+    return max(work) / (sum(work) / len(work))
+
+
+def test_rebalance_moves_load_off_the_hot_rank_without_changing_outputs(ray_cluster, skewed, expected):
+    args = ModelArgs.from_pretrained(skewed)
+    with LLM(skewed, dtype="float32", executor="ray", num_expert_workers=2, num_redundant_experts=2) as llm:
+        executor = llm.engine.executor
+        rows = _rank_rows(llm)
+        assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == expected  # before
+        before = _imbalance(rows, rows := _rank_rows(llm))
+        load = executor.expert_load()
+        assert sum(load[0][:2]) > 0.2 * sum(load[0])  # experts 0 and 1 take a big share of every token
+        plan = plan_placement(load, num_ranks=2, num_redundant=2, current=executor.map.as_placement())
+        new_map = ExpertMap(args.n_routed_experts, plan.slots, first_rank=1)
+        assert executor.rebalance(new_map) == 1
+        assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == expected  # during: the switch is mid-run
+        assert executor.map is new_map and executor.map_version == 1 and not executor.rebalancing
+        assert executor.rebalance_stats["ok"] == 1 and executor.rebalance_stats["slots_moved"] > 0
+        rows = _rank_rows(llm)
+        assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == expected  # after
+        after = _imbalance(rows, _rank_rows(llm))
+        assert after < before, (before, after)
+        assert after < 1.15
+
+
+def test_a_failed_weight_load_keeps_serving_on_the_old_placement(ray_cluster, skewed, expected, tmp_path):
+    args = ModelArgs.from_pretrained(skewed)
+    with LLM(skewed, dtype="float32", executor="ray", num_expert_workers=2, num_redundant_experts=2) as llm:
+        executor = llm.engine.executor
+        old = executor.map
+        slots = [list(reversed(rank)) for rank in old.placement[0]]  # same experts in new slots: nothing to read
+        a = next(i for i, e in enumerate(slots[0]) if e not in slots[1])
+        b = next(i for i, e in enumerate(slots[1]) if e not in slots[0])
+        slots[0][a], slots[1][b] = slots[1][b], slots[0][a]  # but two experts change rank: read from the file
+        weights = skewed / "model.safetensors"
+        hidden = tmp_path / "model.safetensors"
+        shutil.move(weights, hidden)  # the checkpoint is gone while the workers try to read it
+        try:
+            executor.rebalance(ExpertMap.from_rank_slots(args.n_routed_experts, slots, old.num_layers, first_rank=1))
+            assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == expected
+        finally:
+            shutil.move(hidden, weights)
+        assert executor.map is old and executor.map_version == 0 and not executor.rebalancing
+        assert executor.rebalance_stats["failed"] == 1
+        assert "could not load" in executor.rebalance_stats["last_error"]
+        assert [o.token_ids for o in llm.generate(PROMPTS[:2], GREEDY)] == expected[:2]
+
+
+def test_a_placement_for_another_shape_is_refused(ray_cluster, skewed):
+    with LLM(skewed, dtype="float32", executor="ray", num_expert_workers=2) as llm:
+        n = llm.engine.args.n_routed_experts
+        with pytest.raises(ValueError, match="must keep"):
+            llm.engine.executor.rebalance(ExpertMap.contiguous(n, 3, llm.engine.executor.map.num_layers, first_rank=1))
+    assert torch.__version__  # the module imports torch for the checkpoint edit above
