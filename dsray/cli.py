@@ -50,6 +50,8 @@ def _serve(args: argparse.Namespace) -> int:
     for name in ("max_num_seqs", "max_num_batched_tokens", "kv_cache_memory_gb", "max_model_len"):
         if getattr(args, name) is not None:
             engine[name] = getattr(args, name)
+    if args.redundant_experts:
+        engine["num_redundant_experts"] = args.redundant_experts
     fields = dict(
         model=args.model,
         served_model_name=args.served_model_name,
@@ -129,6 +131,12 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=None,
         help="expert workers per model instance (Ray actors sharing the routed experts)",
+    )
+    srv.add_argument(
+        "--redundant-experts",
+        type=int,
+        default=0,
+        help="extra expert slots: replicas of experts on other expert workers, sharing their rows (default 0)",
     )
 
 

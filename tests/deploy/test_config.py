@@ -46,6 +46,17 @@ def test_worker_counts_select_the_ray_executor():
     assert (args.engine_config("/m").num_attention_workers, args.engine_config("/m").num_expert_workers) == (1, 4)
 
 
+def test_redundant_experts_need_expert_workers(capsys):
+    from dsray.cli import main
+
+    args = DsrayServeArgs(expert_workers=2, engine={"num_redundant_experts": 2})
+    assert args.engine_config("/m").num_redundant_experts == 2
+    with pytest.raises(ValidationError, match="need executor='ray'"):
+        DsrayServeArgs(engine={"num_redundant_experts": 2})
+    assert main(["serve", "--redundant-experts", "2"]) == 2  # refused before any Ray starts
+    assert "--expert-workers" in capsys.readouterr().err
+
+
 def test_autoscaling_options():
     fixed = llm_server_options(DsrayServeArgs(llm_server={"min_replicas": 2, "max_replicas": 2}))
     assert fixed["num_replicas"] == 2 and "autoscaling_config" not in fixed
