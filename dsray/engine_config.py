@@ -58,6 +58,19 @@ class EngineConfig(BaseModel):
         description="Split a step's batch in two micro-batches so one's attention runs while the other's rows are at "
         "the experts (ray executor; only for steps of at least micro_batch_min_tokens tokens on some rank).",
     )
+    eplb_window_steps: int = Field(
+        100, ge=1, description="Ray executor: steps per expert-load window the balancer keeps."
+    )
+    eplb_num_windows: int = Field(8, ge=1, description="Load windows the balancer plans from (the newest ones).")
+    eplb_interval_steps: int = Field(
+        0, ge=0, description="Rebalance the expert placement every this many steps (0: not periodically)."
+    )
+    eplb_imbalance_threshold: float | None = Field(
+        None,
+        gt=1.0,
+        description="Rebalance when the placement's imbalance on the newest load window (hottest expert worker "
+        "over the mean) passes this; None: never on imbalance.",
+    )
     micro_batch_min_tokens: int = Field(
         8, ge=2, description="Smallest per-rank batch (tokens) that micro_batch_overlap splits in two."
     )

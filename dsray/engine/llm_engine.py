@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field, replace
 
+from dsray.balancer import ExpertBalancer
 from dsray.config import ModelArgs
 from dsray.engine.block_manager import BlockManager
 from dsray.engine.scheduler import Scheduler, SchedulerOutput
@@ -121,6 +122,8 @@ class LLMEngine(RequestChecks):
         self.requests: dict[str, _Request] = {}
         self._rank_of: dict[str, int] = {}
         self._views = [_WorkerView() for _ in self.schedulers]
+        # Expert placement that follows the load: only where experts live on expert workers.
+        self.balancer = ExpertBalancer(self.executor, config) if hasattr(self.executor, "rebalance") else None
         self._next_id = 0
         self._expert_load: list[list[int]] = []
         self._expert_load_time = 0.0
@@ -157,6 +160,7 @@ class LLMEngine(RequestChecks):
             "num_preemptions": sum(s.num_preemptions for s in self.schedulers),
             "prefix_cache_queries": sum(b.num_prefix_queries for b in bms),
             "prefix_cache_hits": sum(b.num_prefix_hits for b in bms),
+            **({"eplb": self.balancer.stats()} if self.balancer is not None else {}),
         }
 
     # Requests ---------------------------------------------------------------------------------
@@ -239,7 +243,17 @@ class LLMEngine(RequestChecks):
                 if s.seq.is_finished:
                     view.forget(s.seq.request_id)
         self._refresh_expert_load(now)
+        if self.balancer is not None and self.balancer.active:
+            self.balancer.after_step()
         return updates
+
+    def request_rebalance(self) -> bool:
+        """Re-plan the expert placement from the load seen so far and move to it without stopping
+        serving; False when experts do not live on expert workers (the local executor)."""
+        if self.balancer is None:
+            return False
+        self.balancer.request()
+        return True
 
     def _step_input(self, view: _WorkerView, out: SchedulerOutput) -> StepInput:
         """What changed for one rank's worker since its last step (see ``dsray/protocol.py``)."""

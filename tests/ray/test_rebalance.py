@@ -106,6 +106,35 @@ def test_a_failed_weight_load_keeps_serving_on_the_old_placement(ray_cluster, sk
         assert [o.token_ids for o in llm.generate(PROMPTS[:2], GREEDY)] == expected[:2]
 
 
+@pytest.mark.parametrize("trigger", ["threshold", "on_demand"])
+def test_the_engine_rebalances_on_its_own_when_the_load_is_skewed(ray_cluster, skewed, expected, trigger):
+    policy = {"eplb_imbalance_threshold": 1.1} if trigger == "threshold" else {}
+    with LLM(
+        skewed,
+        dtype="float32",
+        executor="ray",
+        num_expert_workers=2,
+        num_redundant_experts=2,
+        eplb_window_steps=4,
+        **policy,
+    ) as llm:
+        engine, executor = llm.engine, llm.engine.executor
+        if trigger == "on_demand":
+            assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == expected
+            assert executor.map_version == 0  # no policy: nothing moves by itself
+            assert engine.request_rebalance()
+        for _ in range(8):  # the plan runs on a thread; the switch follows at a step boundary
+            assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == expected
+            if executor.map_version >= 1:
+                break
+        eplb = engine.stats()["eplb"]
+        assert executor.map_version >= 1 and eplb["ok"] >= 1 and eplb["failed"] == 0, eplb
+        assert eplb["imbalance"] is not None
+        rows = _rank_rows(llm)
+        assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == expected
+        assert _imbalance(rows, _rank_rows(llm)) < 1.15
+
+
 def test_a_placement_for_another_shape_is_refused(ray_cluster, skewed):
     with LLM(skewed, dtype="float32", executor="ray", num_expert_workers=2) as llm:
         n = llm.engine.args.n_routed_experts
