@@ -59,7 +59,10 @@ def harden(config: str, settings: dict[str, Any]) -> str:
             maxconn = max_connections(settings["max_connections"])
             lines = [re.sub(r"^(\s*)maxconn \d+", rf"\g<1>maxconn {maxconn}", x) for x in lines]
         elif head == "defaults":
-            lines = [x for x in lines if not re.match(r"\s*timeout (client|http-request) ", x)]
+            # Splicing hands request and response bodies to the kernel; a client that closed while its
+            # request ran then went unnoticed (CLOSE-WAIT, its request running on), and the bodies here
+            # are small JSON and SSE events, nothing splicing speeds up.
+            lines = [x for x in lines if not re.match(r"\s*(timeout (client|http-request) |option splice-)", x)]
             lines[1:1] = [
                 f"    timeout client {settings['client_timeout_s']}s",
                 f"    timeout http-request {settings['header_timeout_s']}s",

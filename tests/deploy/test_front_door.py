@@ -262,7 +262,7 @@ def test_dropped_non_streaming_requests_are_aborted_and_haproxy_lets_go(door):
                 timeout=1.5,
             )
 
-    clients = [threading.Thread(target=drop) for _ in range(8)]
+    clients = [threading.Thread(target=drop) for _ in range(40)]
     for client in clients:
         client.start()
     for client in clients:

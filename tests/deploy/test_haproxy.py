@@ -1,5 +1,5 @@
 """deploy/haproxy.py: Serve's HAProxy config hardened — loopback operator pages, a private admin socket,
-header and client timeouts, a per-client connection limit — still a config HAProxy accepts."""
+header and client timeouts, a per-client connection limit, no splicing — still a config HAProxy accepts."""
 
 from __future__ import annotations
 
@@ -26,6 +26,8 @@ defaults
     log global
     option httplog
     option abortonclose
+    option splice-request
+    option splice-response
 frontend prometheus
     bind :{metrics}
     mode http
@@ -58,6 +60,7 @@ def test_harden_binds_operator_pages_to_loopback_and_adds_limits(tmp_path):
     assert "    bind 127.0.0.1:9101\n" in hardened and "  bind 127.0.0.1:8404\n" in hardened
     assert "    bind 127.0.0.1:8000\n" in hardened  # the app's own bind is --host's business
     assert "timeout http-request 3s" in hardened and "timeout client 60s" in hardened
+    assert "splice" not in hardened  # a client that left went unnoticed while its request body sat in a pipe
     assert "3600s" not in hardened and f"maxconn {max_connections(16384)}\n" in hardened
     assert "tcp-request connection reject if { sc0_conn_cur gt 7 }" in hardened
     assert harden(hardened, settings) == hardened  # a restart on an already hardened file
