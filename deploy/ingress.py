@@ -246,6 +246,26 @@ class OpenAIIngress:
             return error_response(refusal)
         return get_redoc_html(openapi_url="/openapi.json", title="dsray")
 
+    @app.post("/admin/rebalance")
+    async def rebalance(self, request: Request) -> Response:
+        """Re-plan the expert placement from the load seen so far and move to it while serving.
+
+        An admin route: refused unless the server has an API key and the request carries it."""
+        if not self.api_key:
+            return error_response(
+                ErrorInfo("admin routes need an API key: start the server with --api-key", status=403)
+            )
+        if (refusal := self._auth_error(request)) is not None:
+            return error_response(refusal)
+        try:
+            started = await control(self.server.rebalance.remote())
+        except Exception as exc:
+            return error_response(_handle_error_info(exc))
+        if not started:
+            message = "this model instance holds every expert itself: serve with --expert-workers N to rebalance"
+            return error_response(ErrorInfo(message, status=409, type="ConflictError"))
+        return JSONResponse({"status": "rebalancing"}, status_code=202)
+
     @app.get("/health")
     async def health(self) -> Response:
         """200 when a model instance answers its health check; 503 while none can serve (dead, starting)."""

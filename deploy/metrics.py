@@ -56,6 +56,32 @@ def expert_load_metrics(load: Mapping[Any, Sequence[int]] | Sequence[Sequence[in
     return [tokens, imbalance]
 
 
+def eplb_metrics(replicas: list[dict[str, Any]], model_name: str) -> list[Metric]:
+    """Expert rebalancing, summed over model instances: rebalances by result, seconds, slots moved,
+    and each instance's placement imbalance on its newest load window."""
+    labels = [model_name]
+    rebalances = CounterMetricFamily(
+        "dsray:eplb_rebalances", "Expert rebalances by result.", labels=["model_name", "result"]
+    )
+    for result in ("ok", "failed"):
+        rebalances.add_metric([model_name, result], sum(r.get(result, 0) for r in replicas))
+    seconds = CounterMetricFamily(
+        "dsray:eplb_rebalance_seconds", "Seconds from a rebalance's start to its switch.", labels=["model_name"]
+    )
+    seconds.add_metric(labels, sum(r.get("seconds", 0.0) for r in replicas))
+    moved = CounterMetricFamily("dsray:eplb_slots_moved", "Expert slots that changed expert.", labels=["model_name"])
+    moved.add_metric(labels, sum(r.get("slots_moved", 0) for r in replicas))
+    gauge = GaugeMetricFamily(
+        "dsray:eplb_imbalance",
+        "Hottest expert worker over the mean on the newest load window, worst instance.",
+        labels=["model_name"],
+    )
+    values = [r["imbalance"] for r in replicas if r.get("imbalance") is not None]
+    if values:
+        gauge.add_metric(labels, max(values))
+    return [rebalances, seconds, moved, gauge]
+
+
 def sum_expert_load(loads: list[Any]) -> dict[str, list[int]]:
     """Element-wise sum of several replicas' expert loads (layer ids as strings)."""
     total: dict[str, list[int]] = {}
@@ -112,6 +138,9 @@ class EngineStatsCollector(Collector):
             family = CounterMetricFamily(metric, doc, labels=["model_name"])
             family.add_metric(labels, total(key))
             yield family
+        eplb = [s["eplb"] for s in replicas if s.get("eplb") is not None]
+        if eplb:
+            yield from eplb_metrics(eplb, name)
         loads = [s["expert_load"] for s in replicas if s.get("expert_load") is not None]
         if loads:
             yield from expert_load_metrics(sum_expert_load(loads), name)

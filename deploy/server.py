@@ -349,6 +349,10 @@ class LLMServer:
         """Raise when this instance cannot serve (Serve then replaces the replica)."""
         self.llm.check_health()
 
+    def rebalance(self) -> bool:
+        """Start an expert rebalance of this instance (see ``AsyncLLM.request_rebalance``)."""
+        return self.llm.request_rebalance()
+
     def models(self) -> list[dict[str, Any]]:
         return [
             {
@@ -381,6 +385,8 @@ class LLMServer:
             "prefix_cache_hits": engine["prefix_cache_hits"],
             **self.counters,
         }
+        if engine.get("eplb") is not None:
+            stats["eplb"] = engine["eplb"]  # expert rebalancing (Ray executor)
         core = getattr(self.llm, "core", None)
         if core is not None:
             stats["engine_pid"] = core.process.pid  # the engine's own process (engine_process mode)

@@ -213,6 +213,18 @@ class AsyncLLM:
     def abort(self, request_id: str) -> None:
         self._send("abort", request_id)
 
+    def request_rebalance(self) -> bool:
+        """Re-plan the expert placement and move to it while serving (from the next step); False when
+        this engine has no expert workers (the local executor holds every expert)."""
+        self.check_health()
+        if self.engine.config.executor != "ray":
+            return False
+        if self.core is not None:
+            self.core.request_rebalance()
+        else:
+            self._send("rebalance", None)
+        return True
+
     def shutdown(self) -> None:
         """Stop the engine loop and release its workers (idempotent)."""
         self._stopped = True
@@ -275,8 +287,10 @@ class AsyncLLM:
                     self.engine.add_request(prompt, params, request_id=request_id, prompt_ids=ids)
                 except ValueError as exc:
                     self._deliver(request_id, exc)
-            else:
+            elif kind == "abort":
                 self.engine.abort(payload)
+            elif kind == "rebalance":
+                self.engine.request_rebalance()
 
     def _loop_once(self) -> bool:
         """Take the commands that came, then step if there is work; False when idle."""

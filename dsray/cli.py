@@ -52,6 +52,10 @@ def _serve(args: argparse.Namespace) -> int:
             engine[name] = getattr(args, name)
     if args.redundant_experts:
         engine["num_redundant_experts"] = args.redundant_experts
+    if args.eplb_interval_steps:
+        engine["eplb_interval_steps"] = args.eplb_interval_steps
+    if args.eplb_imbalance_threshold is not None:
+        engine["eplb_imbalance_threshold"] = args.eplb_imbalance_threshold
     fields = dict(
         model=args.model,
         served_model_name=args.served_model_name,
@@ -137,6 +141,18 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=0,
         help="extra expert slots: replicas of experts on other expert workers, sharing their rows (default 0)",
+    )
+    srv.add_argument(
+        "--eplb-interval-steps",
+        type=int,
+        default=0,
+        help="re-place experts by their observed load every N engine steps (default 0: not periodically)",
+    )
+    srv.add_argument(
+        "--eplb-imbalance-threshold",
+        type=float,
+        default=None,
+        help="re-place experts when the busiest expert worker's load over the mean passes this (e.g. 1.2)",
     )
 
 

@@ -7,7 +7,7 @@ has. ``EngineCore`` moves the engine into a spawned child, the way vLLM's V1 eng
 keeps only what validation needs (config, tokenizer, context limits) in the front end.
 
 The pipe carries commands one way — ``("add", (prompt, ids, params, request_id))``,
-``("abort", request_id)``, ``("stop", None)`` — and, the other way, one message per engine step
+``("abort", request_id)``, ``("rebalance", None)``, ``("stop", None)`` — and, the other way, one message per engine step
 with every request's delta (new token ids, new text, new logprobs, finish reason) plus the
 engine's stats; ``EngineCore`` rebuilds the cumulative ``RequestOutput`` of each request from
 them. A child that dies (or a pipe that breaks) is reported as the loop's failure.
@@ -90,6 +90,8 @@ def core_main(config: dict[str, Any], conn: Any) -> None:
                         refused.append((request_id, str(exc)))
                 elif kind == "abort":
                     engine.abort(payload)
+                elif kind == "rebalance":
+                    engine.request_rebalance()
                 elif kind == "stop":
                     return
             deltas = [_delta(out) for out in engine.step()] if engine.has_unfinished() else []
@@ -173,6 +175,9 @@ class EngineCore(RequestChecks):
 
     def abort(self, request_id: str) -> None:
         self._send(("abort", request_id))
+
+    def request_rebalance(self) -> None:
+        self._send(("rebalance", None))
 
     def shutdown(self) -> None:
         self._stopping = True

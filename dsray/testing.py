@@ -122,3 +122,20 @@ def slow_async_llm(config):
 
     llm.engine.step = slow_step
     return llm
+
+
+def make_skewed_model(out_dir: str | Path, hot_experts: int = 2, bias: float = 1.0) -> Path:
+    """The tiny V3 bench model with every gate biased towards experts ``0 … hot_experts-1``, so they
+    take a large share of every token (a skewed workload, for the balancer's tests)."""
+    from safetensors.torch import load_file, save_file
+
+    from dsray.make_model import make_model
+
+    path = make_model("tiny", Path(out_dir), dtype="float32")
+    weights = path / "model.safetensors"
+    tensors = load_file(weights)
+    for name, t in tensors.items():
+        if name.endswith("mlp.gate.e_score_correction_bias"):
+            t[:hot_experts] += bias  # noaux_tc: the bias steers the choice only
+    save_file(tensors, weights, metadata={"format": "pt"})
+    return path

@@ -54,6 +54,7 @@ def test_redundant_experts_need_expert_workers(capsys):
     with pytest.raises(ValidationError, match="need executor='ray'"):
         DsrayServeArgs(engine={"num_redundant_experts": 2})
     assert main(["serve", "--redundant-experts", "2"]) == 2  # refused before any Ray starts
+    assert main(["serve", "--expert-workers", "2", "--eplb-imbalance-threshold", "0.5"]) == 2  # must be > 1
     assert "--expert-workers" in capsys.readouterr().err
 
 

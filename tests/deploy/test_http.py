@@ -80,11 +80,17 @@ def test_auth_on_every_route_but_health(server):
         ("POST", "/v1/chat/completions"),
         ("GET", "/v1/models"),
         ("GET", "/metrics"),
+        ("POST", "/admin/rebalance"),
     ]:
         response = requests.request(method, f"{server.url}{path}", json={}, timeout=30)
         error = _error(response, 401)
         assert error["type"] == "AuthenticationError" and "Missing API key" in error["message"]
     assert requests.get(f"{server.url}/health", timeout=30).status_code == 200
+
+
+def test_rebalancing_an_instance_without_expert_workers_is_a_conflict(http, server):
+    response = http.post(f"{server.url}/admin/rebalance", timeout=30)
+    assert "--expert-workers" in _error(response, 409)["message"]
 
 
 def test_unknown_route_is_an_openai_404(http, server):

@@ -90,3 +90,17 @@ def test_request_observer_records_ttft_itl_e2e_and_tokens():
     assert samples[("dsray:prompt_tokens_total", label)] == 7
     assert samples[("dsray:generation_tokens_total", label)] == 5
     assert samples[("dsray:request_success_total", (("finished_reason", "stop"), ("model_name", "m")))] == 1
+
+
+def test_rebalancing_counters_sum_over_instances_and_the_gauge_takes_the_worst():
+    metrics = ServingMetrics("m")
+    eplb = {"ok": 2, "failed": 1, "seconds": 3.5, "slots_moved": 12, "imbalance": 1.08}
+    metrics.engine_stats.update(_stats("a", eplb=eplb))
+    metrics.engine_stats.update(_stats("b", eplb={**eplb, "ok": 1, "failed": 0, "imbalance": 1.4}))
+    samples = _samples(metrics)
+    label = (("model_name", "m"),)
+    assert samples[("dsray:eplb_rebalances_total", (("model_name", "m"), ("result", "ok")))] == 3
+    assert samples[("dsray:eplb_rebalances_total", (("model_name", "m"), ("result", "failed")))] == 1
+    assert samples[("dsray:eplb_rebalance_seconds_total", label)] == 7.0
+    assert samples[("dsray:eplb_slots_moved_total", label)] == 24
+    assert samples[("dsray:eplb_imbalance", label)] == 1.4

@@ -11,12 +11,10 @@ from __future__ import annotations
 import shutil
 
 import pytest
-import torch
-from safetensors.torch import load_file, save_file
 
 from dsray import LLM, SamplingParams
 from dsray.config import ModelArgs
-from dsray.make_model import make_model
+from dsray.testing import make_skewed_model
 from router.eplb import plan_placement
 from router.expert_map import ExpertMap
 
@@ -35,15 +33,8 @@ def ray_cluster(fresh_ray):
 
 @pytest.fixture(scope="module")
 def skewed(tmp_path_factory):
-    """The tiny V3 model with its gates biased towards experts 0 and 1 (the article's "two experts" case)."""
-    path = make_model("tiny", tmp_path_factory.mktemp("skewed") / "tiny", dtype="float32")
-    weights = path / "model.safetensors"
-    tensors = load_file(weights)
-    for name, t in tensors.items():
-        if name.endswith("mlp.gate.e_score_correction_bias"):
-            t[:2] += 1.0  # noaux_tc: the bias steers the choice only
-    save_file(tensors, weights, metadata={"format": "pt"})
-    return path
+    """Gates biased towards experts 0 and 1 (the article's "two experts take most tokens" case)."""
+    return make_skewed_model(tmp_path_factory.mktemp("skewed") / "tiny")
 
 
 @pytest.fixture(scope="module")
@@ -140,4 +131,3 @@ def test_a_placement_for_another_shape_is_refused(ray_cluster, skewed):
         n = llm.engine.args.n_routed_experts
         with pytest.raises(ValueError, match="must keep"):
             llm.engine.executor.rebalance(ExpertMap.contiguous(n, 3, llm.engine.executor.map.num_layers, first_rank=1))
-    assert torch.__version__  # the module imports torch for the checkpoint edit above
