@@ -442,6 +442,7 @@ def probe_big_bodies(server: Server, sizes_mb: list[int]) -> list[dict[str, Any]
 
 
 def _close_wait(port: int) -> int:
+    """Sockets of ``port`` whose client has closed while the server side has not (HAProxy's, here)."""
     out = subprocess.run(["ss", "-tnH", "state", "close-wait", f"( sport = :{port} )"], capture_output=True, text=True)
     return len([line for line in out.stdout.splitlines() if line.strip()])
 
