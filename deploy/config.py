@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -144,6 +144,11 @@ class DsrayServeArgs(_Strict):
         ge=1024,
         description="Largest request body; a larger one gets 413 before it is read whole. None: 32 bytes "
         "per token of the model's context, at least 1 MiB.",
+    )
+    expert_metrics: Literal["auto", "full", "bounded"] = Field(
+        "auto",
+        description="Expert-load series at /metrics: 'full' one per (MoE layer, expert); 'bounded' each layer's "
+        "hottest experts, per-layer totals and per-expert-worker load; 'auto' full up to 2,048 series.",
     )
     host: str = Field("127.0.0.1", description="HTTP bind address when dsray starts Serve.")
     port: int = Field(8000, ge=0, le=65535, description="HTTP port when dsray starts Serve.")

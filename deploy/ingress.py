@@ -205,7 +205,7 @@ class OpenAIIngress:
         self.open_stream = (
             RequestMux(llm_server).generate if self.args.batches_requests else stream_server.generate.remote
         )
-        self.metrics = ServingMetrics(self.model_name)
+        self.metrics = ServingMetrics(self.model_name, self.args.expert_metrics)
         self._models: list[dict[str, Any]] | None = None
         self._body_limit: int | None = self.args.max_request_body_bytes
 

@@ -31,35 +31,59 @@ E2E_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 4
 STATS_TTL_S = 60.0
 
 
-def expert_load_metrics(load: Mapping[Any, Sequence[int]] | Sequence[Sequence[int]], model_name: str) -> list[Metric]:
+# Per-(layer, expert) series do not scale (DeepSeek-V3: 58 x 256 = 14,848 per replica); above this many,
+# "auto" exports each layer's hottest experts only (plus per-layer totals and per-expert-worker load).
+EXPERT_SERIES_LIMIT = 2048
+HOTTEST_EXPERTS_PER_LAYER = 4
+EXPERT_METRICS_MODES = ("auto", "full", "bounded")
+
+
+def expert_load_metrics(
+    load: Mapping[Any, Sequence[int]] | Sequence[Sequence[int]], model_name: str, mode: str = "auto"
+) -> list[Metric]:
     """``dsray:expert_tokens_total{layer,expert}`` and ``dsray:expert_imbalance{layer}`` from tokens per expert.
 
     ``load`` maps a MoE layer id to the tokens each of its experts has received so far (a list
     indexed by layer works too). Imbalance is max ÷ mean over a layer's experts: 1.0 is perfect
-    balance, and a layer that has seen no tokens yet reports 1.0.
+    balance, and a layer that has seen no tokens yet reports 1.0. ``mode``: ``full`` exports every
+    (layer, expert); ``bounded`` only each layer's ``HOTTEST_EXPERTS_PER_LAYER`` hottest experts and
+    ``dsray:expert_layer_tokens_total{layer}``; ``auto`` is full up to ``EXPERT_SERIES_LIMIT`` series.
     """
+    if mode not in EXPERT_METRICS_MODES:
+        raise ValueError(f"expert metrics mode must be one of {EXPERT_METRICS_MODES}, got {mode!r}")
+    layers = [
+        (layer, list(counts)) for layer, counts in (load.items() if isinstance(load, Mapping) else enumerate(load))
+    ]
+    bounded = mode == "bounded" or (mode == "auto" and sum(len(c) for _, c in layers) > EXPERT_SERIES_LIMIT)
     tokens = CounterMetricFamily(
         "dsray:expert_tokens",
-        "Tokens routed to each expert of each MoE layer.",
+        "Tokens routed to each expert of each MoE layer (bounded mode: each layer's hottest experts).",
         labels=["model_name", "layer", "expert"],
+    )
+    layer_tokens = CounterMetricFamily(
+        "dsray:expert_layer_tokens", "Routed (token, expert) pairs of each MoE layer.", labels=["model_name", "layer"]
     )
     imbalance = GaugeMetricFamily(
         "dsray:expert_imbalance", "Max over mean tokens per expert of a MoE layer.", labels=["model_name", "layer"]
     )
-    layers = load.items() if isinstance(load, Mapping) else enumerate(load)
     for layer, counts in layers:
-        counts = list(counts)
-        for expert, n in enumerate(counts):
-            tokens.add_metric([model_name, str(layer), str(expert)], n)
+        experts = range(len(counts))
+        if bounded:
+            experts = sorted(experts, key=lambda e: -counts[e])[:HOTTEST_EXPERTS_PER_LAYER]
+        for expert in experts:
+            tokens.add_metric([model_name, str(layer), str(expert)], counts[expert])
+        layer_tokens.add_metric([model_name, str(layer)], sum(counts))
         mean = sum(counts) / len(counts) if counts else 0
         imbalance.add_metric([model_name, str(layer)], max(counts) / mean if mean else 1.0)
-    return [tokens, imbalance]
+    return [tokens, layer_tokens, imbalance]
 
 
-def eplb_metrics(replicas: list[dict[str, Any]], model_name: str) -> list[Metric]:
+def eplb_metrics(by_replica: dict[str, dict[str, Any]], model_name: str) -> list[Metric]:
     """Expert rebalancing, summed over model instances: rebalances by result, seconds, slots moved,
-    and each instance's placement imbalance on its newest load window."""
+    and each instance's placement imbalance on its newest load window (``by_replica``: each model
+    instance's ``eplb`` stats by replica id)."""
     labels = [model_name]
+    replicas = list(by_replica.values())
     rebalances = CounterMetricFamily(
         "dsray:eplb_rebalances", "Expert rebalances by result.", labels=["model_name", "result"]
     )
@@ -71,6 +95,20 @@ def eplb_metrics(replicas: list[dict[str, Any]], model_name: str) -> list[Metric
     seconds.add_metric(labels, sum(r.get("seconds", 0.0) for r in replicas))
     moved = CounterMetricFamily("dsray:eplb_slots_moved", "Expert slots that changed expert.", labels=["model_name"])
     moved.add_metric(labels, sum(r.get("slots_moved", 0) for r in replicas))
+    ranks = GaugeMetricFamily(
+        "dsray:expert_worker_tokens",
+        "Routed tokens each expert worker has served (a replicated expert's split over its replicas), per instance.",
+        labels=["model_name", "replica", "rank"],
+    )
+    for replica, r in by_replica.items():
+        for rank, value in enumerate(r.get("rank_load") or []):
+            ranks.add_metric([model_name, replica, str(rank)], value)
+    replicated = GaugeMetricFamily(
+        "dsray:eplb_replicated_experts",
+        "Logical experts with more than one slot, over all MoE layers.",
+        labels=["model_name"],
+    )
+    replicated.add_metric(labels, sum(r.get("replicated_experts", 0) for r in replicas))
     gauge = GaugeMetricFamily(
         "dsray:eplb_imbalance",
         "Hottest expert worker over the mean on the newest load window, worst instance.",
@@ -79,7 +117,7 @@ def eplb_metrics(replicas: list[dict[str, Any]], model_name: str) -> list[Metric
     values = [r["imbalance"] for r in replicas if r.get("imbalance") is not None]
     if values:
         gauge.add_metric(labels, max(values))
-    return [rebalances, seconds, moved, gauge]
+    return [rebalances, seconds, moved, ranks, replicated, gauge]
 
 
 def sum_expert_load(loads: list[Any]) -> dict[str, list[int]]:
@@ -98,8 +136,9 @@ def sum_expert_load(loads: list[Any]) -> dict[str, list[int]]:
 class EngineStatsCollector(Collector):
     """Exports the latest ``stats()`` of every LLMServer replica seen, summed over replicas."""
 
-    def __init__(self, model_name: str):
+    def __init__(self, model_name: str, expert_metrics: str = "auto"):
         self.model_name = model_name
+        self.expert_metrics = expert_metrics
         self._stats: dict[str, tuple[float, dict[str, Any]]] = {}
 
     def update(self, stats: dict[str, Any]) -> None:
@@ -138,18 +177,18 @@ class EngineStatsCollector(Collector):
             family = CounterMetricFamily(metric, doc, labels=["model_name"])
             family.add_metric(labels, total(key))
             yield family
-        eplb = [s["eplb"] for s in replicas if s.get("eplb") is not None]
+        eplb = {str(s.get("replica", "0")): s["eplb"] for s in replicas if s.get("eplb") is not None}
         if eplb:
             yield from eplb_metrics(eplb, name)
         loads = [s["expert_load"] for s in replicas if s.get("expert_load") is not None]
         if loads:
-            yield from expert_load_metrics(sum_expert_load(loads), name)
+            yield from expert_load_metrics(sum_expert_load(loads), name, self.expert_metrics)
 
 
 class ServingMetrics:
     """The registry an ingress replica renders at ``/metrics``."""
 
-    def __init__(self, model_name: str):
+    def __init__(self, model_name: str, expert_metrics: str = "auto"):
         self.model_name = model_name
         self.registry = CollectorRegistry(auto_describe=True)
         labels = ["model_name"]
@@ -183,7 +222,7 @@ class ServingMetrics:
             buckets=E2E_BUCKETS,
             registry=r,
         )
-        self.engine_stats = EngineStatsCollector(model_name)
+        self.engine_stats = EngineStatsCollector(model_name, expert_metrics)
         r.register(self.engine_stats)
 
     def observer(self) -> RequestObserver:

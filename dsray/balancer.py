@@ -37,6 +37,14 @@ class ExpertBalancer:
         self._requested = False
         self._planning: threading.Thread | None = None
         self._planned: ExpertMap | None = None
+        self.rank_load: list[float] = []  # tokens each expert worker served since start (replicas share)
+        self._replicated: tuple[ExpertMap, int] | None = None
+
+    def observe(self, load: list[list[int]]) -> None:
+        """The engine's periodic read of the cumulative load: keep the per-expert-worker totals current."""
+        if load:
+            per_layer = self.executor.map.as_placement().rank_loads(load)  # [layer][rank]
+            self.rank_load = [sum(col) for col in zip(*per_layer)]
 
     @property
     def enabled(self) -> bool:
@@ -105,10 +113,19 @@ class ExpertBalancer:
         self.last_error = reason
         logger.warning("dsray: expert rebalancing: %s", reason)
 
+    def _replicated_experts(self) -> int:
+        """Logical experts with more than one slot, over all MoE layers (counted once per placement)."""
+        m = self.executor.map
+        if self._replicated is None or self._replicated[0] is not m:
+            self._replicated = (m, sum(int((m.num_replicas(i) > 1).sum()) for i in range(m.num_layers)))
+        return self._replicated[1]
+
     def stats(self) -> dict:
         """What the metrics export: the executor's rebalance counters, the imbalance gauge and slots per expert."""
         out = dict(self.executor.rebalance_stats)
         out["imbalance"] = self.imbalance
         out["planning_error"] = self.last_error
         out["map_version"] = self.executor.map_version
+        out["rank_load"] = self.rank_load
+        out["replicated_experts"] = self._replicated_experts()
         return out

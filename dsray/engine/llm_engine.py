@@ -149,6 +149,8 @@ class LLMEngine(RequestChecks):
         if now - self._expert_load_time >= EXPERT_LOAD_REFRESH_S:
             self._expert_load = self.executor.expert_load()
             self._expert_load_time = now
+            if self.balancer is not None:
+                self.balancer.observe(self._expert_load)
 
     def stats(self) -> dict[str, float]:
         """Load and cache figures summed over attention ranks (for metrics and health)."""

@@ -94,7 +94,7 @@ def test_request_observer_records_ttft_itl_e2e_and_tokens():
 
 def test_rebalancing_counters_sum_over_instances_and_the_gauge_takes_the_worst():
     metrics = ServingMetrics("m")
-    eplb = {"ok": 2, "failed": 1, "seconds": 3.5, "slots_moved": 12, "imbalance": 1.08}
+    eplb = {"ok": 2, "failed": 1, "seconds": 3.5, "slots_moved": 12, "imbalance": 1.08, "rank_load": [30.0, 10.0]}
     metrics.engine_stats.update(_stats("a", eplb=eplb))
     metrics.engine_stats.update(_stats("b", eplb={**eplb, "ok": 1, "failed": 0, "imbalance": 1.4}))
     samples = _samples(metrics)
@@ -104,3 +104,22 @@ def test_rebalancing_counters_sum_over_instances_and_the_gauge_takes_the_worst()
     assert samples[("dsray:eplb_rebalance_seconds_total", label)] == 7.0
     assert samples[("dsray:eplb_slots_moved_total", label)] == 24
     assert samples[("dsray:eplb_imbalance", label)] == 1.4
+    assert samples[("dsray:expert_worker_tokens", (("model_name", "m"), ("rank", "0"), ("replica", "a")))] == 30.0
+
+
+def test_expert_series_are_bounded_for_big_models_and_full_on_request():
+    load = [[(layer * 7 + e * 13) % 101 for e in range(256)] for layer in range(58)]  # DeepSeek-V3's shape
+
+    def names(mode):
+        return [(s.name, s.labels) for f in expert_load_metrics(load, "m", mode) for s in f.samples]
+
+    bounded = [labels for name, labels in names("auto") if name == "dsray:expert_tokens_total"]
+    assert len(bounded) == 58 * 4  # each layer's four hottest experts, not 14,848 series
+    hottest = max(range(256), key=lambda e: load[0][e])
+    assert {"model_name": "m", "layer": "0", "expert": str(hottest)} in bounded
+    assert sum(1 for name, _ in names("auto") if name == "dsray:expert_layer_tokens_total") == 58
+    assert sum(1 for name, _ in names("full") if name == "dsray:expert_tokens_total") == 58 * 256
+    small = [[1, 2, 3, 4]] * 3
+    assert (
+        sum(1 for f in expert_load_metrics(small, "m") for s in f.samples if s.name.endswith("tokens_total")) == 12 + 3
+    )

@@ -78,3 +78,6 @@ def test_admin_rebalance_moves_experts_while_streams_finish_unchanged(eplb):
             assert time.monotonic() < deadline, "the rebalance never switched"
             assert list(pool.map(lambda i: _complete(eplb, i), range(4))) == expected
     assert [_complete(eplb, i) for i in range(4)] == expected
+    text = requests.get(f"{eplb}/metrics", headers=HEADERS, timeout=30).text
+    assert 'dsray:expert_worker_tokens{model_name="tiny",rank="1"' in text  # per expert-worker load
+    assert "dsray:eplb_imbalance{" in text and "dsray:eplb_slots_moved_total{" in text
