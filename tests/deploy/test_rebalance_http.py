@@ -81,3 +81,13 @@ def test_admin_rebalance_moves_experts_while_streams_finish_unchanged(eplb):
     text = requests.get(f"{eplb}/metrics", headers=HEADERS, timeout=30).text
     assert 'dsray:expert_worker_tokens{model_name="tiny",rank="1"' in text  # per expert-worker load
     assert "dsray:eplb_imbalance{" in text and "dsray:eplb_slots_moved_total{" in text
+
+
+def test_eplb_plot_reads_a_running_servers_metrics(eplb, tmp_path):
+    from dsray.cli import main
+
+    _complete(eplb, 0)
+    png = tmp_path / "served.png"
+    argv = ["eplb", "plot", "--url", eplb, "--api-key", KEY, "--ranks", "2", "--redundant", "2", "-o", str(png)]
+    assert main(argv) == 0
+    assert png.read_bytes()[:4] == b"\x89PNG"

@@ -163,3 +163,13 @@ def test_cli_plans_a_load_file(tmp_path, capsys):
     assert "cross-node rows" in capsys.readouterr().out
     assert dsray_main(["eplb", "plan", str(path), "--ranks", "8", "--redundant", "3"]) == 2
     assert "num_redundant" in capsys.readouterr().err
+
+
+def test_cli_plots_the_load_and_the_rank_load_before_and_after(tmp_path, capsys):
+    path = tmp_path / "load.json"
+    path.write_text(json.dumps({"logical_count": create_load()}))
+    png = tmp_path / "load.png"
+    assert dsray_main(["eplb", "plot", str(path), "--ranks", "8", "--redundant", "8", "-o", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert dsray_main(["eplb", "plot", str(tmp_path / "missing.json"), "--ranks", "8", "-o", str(png)]) == 2
+    assert "missing.json" in capsys.readouterr().err
