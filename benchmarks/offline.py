@@ -15,10 +15,11 @@ Workloads (BENCHMARKS.md, the engine issue):
 With ``--executor ray`` it also reports where the batched run's time went and the *exposed*
 exchange time (what the attention rank spends blocked in MoE exchanges, as a fraction of its
 step time); ``--compare-local`` runs the local executor on the same prompts in the same run
-(``--local-threads``, default 2) and gives the ratio; ``--overlap both`` runs the Ray executor
-with and without the overlaps (shared experts during the exchange, two micro-batches):
+(``--local-threads``, default 2) and gives the ratio; ``--overlap`` runs the Ray executor
+with the engine's default overlaps, or with both overlaps (shared experts during the exchange, two
+micro-batches) on or off (``all``: the three in one run):
 
-    python benchmarks/offline.py --executor ray --num-prompts 32 --skip-hf --compare-local --overlap both
+    python benchmarks/offline.py --executor ray --num-prompts 32 --skip-hf --compare-local --overlap all
 """
 
 from __future__ import annotations
@@ -146,8 +147,7 @@ def ray_batched(args, prompts: list[list[int]], overlap: bool) -> dict:
         executor="ray",
         num_attention_workers=args.attention_workers,
         num_expert_workers=args.expert_workers,
-        overlap_shared_experts=overlap,
-        micro_batch_overlap=overlap,
+        **({} if overlap is None else {"overlap_shared_experts": overlap, "micro_batch_overlap": overlap}),
     )
     with llm:
         ours_batched(llm, prompts[:2], 4)  # warm-up
@@ -181,6 +181,10 @@ def local_batched(args, prompts: list[list[int]]) -> dict:
     return result
 
 
+def _name(overlap: bool | None) -> str:
+    return "default" if overlap is None else "on" if overlap else "off"
+
+
 def ray_report(args) -> dict:
     """Ray executor (with and/or without overlap) against the local executor on the same prompts."""
     from dsray.config import ModelArgs
@@ -195,17 +199,18 @@ def ray_report(args) -> dict:
         "expert_workers": args.expert_workers,
         "threads_per_worker": 1,
     }
-    runs = {"on": [True], "off": [False], "both": [False, True]}[args.overlap]
+    runs = {"default": [None], "on": [True], "off": [False], "both": [False, True], "all": [False, None, True]}[
+        args.overlap
+    ]
     if args.compare_local:
         report["local_before"] = local_batched(args, prompts)
     for overlap in runs:
-        report[f"ray_overlap_{'on' if overlap else 'off'}"] = ray_batched(args, prompts, overlap)
+        report[f"ray_overlap_{_name(overlap)}"] = ray_batched(args, prompts, overlap)
     if args.compare_local:
         report["local_after"] = local_batched(args, prompts)
         local = (report["local_before"]["output_tok_s"] + report["local_after"]["output_tok_s"]) / 2
         report["ratios_vs_local"] = {
-            f"ray_overlap_{'on' if o else 'off'}": report[f"ray_overlap_{'on' if o else 'off'}"]["output_tok_s"] / local
-            for o in runs
+            f"ray_overlap_{_name(o)}": report[f"ray_overlap_{_name(o)}"]["output_tok_s"] / local for o in runs
         }
     return report
 
@@ -227,7 +232,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=1, help="batch-1 runs; the fastest counts (shared machines)")
     parser.add_argument("--compare-local", action="store_true", help="ray: also run the local executor, same run")
     parser.add_argument("--local-threads", type=int, default=2, help="threads of the local executor compared")
-    parser.add_argument("--overlap", default="on", choices=["on", "off", "both"], help="ray: overlaps on/off/both")
+    parser.add_argument(
+        "--overlap",
+        default="default",
+        choices=["default", "on", "off", "both", "all"],
+        help="ray: the engine's default overlaps, both overlaps on, both off, off and on, or all three",
+    )
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args(argv)
     if args.threads:

@@ -93,6 +93,7 @@ def run(args) -> dict:
         "steps_during_rebalance": len(during),
         "worst_step_during_rebalance_s": max(during) if during else None,
         "worst_step_ratio": max(during) / median if during else None,
+        "steps_during_rebalance_s": during,  # the last one is the step that switched
         "rebalance_seconds_to_switch": switched_s,
         "rebalance_stats": stats,
         "step_s_median_after": statistics.median(after_steps),

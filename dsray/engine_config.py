@@ -53,10 +53,15 @@ class EngineConfig(BaseModel):
     overlap_shared_experts: bool = Field(
         True, description="Compute the shared experts while routed rows are at the expert workers (ray executor)."
     )
-    micro_batch_overlap: bool = Field(
-        True,
+    micro_batch_overlap: bool | None = Field(
+        None,
         description="Split a step's batch in two micro-batches so one's attention runs while the other's rows are at "
-        "the experts (ray executor; only for steps of at least micro_batch_min_tokens tokens on some rank).",
+        "the experts (ray executor; only for steps of at least micro_batch_min_tokens tokens on some rank). None: "
+        "on where the workers run on GPUs; off on CPUs, where it measured slower (the two halves compete for the "
+        "same memory bandwidth and the exchange's extra rounds cost more than the overlap saves).",
+    )
+    micro_batch_min_tokens: int = Field(
+        8, ge=2, description="Smallest per-rank batch (tokens) that micro_batch_overlap splits in two."
     )
     eplb_window_steps: int = Field(
         100, ge=1, description="Ray executor: steps per expert-load window the balancer keeps."
@@ -70,9 +75,6 @@ class EngineConfig(BaseModel):
         gt=1.0,
         description="Rebalance when the placement's imbalance on the newest load window (hottest expert worker "
         "over the mean) passes this; None: never on imbalance.",
-    )
-    micro_batch_min_tokens: int = Field(
-        8, ge=2, description="Smallest per-rank batch (tokens) that micro_batch_overlap splits in two."
     )
     ray_address: str | None = Field(
         None, description="Ray cluster to join; default RAY_ADDRESS, else a local cluster is started."

@@ -97,7 +97,11 @@ class AttentionWorker(_Worker):
 
     def timings(self) -> dict[str, float]:
         """Seconds since start: whole steps, and the part blocked in MoE exchanges (waiting on experts included)."""
-        return {"step_seconds": self.step_seconds, "exchange_seconds": self.exchange.wait_seconds}
+        return {
+            "step_seconds": self.step_seconds,
+            "exchange_seconds": self.exchange.wait_seconds,
+            **{f"wait_{k}_seconds": v for k, v in self.exchange.wait_by_phase.items()},
+        }
 
     def expert_load(self) -> list[list[int]]:
         return self.runner.model.expert_load()
@@ -187,6 +191,7 @@ class ExpertWorker(_Worker):
         return {
             "step_seconds": self.step_seconds,
             "compute_seconds": self.exchange.compute_seconds,
+            **{f"wait_{k}_seconds": v for k, v in self.exchange.wait_by_phase.items()},
             "rows": self.exchange.rows_computed,
             "rounds": self.exchange.num_rounds,
         }

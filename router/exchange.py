@@ -44,7 +44,7 @@ class Combine:
     def wait(self) -> torch.Tensor:
         start = time.perf_counter()
         back = self._back.wait()  # [T*K, D] in sorted-pair order
-        self._exchange.wait_seconds += time.perf_counter() - start
+        self._exchange.waited("combine", time.perf_counter() - start)
         T, K = self._weights.shape
         rows = torch.empty_like(back).index_copy_(0, self._order, back)  # back to (token, k) order
         out = (rows.view(T, K, back.shape[1]).float() * self._weights.unsqueeze(-1)).sum(dim=1)  # [T, D]
@@ -72,6 +72,7 @@ class MoEExchange:
         self.compute = compute
         self.replica_offset = replica_offset
         self.wait_seconds = 0.0  # blocked in the exchange (waiting on experts included)
+        self.wait_by_phase = {"counts": 0.0, "rows": 0.0, "combine": 0.0}
         self.compute_seconds = 0.0  # expert compute on this rank
         self.rows_computed = 0
         self.num_rounds = 0
@@ -88,19 +89,23 @@ class MoEExchange:
         send[m.first_rank : m.first_rank + m.num_ranks] = per_slot.view(m.num_ranks, m.max_local_slots)
         start = time.perf_counter()
         recv = self.transport.exchange_counts(send.to(x.device)).cpu()  # [world, M] from each source
-        self.wait_seconds += time.perf_counter() - start
+        self.waited("counts", time.perf_counter() - start)
         send_splits, recv_splits = send.sum(dim=1).tolist(), recv.sum(dim=1).tolist()
         rows = x[torch.div(order, topk_ids.shape[1], rounding_mode="floor")] if x.shape[0] else x[:0]  # [T*K, D]
         rows_in = self.transport.exchange_rows(rows, send_splits, recv_splits)
         if self.compute is not None:
             start = time.perf_counter()
             received = rows_in.wait()
-            self.wait_seconds += time.perf_counter() - start
+            self.waited("rows", time.perf_counter() - start)
             results = self._serve(layer, received, recv)
         else:
             results = x.new_empty((0, x.shape[1]))
         back = self.transport.exchange_rows(results, recv_splits, send_splits)
         return Combine(self, back, order, topk_weights, x.dtype)
+
+    def waited(self, phase: str, seconds: float) -> None:
+        self.wait_seconds += seconds
+        self.wait_by_phase[phase] += seconds
 
     def round(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         """``start_round`` and wait: the routed experts' weighted sum for ``x``."""
