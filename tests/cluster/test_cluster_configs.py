@@ -14,7 +14,7 @@ from ray.autoscaler._private.util import validate_config
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = [REPO / "cluster.yaml", REPO / "deploy" / "cluster.local.yaml"]
 # Top-level paths of the checkout that `pip install ~/dsray` on a cluster machine does not need.
-NOT_SHIPPED = {".ci", ".gitignore", "Makefile", "benchmarks", "cluster.yaml", "tests"}
+NOT_SHIPPED = {".ci", ".gitignore", "Makefile", "benchmarks", "cluster.yaml", "docs", "tests"}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
