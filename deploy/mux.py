@@ -20,6 +20,7 @@ uses the mux only then (``DsrayServeArgs.batches_requests``) and per-request cal
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import itertools
 import logging
 import uuid
@@ -101,7 +102,9 @@ class RequestMux:
         self._pending.append((request, stream))
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            # A fresh context: the batch call belongs to no single HTTP request, so Serve must not
+            # cancel it (and every request in it) when the request that happened to flush it ends.
+            asyncio.get_running_loop().call_soon(self._flush, context=contextvars.Context())
         return stream
 
     def abort(self, key: str) -> None:
@@ -117,7 +120,8 @@ class RequestMux:
             self._spawn(self._run(batch))
 
     def _spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
+        # In a fresh context (see generate): a task copies the context it is created in.
+        task = contextvars.Context().run(asyncio.get_running_loop().create_task, coro)
         self._tasks.add(task)  # the loop keeps only weak references to tasks
         task.add_done_callback(self._tasks.discard)
 
