@@ -43,6 +43,14 @@ def worker_device() -> torch.device:
     return torch.device("cpu")
 
 
+def _lowest_thread_priority() -> None:
+    """Nice 19 for the calling thread only (Linux schedules threads separately); a no-op elsewhere."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):
+        pass
+
+
 class _Worker:
     def __init__(self, config: EngineConfig, rank: int, world_size: int, expert_map: ExpertMap, num_threads: int):
         torch.set_num_threads(max(1, num_threads))
@@ -114,32 +122,35 @@ class ExpertWorker(_Worker):
     def load(self, expert_rank: int) -> list[list[int]]:
         """Read only the experts of this rank's slots from the checkpoint; returns them per MoE layer."""
         self.expert_rank = expert_rank
-        self.shards = self._build_shards(self.map, None)
+        self.shards = self._build_shards(self.map)
         self.exchange = MoEExchange(self.comm, self.map, compute=[s.run_sorted for s in self.shards])
         self._prepared: tuple[int, ExpertMap, list[ExpertShard]] | None = None
         self._preparing: int | None = None
         self._prepare_failed: tuple[int, str] | None = None
         return self.map.rank_slots(expert_rank)
 
-    def _build_shards(self, expert_map: ExpertMap, previous: list[ExpertShard] | None) -> list[ExpertShard]:
-        """This rank's shards under ``expert_map``: experts it already holds are copied, the rest read from
-        the checkpoint (only those tensors) and checked against it."""
-        args, c = self.args, self.config
-        slots = dict(zip(args.moe_layer_ids, expert_map.rank_slots(self.expert_rank)))
-        missing = {
-            layer_id: [e for e in ids if previous is None or e not in previous[i].local_of]
-            for i, (layer_id, ids) in enumerate(slots.items())
-        }
-        tensors = {}
-        if any(missing.values()):
-            specs = expert_tensor_specs(args, missing)
-            tensors = Checkpoint(c.model).load(specs, dtype=c.torch_dtype, keep_fp32=keep_fp32, progress=False)
-        shards = []
-        for i, (layer_id, ids) in enumerate(slots.items()):
-            shard = ExpertShard(ids, args.hidden_size, args.moe_intermediate_size).to(c.torch_dtype)
-            fill_expert_slots(shard, tensors, layer_id, previous[i] if previous else None, check=previous is not None)
-            shards.append(shard.to(self.device))
-        return shards
+    def _build_shards(self, expert_map: ExpertMap) -> list[ExpertShard]:
+        """This rank's shards under ``expert_map``, read from the checkpoint (only its experts' tensors)."""
+        slots = dict(zip(self.args.moe_layer_ids, expert_map.rank_slots(self.expert_rank)))
+        tensors = self._read_experts(slots)
+        return [self._layer_shard(layer_id, ids, tensors, None) for layer_id, ids in slots.items()]
+
+    def _read_experts(self, experts: dict[int, list[int]]) -> dict[str, torch.Tensor]:
+        if not any(experts.values()):
+            return {}
+        c = self.config
+        specs = expert_tensor_specs(self.args, experts)
+        return Checkpoint(c.model).load(specs, dtype=c.torch_dtype, keep_fp32=keep_fp32, progress=False)
+
+    def _layer_shard(
+        self, layer_id: int, ids: list[int], tensors: dict[str, torch.Tensor], previous: ExpertShard | None
+    ) -> ExpertShard:
+        """One MoE layer's shard: experts ``previous`` holds are copied from it, the rest come from
+        ``tensors`` and (in a rebalance) are checked against the checkpoint."""
+        args = self.args
+        shard = ExpertShard(ids, args.hidden_size, args.moe_intermediate_size).to(self.config.torch_dtype)
+        fill_expert_slots(shard, tensors, layer_id, previous, check=previous is not None)
+        return shard.to(self.device)
 
     def prepare(self, version: int, expert_map: ExpertMap) -> None:
         """Start loading ``expert_map``'s slots for this rank on a background thread; returns at once."""
@@ -148,9 +159,22 @@ class ExpertWorker(_Worker):
         threading.Thread(target=self._prepare, args=(version, expert_map, previous), daemon=True).start()
 
     def _prepare(self, version: int, expert_map: ExpertMap, previous: list[ExpertShard]) -> None:
+        """Build the next placement's shards without slowing the steps served meanwhile: at the lowest
+        CPU priority (it runs on cores the step leaves idle, e.g. while this rank waits in an
+        exchange), one MoE layer at a time, resting as long as each layer took (at most half a core)."""
+        _lowest_thread_priority()
+        shards = []
         try:
             with torch.inference_mode():
-                shards = self._build_shards(expert_map, previous)
+                layers = zip(self.args.moe_layer_ids, expert_map.rank_slots(self.expert_rank), previous)
+                for layer_id, ids, held in layers:
+                    start = time.perf_counter()
+                    missing = [e for e in ids if e not in held.local_of]
+                    tensors = self._read_experts({layer_id: missing})
+                    shards.append(self._layer_shard(layer_id, ids, tensors, held))
+                    if self._preparing != version:
+                        return  # cancelled: stop loading
+                    time.sleep(time.perf_counter() - start)
         except Exception as exc:  # reported to the executor, which keeps the old placement
             logger.warning("dsray: expert rank %d could not load placement %d: %r", self.expert_rank, version, exc)
             if self._preparing == version:
