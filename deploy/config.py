@@ -199,7 +199,7 @@ class DsrayServeArgs(_Strict):
         if self.served_model_name is None:
             self.served_model_name = Path(self.model).name if self.model else "tiny"
         if self.llm_server.max_ongoing_requests is None:
-            limit = self.engine_config("<checkpoint>").max_num_seqs + self.max_waiting_requests
+            limit = self.engine_config("<checkpoint>").scheduler.max_num_seqs + self.max_waiting_requests
             self.llm_server.max_ongoing_requests = limit + _CONTROL_CALLS_HEADROOM
         return self
 

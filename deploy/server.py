@@ -152,7 +152,7 @@ class LLMServer:
         self.llm = engine_cls(config)
         self.tokenizer = self.llm.engine.tokenizer
         self.prompts = PromptTokenizer(self.tokenizer, self.llm.engine.max_model_len) if self.tokenizer else None
-        self.max_admitted = config.max_num_seqs + max_waiting_requests
+        self.max_admitted = config.scheduler.max_num_seqs + max_waiting_requests
         self.stream_interval_s = stream_interval_ms / 1000
         self.stream_chunks_per_s = stream_chunks_per_s
         self.created = int(time.time())

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -24,11 +24,12 @@ class EngineConfig(BaseModel):
     max_num_blocks: int | None = Field(
         None, ge=1, description="Cap on KV blocks regardless of memory (small values force preemption in tests)."
     )
-    block_size: int = Field(16, ge=1, le=1024, description="Tokens per KV block.")
-    max_num_seqs: int = Field(256, ge=1, description="Most sequences in one batch.")
-    max_num_batched_tokens: int = Field(2048, ge=1, description="Token budget per step (decodes + prefill chunks).")
-    enable_chunked_prefill: bool = Field(True, description="Split long prompts over steps under the token budget.")
-    enable_prefix_caching: bool = Field(True, description="Reuse KV blocks of identical prompt prefixes.")
+    scheduler: SchedulerConfig = Field(
+        default_factory=SchedulerConfig,
+        description="Batching and KV blocks: max_num_seqs, max_num_batched_tokens, enable_chunked_prefill, "
+        "block_size, enable_prefix_caching. Also taken at the top level (LLM keyword arguments, serve.yaml's "
+        "engine section, the CLI): EngineConfig(max_num_seqs=8) is EngineConfig(scheduler={'max_num_seqs': 8}).",
+    )
     max_model_len: int | None = Field(
         None, ge=1, description="Longest prompt + output; default the model's max_position_embeddings."
     )
@@ -106,6 +107,22 @@ class EngineConfig(BaseModel):
         "turns it on.",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _scheduler_fields_at_top_level(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        flat = {name: data[name] for name in SchedulerConfig.model_fields if name in data}
+        if not flat:
+            return data
+        nested = data.get("scheduler") or {}
+        if isinstance(nested, SchedulerConfig):
+            nested = nested.model_dump(exclude_unset=True)
+        if isinstance(nested, dict) and (twice := sorted(flat.keys() & nested.keys())):
+            raise ValueError(f"{', '.join(twice)} given both at the top level and in scheduler: give each once")
+        rest = {name: value for name, value in data.items() if name not in flat}
+        return {**rest, "scheduler": {**nested, **flat} if isinstance(nested, dict) else nested}
+
     @model_validator(mode="after")
     def _placement_needs_expert_workers(self) -> EngineConfig:
         if self.executor == "local" and (self.num_redundant_experts or self.expert_placement is not None):
@@ -123,12 +140,3 @@ class EngineConfig(BaseModel):
     @property
     def kv_cache_memory_bytes(self) -> int:
         return int(self.kv_cache_memory_gb * 2**30)
-
-    def scheduler_config(self) -> SchedulerConfig:
-        return SchedulerConfig(
-            max_num_seqs=self.max_num_seqs,
-            max_num_batched_tokens=self.max_num_batched_tokens,
-            enable_chunked_prefill=self.enable_chunked_prefill,
-            block_size=self.block_size,
-            enable_prefix_caching=self.enable_prefix_caching,
-        )

@@ -52,7 +52,9 @@ class LocalExecutor(Executor):
         model = load_transformer(
             config.model, config.torch_dtype, mla_mode=config.mla_mode, expert_mode=config.expert_mode
         )
-        self.runner = ModelRunner(model, config.kv_cache_memory_bytes, config.block_size, config.max_num_blocks)
+        self.runner = ModelRunner(
+            model, config.kv_cache_memory_bytes, config.scheduler.block_size, config.max_num_blocks
+        )
         self.num_blocks = self.runner.num_blocks
 
     def execute(self, steps: list[StepInput]) -> list[StepOutput]:

@@ -92,7 +92,7 @@ class AttentionWorker(_Worker):
         )
         self.exchange = MoEExchange(self.comm, self.map, replica_offset=self.rank)
         model.set_exchange(self.exchange, overlap_shared=c.overlap_shared_experts)
-        self.runner = ModelRunner(model, c.kv_cache_memory_bytes, c.block_size, c.max_num_blocks)
+        self.runner = ModelRunner(model, c.kv_cache_memory_bytes, c.scheduler.block_size, c.max_num_blocks)
         return self.runner.num_blocks
 
     def execute(self, step: StepInput) -> StepOutput:

@@ -113,8 +113,10 @@ class LLMEngine(RequestChecks):
         # One scheduler per data-parallel attention rank: each rank owns the KV cache of its sequences.
         self.schedulers = [
             Scheduler(
-                config.scheduler_config(),
-                BlockManager(self.executor.num_blocks, config.block_size, config.enable_prefix_caching),
+                config.scheduler,
+                BlockManager(
+                    self.executor.num_blocks, config.scheduler.block_size, config.scheduler.enable_prefix_caching
+                ),
                 eos,
             )
             for _ in range(self.executor.num_attention_ranks)

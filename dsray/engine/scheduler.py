@@ -29,7 +29,7 @@ from collections.abc import Mapping
 from collections.abc import Sequence as ListLike
 from dataclasses import dataclass, field
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from dsray.engine.block_manager import BlockManager
 from dsray.engine.sequence import Sequence, SequenceStatus
@@ -39,6 +39,8 @@ class SchedulerConfig(BaseModel):
     """How many sequences and tokens one step may carry. The KV block count is not here: it
     follows from the memory left for the cache and is given to the BlockManager."""
 
+    model_config = ConfigDict(extra="forbid")
+
     max_num_seqs: int = Field(256, ge=1, description="Most sequences running at once (batch size).")
     max_num_batched_tokens: int = Field(
         2048, ge=1, description="Token budget of one step, shared by decodes and prefill chunks."
@@ -46,7 +48,7 @@ class SchedulerConfig(BaseModel):
     enable_chunked_prefill: bool = Field(
         True, description="Split long prefills over steps so decodes keep running beside them."
     )
-    block_size: int = Field(16, ge=1, description="Tokens per paged KV block.")
+    block_size: int = Field(16, ge=1, le=1024, description="Tokens per paged KV block.")
     enable_prefix_caching: bool = Field(
         True, description="Share the KV blocks of identical prompt prefixes between requests."
     )
