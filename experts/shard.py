@@ -5,8 +5,9 @@ set, in any order, on an expert rank whose placement came from the balancer or h
 Weights are stacked per shard — ``w13 [E_local, 2I, D]`` (gate rows then up rows) and
 ``w2 [E_local, D, I]`` — so grouped compute indexes one tensor instead of E small modules.
 Compute paths: ``forward_loop`` (one expert at a time over a token mask; the oracle),
-``run_sorted`` (rows pre-sorted by expert, one matmul pair per active expert; the fast path
-that the dispatch seam feeds) and ``forward_single`` (one token: its K experts directly).
+``run_sorted`` (rows pre-sorted by expert; the fast path that the MoE exchange feeds: on CPUs
+with AVX512-BF16 every slot with a few rows runs in one kernel call, the rest as one matmul pair
+per slot) and ``forward_single`` (one token: its K experts directly).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from torch import nn
 
 from dsray import cpu_kernels
 from dsray.layers import linear
+
+GROUPED_MAX_ROWS = 16  # a slot with more rows is a matrix product, where oneDNN is faster than the kernel
 
 
 class ExpertShard(nn.Module):
@@ -87,10 +90,27 @@ class ExpertShard(nn.Module):
     def run_sorted(self, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """Fast path: ``rows [M, D]`` sorted by slot, ``counts[s]`` rows each → ``[M, D]`` (the exchange's
         ``SlotCompute``; ``counts`` may be padded past this shard's slots with zeros)."""
-        out = torch.empty_like(rows)
-        start = 0
+        spans, start = [], 0
         for local_id, n in enumerate(counts):
             if n:
-                out[start : start + n] = self.expert_ffn(local_id, rows[start : start + n])
+                spans.append((local_id, start, start + n))
             start += n
+        few = [s for s in spans if s[2] - s[1] <= GROUPED_MAX_ROWS] if self._grouped_kernel(rows) else []
+        if few:  # every slot with a few rows in one call; the wider ones below
+            slots, bounds = [s for s, _, _ in few], [(b, e) for _, b, e in few]
+            out = cpu_kernels.swiglu_grouped(rows, slots, bounds, self.w13, self.w2)
+            spans = [s for s in spans if s[2] - s[1] > GROUPED_MAX_ROWS]
+        else:
+            out = torch.empty_like(rows)
+        for local_id, begin, end in spans:
+            out[begin:end] = self.expert_ffn(local_id, rows[begin:end])
         return out
+
+    def _grouped_kernel(self, rows: torch.Tensor) -> bool:
+        return (
+            cpu_kernels.usable(rows, max_rows=rows.shape[0])
+            and rows.is_contiguous()
+            and self.w13.dtype == torch.bfloat16
+            and self.w13.is_contiguous()
+            and self.w2.is_contiguous()
+        )

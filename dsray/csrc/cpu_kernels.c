@@ -547,3 +547,59 @@ void dsray_gate_bf16(const bf16* x, long ldx, const float* w, const float* bias,
     gate_ctx a = {x, w, bias, ldx, D, E, K, n_group, topk_group, scoring, method, norm, scaling, weights, ids};
     parallel_chunks(gate_chunk, &a, T, T >= 8 ? nthreads : 1);
 }
+
+// Rows sorted by expert slot, each through its own slot's SwiGLU expert (an expert rank's grouped
+// compute, `ExpertShard.run_sorted`): for slot s = slots[j], rows [row_off[2j], row_off[2j + 1]) of X
+// give the same Y rows = down_s(bf16(silu(bf16(gate_s x)) * bf16(up_s x))), every product rounded to bf16 as
+// `ExpertShard.expert_ffn` rounds it. Weights are stacked: w13 [S, 2I, D] (gate rows then up rows),
+// w2 [S, D, I]. Each weight row is read from memory once for all of its slot's rows (the rows stay
+// in L1), so a slot with a handful of rows costs about what one row does. `act` is bf16 scratch of
+// [rows, I]. Two phases (gate/up, then down), each cut into chunks of one slot's weight rows.
+typedef struct {
+    const bf16 *X, *w13, *w2;
+    bf16 *Y, *act;
+    const long* row_off;  // [begin, end) per slot
+    const int* slots;
+    long D, I, per_index, per_row, blocks1, blocks2;
+} grouped_ctx;
+
+static void grouped_gate_up_chunk(void* p, long c0, long c1) {
+    const grouped_ctx* a = p;
+    for (long c = c0; c < c1; ++c) {
+        long j = c / a->blocks1, i0 = (c % a->blocks1) * a->per_index;
+        long i1 = i0 + a->per_index < a->I ? i0 + a->per_index : a->I;
+        const bf16* w = a->w13 + (long)a->slots[j] * 2 * a->I * a->D;
+        for (long r = a->row_off[2 * j]; r < a->row_off[2 * j + 1]; ++r) {
+            const bf16* x = a->X + r * a->D;
+            for (long i = i0; i < i1; ++i) {
+                float g = round_bf16(dot1(w + i * a->D, x, a->D));
+                float u = round_bf16(dot1(w + (a->I + i) * a->D, x, a->D));
+                float silu = round_bf16(g / (1.0f + expf(-g)));
+                a->act[r * a->I + i] = f32_to_bf16(silu * u);
+            }
+        }
+    }
+}
+
+static void grouped_down_chunk(void* p, long c0, long c1) {
+    const grouped_ctx* a = p;
+    for (long c = c0; c < c1; ++c) {
+        long j = c / a->blocks2, d0 = (c % a->blocks2) * a->per_row;
+        long d1 = d0 + a->per_row < a->D ? d0 + a->per_row : a->D;
+        const bf16* w = a->w2 + (long)a->slots[j] * a->D * a->I;
+        for (long r = a->row_off[2 * j]; r < a->row_off[2 * j + 1]; ++r)
+            for (long d = d0; d < d1; ++d)
+                a->Y[r * a->D + d] = f32_to_bf16(dot1(w + d * a->I, a->act + r * a->I, a->I));
+    }
+}
+
+void dsray_swiglu_grouped_bf16(const bf16* X, const bf16* w13, const bf16* w2, int num_slots, const int* slots,
+                               const long* row_off, long D, long I, bf16* act, bf16* Y, int nthreads) {
+    // Chunks of ~32 KiB of weight rows: a slot's block stays in L1/L2 while its rows pass over it.
+    long per_index = 8192 / D > 0 ? 8192 / D : 1;
+    long per_row = 16384 / I > 0 ? 16384 / I : 1;
+    grouped_ctx a = {X, w13, w2, Y, act, row_off, slots, D, I, per_index, per_row,
+                     num_chunks(I, per_index), num_chunks(D, per_row)};
+    parallel_chunks(grouped_gate_up_chunk, &a, num_slots * a.blocks1, nthreads);
+    parallel_chunks(grouped_down_chunk, &a, num_slots * a.blocks2, nthreads);
+}

@@ -1,0 +1,86 @@
+"""An expert rank's grouped compute (``ExpertShard.run_sorted``) with the AVX512-BF16 grouped kernel,
+against the torch path it replaces (one ``expert_ffn`` per slot) and the per-expert loop.
+
+The kernel rounds every product as the torch reference does; only the order of the fp32 additions
+inside a dot product differs, so results agree to a bf16 step of the output's scale.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dsray import cpu_kernels
+from experts import shard as shard_module
+from experts.shard import GROUPED_MAX_ROWS, ExpertShard
+
+pytestmark = pytest.mark.skipif(
+    not cpu_kernels.available(), reason="needs an x86 CPU with avx512_bf16 and a C compiler (kernels unavailable)"
+)
+BF16_STEP = 2.0**-7
+
+
+def _randn(*shape, scale=1.0, seed=0):
+    return (torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale).bfloat16()
+
+
+def _shard(num_slots: int, dim: int, inter: int) -> ExpertShard:
+    shard = ExpertShard(list(range(100, 100 + num_slots)), dim, inter)
+    shard.w13.data = _randn(num_slots, 2 * inter, dim, scale=dim**-0.5, seed=1)
+    shard.w2.data = _randn(num_slots, dim, inter, scale=inter**-0.5, seed=2)
+    return shard
+
+
+def test_grouped_kernel_equals_each_slots_expert_ffn():
+    shard = _shard(6, 160, 48)  # D, I not multiples of the kernel's 32-wide blocks: tails too
+    rows = _randn(23, 160, seed=3)
+    spans = [(0, 1), (1, 5), (9, 23), (5, 9)]  # any order; rows in no span are not touched
+    slots = [4, 0, 5, 2]
+    got = cpu_kernels.swiglu_grouped(rows, slots, spans, shard.w13.data, shard.w2.data)
+    with cpu_kernels.disabled():
+        for slot, (begin, end) in zip(slots, spans):
+            want = shard.expert_ffn(slot, rows[begin:end])
+            scale = want.float().abs().max()
+            assert (got[begin:end].float() - want.float()).abs().max() <= BF16_STEP * scale, (slot, begin, end)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_run_sorted_with_the_kernel_equals_torch_and_the_loop(monkeypatch, seed):
+    """Slots with no rows, a few rows and more than ``GROUPED_MAX_ROWS`` (those stay on torch), and
+    counts padded past the shard's slots with zeros, as the exchange sends them."""
+    num_slots, dim, inter = 9, 256, 64
+    shard = _shard(num_slots, dim, inter)
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.randint(0, 7, (num_slots,), generator=g)
+    counts[seed] = 0
+    counts[seed + 3] = GROUPED_MAX_ROWS + 5
+    counts = counts.tolist() + [0, 0]
+    rows = _randn(sum(counts), dim, seed=10 + seed)
+    calls = []
+    real = cpu_kernels.swiglu_grouped
+    monkeypatch.setattr(shard_module.cpu_kernels, "swiglu_grouped", lambda *a: calls.append(a[1]) or real(*a))
+
+    got = shard.run_sorted(rows, counts)
+    assert calls == [[s for s, n in enumerate(counts) if 0 < n <= GROUPED_MAX_ROWS]]
+    with cpu_kernels.disabled():
+        want = shard.run_sorted(rows, counts)
+        # the loop oracle: each row is its slot's expert with weight 1
+        ids = torch.tensor([shard.expert_ids[s] for s, n in enumerate(counts) for _ in range(n)])[:, None]
+        oracle = shard.forward_loop(rows, ids, torch.ones(len(ids), 1))
+    assert len(calls) == 1  # the reference ran without the kernel
+    scale = want.float().abs().max()
+    assert (got.float() - want.float()).abs().max() <= BF16_STEP * scale
+    assert (got.float() - oracle.float()).abs().max() <= 2 * BF16_STEP * scale
+
+
+def test_grouped_kernel_refuses_what_it_cannot_run():
+    shard = _shard(2, 64, 32)
+    rows = _randn(4, 64)
+    with pytest.raises(ValueError, match="do not fit"):
+        cpu_kernels.swiglu_grouped(rows, [2], [(0, 4)], shard.w13.data, shard.w2.data)  # no slot 2
+    with pytest.raises(ValueError, match="do not fit"):
+        cpu_kernels.swiglu_grouped(rows, [0], [(2, 5)], shard.w13.data, shard.w2.data)  # past the rows
+    with pytest.raises(ValueError, match="contiguous bf16"):
+        cpu_kernels.swiglu_grouped(rows.float(), [0], [(0, 4)], shard.w13.data, shard.w2.data)
+    with pytest.raises(ValueError, match="stack one expert each"):
+        cpu_kernels.swiglu_grouped(rows, [0], [(0, 4)], shard.w13.data, shard.w2.data[:1])
