@@ -150,8 +150,8 @@ class LLMServer:
         # 2-core runs (benchmarks/serve.py). The setting is per process; a replica is its own.
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         self.llm = engine_cls(config)
-        self.tokenizer = self.llm.engine.tokenizer
-        self.prompts = PromptTokenizer(self.tokenizer, self.llm.engine.max_model_len) if self.tokenizer else None
+        self.tokenizer = self.llm.tokenizer
+        self.prompts = PromptTokenizer(self.tokenizer, self.llm.max_model_len) if self.tokenizer else None
         self.max_admitted = config.scheduler.max_num_seqs + max_waiting_requests
         self.stream_interval_s = stream_interval_ms / 1000
         self.stream_chunks_per_s = stream_chunks_per_s
@@ -288,7 +288,7 @@ class LLMServer:
         """
         interval = self.stream_interval_s
         if self.stream_chunks_per_s:
-            interval = max(interval, self.llm.engine.stats()["num_running"] / self.stream_chunks_per_s)
+            interval = max(interval, self.llm.stats()["num_running"] / self.stream_chunks_per_s)
         return interval
 
     def _admission_error(self) -> ErrorInfo | None:
@@ -361,7 +361,7 @@ class LLMServer:
                 "created": self.created,
                 "owned_by": "dsray",
                 "root": self.config.model,
-                "max_model_len": self.llm.engine.max_model_len,
+                "max_model_len": self.llm.max_model_len,
             }
         ]
 
@@ -372,7 +372,7 @@ class LLMServer:
         read, good enough for a gauge. An engine that reports ``expert_load`` (tokens per MoE
         layer and expert) has it passed through for the exporter.
         """
-        engine = self.llm.engine.stats()  # summed over the instance's attention ranks
+        engine = self.llm.stats()  # summed over the instance's attention ranks
         stats: dict[str, Any] = {
             "model_name": self.model_name,
             "replica": self.replica_id,
@@ -387,12 +387,9 @@ class LLMServer:
         }
         if engine.get("eplb") is not None:
             stats["eplb"] = engine["eplb"]  # expert rebalancing (Ray executor)
-        core = getattr(self.llm, "core", None)
-        if core is not None:
-            stats["engine_pid"] = core.process.pid  # the engine's own process (engine_process mode)
-        expert_load = getattr(self.llm.engine, "expert_load", None)
-        if expert_load is not None:
-            stats["expert_load"] = expert_load() if callable(expert_load) else expert_load
+        if self.llm.engine_pid is not None:
+            stats["engine_pid"] = self.llm.engine_pid  # the engine's own process (engine_process mode)
+        stats["expert_load"] = self.llm.expert_load()
         return stats
 
     def __del__(self) -> None:

@@ -1,8 +1,9 @@
-"""AsyncLLM: the engine loop on a background thread (or in a child process), per-request async streams, abort.
+"""AsyncLLM: per-request async streams over the engine loop, on a background thread or in a child process.
 
-With ``engine_process`` set, the loop runs in a process of its own (``dsray/engine_core.py``;
-with the Ray executor that process drives the workers, joining this process's Ray cluster) and
-this object keeps validation and the streams; otherwise on a thread here.
+It talks to the loop (``dsray/engine_core.py``) through an ``EngineCoreClient``: on a thread of
+this process, or, with ``engine_process`` set, in a process of its own (with the Ray executor
+that process drives the workers, joining this process's Ray cluster). This object keeps the
+streams; the client checks requests and rebuilds their outputs.
 
 ``shutdown()`` (or ``with AsyncLLM(...)``) stops the loop and releases the engine's workers; an
 ``AsyncLLM`` that is garbage-collected does the same, so a new one in the same process starts
@@ -19,21 +20,16 @@ request is aborted and its KV blocks freed at the next step boundary.
 from __future__ import annotations
 
 import asyncio
-import logging
-import queue
-import threading
 import weakref
 from collections.abc import AsyncIterator, Callable
-from dataclasses import replace
 from typing import Any
 
 from dsray.engine.llm_engine import LLMEngine
 from dsray.engine_config import EngineConfig
-from dsray.engine_core import EngineCore
+from dsray.engine_core_client import EngineCoreClient
 from dsray.outputs import RequestOutput
 from dsray.sampling_params import SamplingParams
-
-logger = logging.getLogger(__name__)
+from dsray.tokenizer import Tokenizer
 
 
 class EngineDeadError(RuntimeError):
@@ -125,55 +121,67 @@ class OutputStream:
         self._closed = True
         self._owner._streams.pop(self.request_id, None)
         if not self.finished:
-            self._owner._send("abort", self.request_id)
+            self._owner.abort(self.request_id)
 
 
 class AsyncLLM:
+    """Async generation on an ``EngineCoreClient``: per-request streams fed from the engine loop."""
+
     def __init__(self, config: EngineConfig, engine: LLMEngine | None = None):
-        self._commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         # request id -> (the reader's loop, what takes each output there: a queue's put or an OutputStream's offer)
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, Callable[[Any], None]]] = {}
-        self._wake = threading.Event()
         self._stopped = False
         self.error: BaseException | None = None
-        self.core: EngineCore | None = None
+        self.config = config
         # The engine side holds this object only weakly, so dropping it releases the engine.
         ref = weakref.ref(self)
-        if engine is None and config.engine_process:
-            self.core = EngineCore(_with_ray_address(config), _weak(ref, "_deliver_many"), _weak(ref, "_fail"))
-            self.engine: LLMEngine | EngineCore = self.core
-            self._thread = None
-            self._finalizer = weakref.finalize(self, self.core.shutdown)
-        else:
-            self.engine = engine or LLMEngine(config)
-            self._thread = threading.Thread(target=_run_loop, args=(ref, self._wake), name="dsray-engine", daemon=True)
-            self._finalizer = weakref.finalize(self, _stop_engine, self._thread, self._wake, self.engine)
-            self._thread.start()
+        self.client = EngineCoreClient(
+            _with_ray_address(config), _weak(ref, "_deliver_many"), _weak(ref, "_fail"), engine=engine
+        )
+        self._finalizer = weakref.finalize(self, self.client.shutdown)
+
+    @property
+    def engine(self) -> LLMEngine | None:
+        """The ``LLMEngine`` when the loop runs in this process; None when it runs in a child process."""
+        return self.client.engine
+
+    @property
+    def tokenizer(self) -> Tokenizer | None:
+        return self.client.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.client.max_model_len
+
+    @property
+    def engine_pid(self) -> int | None:
+        return self.client.pid
 
     @property
     def is_healthy(self) -> bool:
-        if self.error is not None or self._stopped:
-            return False
-        return self.core.process.is_alive() if self.core is not None else self._thread.is_alive()
+        return self.error is None and not self._stopped and self.client.is_alive()
 
     def check_health(self) -> None:
         if not self.is_healthy:
             raise EngineDeadError(f"engine loop is not running: {self.error!r}")
 
+    def stats(self) -> dict[str, Any]:
+        return self.client.stats()
+
+    def expert_load(self) -> list[list[int]]:
+        return self.client.expert_load()
+
     def _submit(self, prompt: str | list[int], params: SamplingParams | None, request_id: str | None, sink) -> str:
         """Validate and queue a request whose outputs go to ``sink`` on the caller's loop; returns its id."""
         self.check_health()
         params = params or SamplingParams()
-        ids = self.engine.tokenize(prompt)
-        params = self.engine.validate(ids, params)
-        request_id = request_id or self.engine.new_request_id()
+        ids = self.client.tokenize(prompt)
+        params = self.client.validate(ids, params)
+        request_id = request_id or self.client.new_request_id()
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
         self._streams[request_id] = (asyncio.get_running_loop(), sink)
-        if self.core is not None:
-            self.core.add(prompt, ids, params, request_id)
-        else:
-            self._send("add", (prompt, ids, params, request_id))
+        self.client.add(prompt, ids, params, request_id)
         return request_id
 
     async def generate(
@@ -195,7 +203,7 @@ class AsyncLLM:
         finally:
             self._streams.pop(request_id, None)
             if not finished:
-                self._send("abort", request_id)
+                self.abort(request_id)
 
     def stream(
         self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
@@ -205,24 +213,22 @@ class AsyncLLM:
         Call from a coroutine (the stream belongs to the running loop); close it (``aclose``, or
         ``contextlib.aclosing``) when done: an unfinished request is then aborted.
         """
-        request_id = request_id or self.engine.new_request_id()
+        request_id = request_id or self.client.new_request_id()
         out = OutputStream(self, request_id)
         self._submit(prompt, params, request_id, out.offer)
         return out
 
     def abort(self, request_id: str) -> None:
-        self._send("abort", request_id)
+        if not self._stopped and self.error is None:
+            self.client.abort(request_id)
 
     def request_rebalance(self) -> bool:
         """Re-plan the expert placement and move to it while serving (from the next step); False when
         this engine has no expert workers (the local executor holds every expert)."""
         self.check_health()
-        if self.engine.config.executor != "ray":
+        if self.config.executor != "ray":
             return False
-        if self.core is not None:
-            self.core.request_rebalance()
-        else:
-            self._send("rebalance", None)
+        self.client.request_rebalance()
         return True
 
     def shutdown(self) -> None:
@@ -242,23 +248,12 @@ class AsyncLLM:
     async def __aexit__(self, *exc) -> None:
         self.shutdown()
 
-    # Engine thread ----------------------------------------------------------------------------
-
-    def _send(self, kind: str, payload: Any) -> None:
-        if self.core is not None:
-            if kind == "abort" and not self._stopped and self.error is None:
-                self.core.abort(payload)
-            return
-        self._commands.put((kind, payload))
-        self._wake.set()
+    # Outputs, on the engine's thread ------------------------------------------------------------
 
     def _fail(self, message: str) -> None:
-        """The engine (process) failed: no request can be served; every waiter gets the error."""
+        """The engine loop failed: no request can be served; every waiter gets the error."""
         self.error = EngineDeadError(message)
         self._deliver_many([(request_id, self.error) for request_id in list(self._streams)])
-
-    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
-        self._deliver_many([(request_id, item)])
 
     def _deliver_many(self, items: list[tuple[str, RequestOutput | BaseException]]) -> None:
         """Hand a step's items to their streams: one wake-up per event loop, not one per request.
@@ -274,61 +269,6 @@ class AsyncLLM:
                 by_loop.setdefault(target[0], []).append((target[1], item))
         for loop, batch in by_loop.items():
             loop.call_soon_threadsafe(_put_all, batch)
-
-    def _drain_commands(self) -> None:
-        while True:
-            try:
-                kind, payload = self._commands.get_nowait()
-            except queue.Empty:
-                return
-            if kind == "add":
-                prompt, ids, params, request_id = payload
-                try:
-                    self.engine.add_request(prompt, params, request_id=request_id, prompt_ids=ids)
-                except ValueError as exc:
-                    self._deliver(request_id, exc)
-            elif kind == "abort":
-                self.engine.abort(payload)
-            elif kind == "rebalance":
-                self.engine.request_rebalance()
-
-    def _loop_once(self) -> bool:
-        """Take the commands that came, then step if there is work; False when idle."""
-        self._drain_commands()
-        if not self.engine.has_unfinished():
-            return False
-        self._deliver_many([(out.request_id, _snapshot(out)) for out in self.engine.step()])
-        return True
-
-    def _loop_failed(self, exc: BaseException) -> None:
-        logger.exception("dsray engine loop failed")
-        self.error = exc
-        dead = EngineDeadError(f"engine failed: {exc!r}")
-        self._deliver_many([(request_id, dead) for request_id in list(self._streams)])
-
-
-def _run_loop(ref: weakref.ref, wake: threading.Event) -> None:
-    """The engine thread. It holds the ``AsyncLLM`` only while it steps, so a dropped one is collected."""
-    while True:
-        llm = ref()
-        if llm is None or llm._stopped:
-            return
-        try:
-            busy = llm._loop_once()
-        except BaseException as exc:  # the loop must never die silently: fail every waiter
-            llm._loop_failed(exc)
-            return
-        del llm
-        if not busy:
-            wake.wait(timeout=1.0)
-            wake.clear()
-
-
-def _stop_engine(thread: threading.Thread, wake: threading.Event, engine: LLMEngine) -> None:
-    wake.set()
-    if thread is not threading.current_thread():
-        thread.join(timeout=30)
-    engine.executor.shutdown()
 
 
 def _weak(ref: weakref.ref, method: str) -> Callable[..., None]:
@@ -361,13 +301,3 @@ def _resolve(future: asyncio.Future) -> None:
 def _put_all(batch: list[tuple[Callable[[Any], None], Any]]) -> None:
     for sink, item in batch:
         sink(item)
-
-
-def _snapshot(out: RequestOutput) -> RequestOutput:
-    """A copy the consumer may keep while the engine goes on updating the original."""
-    return replace(
-        out,
-        token_ids=list(out.token_ids),
-        new_token_ids=list(out.new_token_ids),
-        logprobs=list(out.logprobs) if out.logprobs is not None else None,
-    )

@@ -1,38 +1,70 @@
-"""The engine loop in a process of its own, and the front end that talks to it.
+"""EngineCore: the one engine loop — typed commands in, one report per step out.
 
-Serving runs two CPU-bound Python loops: the engine (schedule, sample, detokenize) and the
-asyncio side (request admission, chunking, Serve's streaming of every chunk). In one process they
-share one GIL and take turns; the engine then gets a fraction of a core however many the machine
-has. ``EngineCore`` moves the engine into a spawned child, the way vLLM's V1 engine core runs, and
-keeps only what validation needs (config, tokenizer, context limits) in the front end.
+``EngineCore.run`` is the loop every front end uses: take the commands that came (add, abort,
+rebalance, shutdown), step the ``LLMEngine`` if it has work, report the step. Where it runs is
+the transport's business (``dsray/engine_core_client.py``): in the caller's thread (``LLM``), on a
+thread of its own (``AsyncLLM``), or in a child process (``AsyncLLM`` with ``engine_process``,
+what the server runs — as vLLM's V1 engine core does). The name is vLLM's: the core is the loop
+itself; ``EngineCoreClient`` is the side that talks to it.
 
-The pipe carries commands one way — ``("add", (prompt, ids, params, request_id))``,
-``("abort", request_id)``, ``("rebalance", None)``, ``("stop", None)`` — and, the other way, one message per engine step
-with every request's delta (new token ids, new text, new logprobs, finish reason) plus the
-engine's stats; ``EngineCore`` rebuilds the cumulative ``RequestOutput`` of each request from
-them. A child that dies (or a pipe that breaks) is reported as the loop's failure.
+A report (``EngineStep``) carries every request's delta (new token ids, new text, new logprobs,
+finish reason), the requests the engine refused, the engine's stats and, when it changed, the
+expert load; ``EngineCoreClient`` rebuilds each request's cumulative ``RequestOutput`` from the
+deltas. Deltas are plain tuples: a step carries hundreds, and pickling a tuple costs a tenth of
+a dataclass. Everything here crosses a process boundary, so it is small and picklable.
 """
 
 from __future__ import annotations
 
-import multiprocessing
-import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from dsray.config import ModelArgs
-from dsray.engine.llm_engine import LLMEngine, RequestChecks
+from dsray.engine.llm_engine import LLMEngine
 from dsray.engine_config import EngineConfig
 from dsray.outputs import RequestOutput
-from dsray.tokenizer import Tokenizer
+from dsray.sampling_params import SamplingParams
 
-START_TIMEOUT_S = 600.0  # loading a large checkpoint in the child
+IDLE_WAIT_S = 1.0  # an idle loop sleeps at most this long between looks for a command
+
+
+# Commands ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AddRequest:
+    """Queue a request already tokenized and validated by the client (the engine checks again)."""
+
+    request_id: str
+    prompt: str | list[int]
+    prompt_token_ids: list[int]
+    params: SamplingParams
+
+
+@dataclass(frozen=True)
+class AbortRequest:
+    request_id: str
+
+
+@dataclass(frozen=True)
+class Rebalance:
+    """Re-plan the expert placement from the load seen so far (``LLMEngine.request_rebalance``)."""
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    """Leave the loop; its host then releases the executor's workers."""
+
+
+Command = AddRequest | AbortRequest | Rebalance | Shutdown
+
+
+# Outputs ----------------------------------------------------------------------------------------
 
 
 class Delta(NamedTuple):
-    """One request's progress in one step. It crosses the pipe as a plain tuple (``tuple(delta)``):
-    a step carries hundreds, and pickling a tuple costs a tenth of a dataclass or NamedTuple."""
+    """One request's progress in one step; it travels as ``tuple(delta)`` and is read back with
+    ``Delta._make``."""
 
     request_id: str
     new_token_ids: list[int]
@@ -45,13 +77,36 @@ class Delta(NamedTuple):
 
 
 @dataclass
-class _Tracked:
-    output: RequestOutput
-    logprobs: bool = field(default=False)
+class EngineReady:
+    """The engine is built: the longest sequence one rank's KV cache holds, and its first stats."""
+
+    max_seq_len: int
+    stats: dict[str, Any]
 
 
-def _delta(out: RequestOutput) -> tuple:
-    """``out``'s step as a ``Delta``-shaped plain tuple (what the pipe carries)."""
+@dataclass
+class EngineStep:
+    """One turn of the loop: deltas (``Delta``-shaped tuples), refused requests with the error that
+    refused them, stats after the step, and the expert load when it changed (else None)."""
+
+    deltas: list[tuple]
+    refused: list[tuple[str, Exception]]
+    stats: dict[str, Any]
+    expert_load: list[list[int]] | None
+
+
+@dataclass
+class EngineFailed:
+    """The loop stopped on an error (or the engine could not start); no request can be served."""
+
+    message: str
+
+
+EngineMessage = EngineReady | EngineStep | EngineFailed
+
+
+def delta(out: RequestOutput) -> tuple:
+    """``out``'s last step as a ``Delta``-shaped plain tuple."""
     n = len(out.new_token_ids)
     logprobs = out.logprobs[len(out.logprobs) - n :] if out.logprobs is not None and n else None
     return (
@@ -66,184 +121,103 @@ def _delta(out: RequestOutput) -> tuple:
     )
 
 
-def core_main(config: dict[str, Any], conn: Any) -> None:
-    """The child: build the engine, then loop over commands and steps until told to stop."""
+# The loop ---------------------------------------------------------------------------------------
+
+
+class EngineCore:
+    """Runs an ``LLMEngine`` on commands: ``run(receive, send)`` is the whole engine loop."""
+
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._sent_load: list[list[int]] | None = None
+
+    def ready(self) -> EngineReady:
+        return EngineReady(self.engine.max_seq_len, self.engine.stats())
+
+    def run(
+        self,
+        receive: Callable[[float], list[Command]],
+        send: Callable[[EngineStep], None],
+        until_idle: bool = False,
+    ) -> None:
+        """Loop: ``receive(timeout)`` the commands that came (waiting up to ``timeout`` seconds for
+        one: none while there is work), apply them, step if there is work, ``send`` the report.
+
+        Returns on ``Shutdown`` or, with ``until_idle``, once no command is pending and no request
+        is unfinished. Errors propagate: the host decides what a failed loop means.
+        """
+        engine = self.engine
+        while True:
+            busy = engine.has_unfinished()
+            commands = receive(0.0 if busy or until_idle else IDLE_WAIT_S)
+            refused: list[tuple[str, Exception]] = []
+            for command in commands:
+                if isinstance(command, Shutdown):
+                    return
+                self._apply(command, refused)
+            if until_idle and not commands and not engine.has_unfinished():
+                return
+            report = self._step(refused, bool(commands))
+            if report is not None:
+                send(report)
+
+    def _apply(self, command: Command, refused: list[tuple[str, Exception]]) -> None:
+        if isinstance(command, AddRequest):
+            try:
+                self.engine.add_request(
+                    command.prompt, command.params, request_id=command.request_id, prompt_ids=command.prompt_token_ids
+                )
+            except ValueError as exc:
+                refused.append((command.request_id, exc))
+        elif isinstance(command, AbortRequest):
+            self.engine.abort(command.request_id)
+        elif isinstance(command, Rebalance):
+            self.engine.request_rebalance()
+
+    def _step(self, refused: list[tuple[str, Exception]], got_commands: bool) -> EngineStep | None:
+        """Step if there is work; the report, or None when nothing changed that a client could see."""
+        engine = self.engine
+        deltas = [delta(out) for out in engine.step()] if engine.has_unfinished() else []
+        load = engine.expert_load()
+        if not (deltas or refused or got_commands or load is not self._sent_load):
+            return None
+        # Stats ride along with every step (and after commands that changed the queues).
+        report = EngineStep(deltas, refused, engine.stats(), load if load is not self._sent_load else None)
+        self._sent_load = load
+        return report
+
+
+# The child process ------------------------------------------------------------------------------
+
+
+def run_engine_process(config: dict[str, Any], conn: Any) -> None:
+    """A child process's main: build the engine, report ready, run the loop over the pipe ``conn``."""
     try:
         engine = LLMEngine(EngineConfig.model_validate(config))
     except BaseException as exc:
-        conn.send(("failed", f"the engine could not start: {exc!r}"))
+        conn.send(EngineFailed(f"the engine could not start: {exc!r}"))
         return
-    conn.send(("ready", {"max_seq_len": engine.max_seq_len, "stats": engine.stats()}))
-    sent_load = None
+    core = EngineCore(engine)
+    conn.send(core.ready())
     try:
-        while True:
-            # Idle: block for the next command. Busy: take whatever has arrived, then step.
-            timeout, got_command, refused = (0.0 if engine.has_unfinished() else 1.0), False, []
-            while conn.poll(timeout):
-                timeout, got_command = 0.0, True
-                kind, payload = conn.recv()
-                if kind == "add":
-                    prompt, ids, params, request_id = payload
-                    try:
-                        engine.add_request(prompt, params, request_id=request_id, prompt_ids=ids)
-                    except ValueError as exc:
-                        refused.append((request_id, str(exc)))
-                elif kind == "abort":
-                    engine.abort(payload)
-                elif kind == "rebalance":
-                    engine.request_rebalance()
-                elif kind == "stop":
-                    return
-            deltas = [_delta(out) for out in engine.step()] if engine.has_unfinished() else []
-            load = engine.expert_load()
-            if deltas or refused or got_command or load is not sent_load:
-                # Stats ride along with every step (and after commands that changed the queues).
-                conn.send(("step", deltas, refused, engine.stats(), load if load is not sent_load else None))
-                sent_load = load
+        core.run(_pipe_receiver(conn), conn.send)
     except (EOFError, OSError, KeyboardInterrupt):
-        return  # the front end went away
+        return  # the client went away
     except BaseException as exc:
         try:
-            conn.send(("failed", f"engine failed: {exc!r}"))
+            conn.send(EngineFailed(f"engine failed: {exc!r}"))
         finally:
             raise
     finally:
         engine.executor.shutdown()  # Ray workers and their placement group go with the engine
 
 
-class EngineCore(RequestChecks):
-    """Front end of an engine running in a child process: validation here, stepping there.
+def _pipe_receiver(conn: Any) -> Callable[[float], list[Command]]:
+    def receive(timeout: float) -> list[Command]:
+        commands = []
+        while conn.poll(timeout):
+            timeout = 0.0
+            commands.append(conn.recv())
+        return commands
 
-    ``on_outputs(items)`` is called on the reader thread with ``(request_id, RequestOutput or
-    exception)`` pairs after every step; ``on_failure(message)`` once if the child fails or dies.
-    """
-
-    def __init__(
-        self,
-        config: EngineConfig,
-        on_outputs: Callable[[list[tuple[str, Any]]], None],
-        on_failure: Callable[[str], None],
-    ):
-        self.config = config
-        self.args = ModelArgs.from_pretrained(config.model)
-        try:
-            self.tokenizer: Tokenizer | None = Tokenizer(config.model)
-        except FileNotFoundError:
-            self.tokenizer = None
-        self.max_model_len = config.max_model_len or self.args.max_position_embeddings
-        self._on_outputs, self._on_failure = on_outputs, on_failure
-        self._tracked: dict[str, _Tracked] = {}
-        self._stats: dict[str, float] = {}
-        self._expert_load: list[list[int]] = []
-        self._send_lock = threading.Lock()
-        self._stopping = False
-        ctx = multiprocessing.get_context("spawn")  # never fork a process holding threads and torch state
-        self._conn, child_conn = ctx.Pipe()
-        self.process = ctx.Process(
-            target=core_main, args=(config.model_dump(), child_conn), name="dsray-engine-core", daemon=True
-        )
-        self.process.start()
-        child_conn.close()
-        if not self._conn.poll(START_TIMEOUT_S):
-            self.process.kill()
-            raise RuntimeError(f"the engine process did not start within {START_TIMEOUT_S:.0f}s")
-        kind, info = self._conn.recv()
-        if kind != "ready":
-            self.process.join(timeout=10)
-            raise RuntimeError(info)
-        self.max_seq_len = info["max_seq_len"]
-        self._stats = info["stats"]
-        self._reader = threading.Thread(target=self._read, name="dsray-engine-reader", daemon=True)
-        self._reader.start()
-
-    # What the server reads ----------------------------------------------------------------------
-
-    def stats(self) -> dict[str, float]:
-        return dict(self._stats)
-
-    def expert_load(self) -> list[list[int]]:
-        return self._expert_load
-
-    # Commands -------------------------------------------------------------------------------------
-
-    def add(self, prompt: str | list[int], ids: list[int], params: Any, request_id: str) -> None:
-        self._tracked[request_id] = _Tracked(
-            RequestOutput(request_id, prompt if isinstance(prompt, str) else None, list(ids)),
-            params.logprobs is not None,
-        )
-        self._send(("add", (prompt, ids, params, request_id)))
-
-    def abort(self, request_id: str) -> None:
-        self._send(("abort", request_id))
-
-    def request_rebalance(self) -> None:
-        self._send(("rebalance", None))
-
-    def shutdown(self) -> None:
-        self._stopping = True
-        try:
-            self._send(("stop", None))
-        except OSError:
-            pass
-        self.process.join(timeout=30)
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join(timeout=10)
-
-    def _send(self, message: tuple[str, Any]) -> None:
-        with self._send_lock:
-            self._conn.send(message)
-
-    # The reader thread ------------------------------------------------------------------------
-
-    def _read(self) -> None:
-        try:
-            while True:
-                message = self._conn.recv()
-                if message[0] == "failed":
-                    self._on_failure(message[1])
-                    return
-                _, deltas, refused, stats, load = message
-                self._stats = stats
-                if load is not None:
-                    self._expert_load = load
-                items: list[tuple[str, Any]] = [(rid, ValueError(msg)) for rid, msg in refused]
-                for rid, _ in refused:
-                    self._tracked.pop(rid, None)
-                items += [(d[0], out) for d in deltas if (out := self._apply(Delta._make(d))) is not None]
-                if items:
-                    self._on_outputs(items)
-        except (EOFError, OSError) as exc:
-            if not self._stopping:
-                code = self.process.exitcode
-                self._on_failure(f"the engine process died (exit code {code}): {exc!r}")
-
-    def _apply(self, d: Delta) -> RequestOutput | None:
-        """The cumulative output after ``d`` (a fresh object: the consumer may keep it)."""
-        tracked = self._tracked.get(d.request_id)
-        if tracked is None:
-            return None
-        prev = tracked.output
-        logprobs = None
-        if tracked.logprobs:
-            logprobs = list(prev.logprobs or []) + list(d.new_logprobs or [])
-        out = RequestOutput(
-            request_id=prev.request_id,
-            prompt=prev.prompt,
-            prompt_token_ids=prev.prompt_token_ids,
-            token_ids=prev.token_ids + d.new_token_ids,
-            text=prev.text + d.new_text,
-            logprobs=logprobs,
-            finish_reason=d.finish_reason,
-            stop_reason=d.stop_reason,
-            num_cached_tokens=d.num_cached_tokens,
-            new_token_ids=d.new_token_ids,
-            new_text=d.new_text,
-            arrival_time=prev.arrival_time,
-            first_token_time=d.first_token_time,
-        )
-        if out.finished:
-            del self._tracked[d.request_id]
-        else:
-            tracked.output = out
-        return out
+    return receive

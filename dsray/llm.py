@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
 from dsray.engine.llm_engine import LLMEngine
 from dsray.engine_config import EngineConfig
+from dsray.engine_core_client import EngineCoreClient
 from dsray.outputs import RequestOutput
 from dsray.sampling_params import SamplingParams
 
@@ -29,15 +29,21 @@ class LLM:
 
             model = ensure_default_model()
         self.config = EngineConfig(model=str(model), **engine_args)
-        self.engine = LLMEngine(self.config)
+        # The loop runs in this thread, inside generate(): nothing steps the engine between calls.
+        self._finished = _Finished()
+        self.client = EngineCoreClient(self.config, self._finished, _never_called, background=False)
+
+    @property
+    def engine(self) -> LLMEngine:
+        return self.client.engine
 
     @property
     def tokenizer(self):
-        return self.engine.tokenizer
+        return self.client.tokenizer
 
     def shutdown(self) -> None:
         """Release the executor's workers (idempotent); the ``LLM`` cannot generate afterwards."""
-        self.engine.executor.shutdown()
+        self.client.shutdown()
 
     def __enter__(self) -> LLM:
         return self
@@ -64,16 +70,45 @@ class LLM:
             params_list = list(sampling_params)
             if len(params_list) != len(prompts):
                 raise ValueError(f"got {len(params_list)} SamplingParams for {len(prompts)} prompts")
-        token_ids = [self.engine.tokenize(p) for p in prompts]
-        checked = [self.engine.validate(ids, p) for ids, p in zip(token_ids, params_list)]
-        ids = [self.engine.add_request(p, params, prompt_ids=t) for p, t, params in zip(prompts, token_ids, checked)]
-        results: dict[str, RequestOutput] = {}
-        while len(results) < len(ids):
-            for out in self.engine.step():
-                if out.finished:
-                    results[out.request_id] = out
-                    if use_tqdm:
-                        print(f"\rdsray: {len(results)}/{len(ids)} requests done", end="", file=sys.stderr)
-        if use_tqdm:
-            print(file=sys.stderr)
-        return [results[i] for i in ids]
+        token_ids = [self.client.tokenize(p) for p in prompts]
+        checked = [self.client.validate(ids, p) for ids, p in zip(token_ids, params_list)]
+        ids = [self.client.new_request_id() for _ in prompts]
+        for prompt, prompt_ids, params, request_id in zip(prompts, token_ids, checked, ids):
+            self.client.add(prompt, prompt_ids, params, request_id)
+        finished = self._finished.outputs = {}
+        try:
+            with _progress_bar(len(ids), use_tqdm) as self._finished.bar:
+                self.client.run_until_idle()
+        finally:
+            self._finished.bar = None
+            for request_id in ids:
+                if request_id not in finished:
+                    self.client.abort(request_id)  # interrupted: the next call's loop drops it first
+        return [finished[i] for i in ids]
+
+
+class _Finished:
+    """Collects finished outputs as the loop reports them, ticking a progress bar if there is one."""
+
+    def __init__(self) -> None:
+        self.outputs: dict[str, RequestOutput] = {}
+        self.bar: Any = None
+
+    def __call__(self, items: list[tuple[str, RequestOutput | BaseException]]) -> None:
+        for request_id, item in items:
+            if isinstance(item, BaseException):
+                raise item  # refused by the engine after passing our checks
+            if item.finished:
+                self.outputs[request_id] = item
+                if self.bar is not None:
+                    self.bar.update(1)
+
+
+def _never_called(message: str) -> None:
+    raise AssertionError(f"an engine loop in the caller's thread raises instead of reporting: {message}")
+
+
+def _progress_bar(total: int, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="dsray: requests", unit="req", disable=not enabled, dynamic_ncols=True)

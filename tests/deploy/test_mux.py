@@ -73,7 +73,7 @@ def server(tiny_model):
 
 
 def _idle(server: LLMServer) -> bool:
-    stats = server.llm.engine.stats()
+    stats = server.llm.stats()
     return stats["num_running"] == stats["num_waiting"] == 0 and not server.batched
 
 

@@ -177,7 +177,7 @@ def test_stats_and_models(server):
         assert key in stats
     # Tokens per (MoE layer, expert), refreshed by the engine loop after a step.
     load = stats["expert_load"]
-    assert all(len(layer) == server.llm.engine.args.n_routed_experts for layer in load)
+    assert all(len(layer) == server.llm.client.args.n_routed_experts for layer in load)
     (model,) = server.models()
     assert model["id"] == "tiny" and model["max_model_len"] == 128
 
@@ -205,7 +205,7 @@ def test_a_prompt_that_cannot_fit_is_refused_without_tokenizing_all_of_it(server
     from deploy.server import PromptTokenizer
 
     counting = _CountingTokenizer(server.tokenizer)
-    prompts = PromptTokenizer(counting, server.llm.engine.max_model_len)
+    prompts = PromptTokenizer(counting, server.llm.max_model_len)
     try:
         huge = "the weather today is fine " * 400_000  # 10 MB, a context of 128 tokens
         with pytest.raises(ValueError, match="context"):
@@ -221,7 +221,7 @@ def test_a_prompt_that_cannot_fit_is_refused_without_tokenizing_all_of_it(server
 def test_tokenizing_runs_off_the_event_loop(server):
     from deploy.server import PromptTokenizer
 
-    prompts = PromptTokenizer(_CountingTokenizer(server.tokenizer, sleep_s=1.0), server.llm.engine.max_model_len)
+    prompts = PromptTokenizer(_CountingTokenizer(server.tokenizer, sleep_s=1.0), server.llm.max_model_len)
 
     async def scenario() -> int:
         ticks = 0

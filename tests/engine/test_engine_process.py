@@ -45,7 +45,7 @@ def test_child_process_streams_the_same_outputs_as_the_thread(tiny):
     for engine_process in (False, True):
         llm = AsyncLLM(_config(tiny, engine_process=engine_process))
         try:
-            assert (llm.core is not None) == engine_process
+            assert (llm.engine_pid is not None) == engine_process
             results[engine_process] = asyncio.run(_run_all(llm, _requests()))
         finally:
             llm.shutdown()
@@ -77,10 +77,10 @@ def test_abort_and_refusals_in_the_child(tiny):
         await stream.aclose()
         for _ in range(200):
             await asyncio.sleep(0.02)
-            stats = llm.engine.stats()
+            stats = llm.stats()
             if stats["num_running"] == 0 and stats["kv_cache_usage"] == 0:
                 break
-        assert llm.engine.stats()["num_running"] == 0 and llm.engine.stats()["kv_cache_usage"] == 0
+        assert llm.stats()["num_running"] == 0 and llm.stats()["kv_cache_usage"] == 0
         with pytest.raises(ValueError, match="temperature"):  # refused here, before the child sees it
             async for _ in llm.generate([5], SamplingParams(temperature=-1)):
                 pass
@@ -95,7 +95,7 @@ def test_abort_and_refusals_in_the_child(tiny):
         assert llm.is_healthy
     finally:
         llm.shutdown()
-    assert not llm.core.process.is_alive()
+    assert not llm.client.transport.process.is_alive()
 
 
 def test_a_killed_engine_process_fails_every_stream_and_health(tiny):
@@ -106,7 +106,7 @@ def test_a_killed_engine_process_fails_every_stream_and_health(tiny):
         streams = [llm.generate([5 + i, 6, 7], params) for i in range(3)]
         firsts = [await s.__anext__() for s in streams]
         assert all(not f.finished for f in firsts)
-        os.kill(llm.core.process.pid, signal.SIGKILL)
+        os.kill(llm.engine_pid, signal.SIGKILL)
         start = time.monotonic()
         for s in streams:
             with pytest.raises(EngineDeadError, match="engine process died"):

@@ -20,14 +20,14 @@ def tiny_model(tmp_path_factory):
 
 
 class _Owner:
-    """What an OutputStream needs of its AsyncLLM: the stream table and the command channel."""
+    """What an OutputStream needs of its AsyncLLM: the stream table and abort."""
 
     def __init__(self):
         self._streams: dict = {}
         self.sent: list = []
 
-    def _send(self, kind, payload):
-        self.sent.append((kind, payload))
+    def abort(self, request_id):
+        self.sent.append(("abort", request_id))
 
 
 def _out(n: int, finished: bool = False) -> RequestOutput:

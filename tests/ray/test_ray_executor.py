@@ -162,7 +162,7 @@ def test_async_llm_lifecycle_and_engine_process_with_ray(slots_cluster, models, 
         engine_process=engine_process,
     )
     with AsyncLLM(config) as llm:
-        assert (llm.core is not None) == engine_process
+        assert (llm.engine_pid is not None) == engine_process
         assert _collect(llm, PROMPTS) == local_outputs["v3"]
     llm = AsyncLLM(config)
     assert _collect(llm, PROMPTS[:1]) == local_outputs["v3"][:1]
