@@ -1,8 +1,9 @@
 """Transports for the MoE exchange: torch.distributed (gloo on CPU, NCCL on CUDA) and in-process.
 
 A transport moves one all-to-all at a time between the ranks of a step group: counts (a small
-``[world, M]`` int64 tensor, blocking) and rows with uneven splits (returned as a ``Pending``,
-so a caller can post rows and compute something else while they travel). Every rank of the
+``[world, M]`` int64 tensor) and rows with uneven splits. Both return a ``Pending`` once posted,
+so a caller can compute something else while they travel, and a rank that needs no counts
+before it posts its rows (one that holds no slots, so receives none) never waits for them. Every rank of the
 group calls every exchange of a step, in the same order, also with zero rows: a rank that skips
 one hangs the group (or, here, fails it after ``timeout_s``).
 
@@ -51,8 +52,9 @@ class Transport(ABC):
     world_size: int
 
     @abstractmethod
-    def exchange_counts(self, send_counts: torch.Tensor) -> torch.Tensor:
-        """``send_counts [world, M]`` int64 (row r goes to rank r) → ``[world, M]`` received from each rank."""
+    def exchange_counts(self, send_counts: torch.Tensor) -> Pending:
+        """``send_counts [world, M]`` int64 (row r goes to rank r) → ``[world, M]`` received from each rank
+        (posted now)."""
 
     @abstractmethod
     def exchange_rows(self, rows: torch.Tensor, send_splits: list[int], recv_splits: list[int]) -> Pending:
@@ -64,8 +66,8 @@ class SelfTransport(Transport):
 
     rank, world_size = 0, 1
 
-    def exchange_counts(self, send_counts: torch.Tensor) -> torch.Tensor:
-        return send_counts
+    def exchange_counts(self, send_counts: torch.Tensor) -> Pending:
+        return done(send_counts)
 
     def exchange_rows(self, rows: torch.Tensor, send_splits: list[int], recv_splits: list[int]) -> Pending:
         return done(rows)
@@ -79,15 +81,17 @@ class TorchDistTransport(Transport):
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
 
-    def exchange_counts(self, send_counts: torch.Tensor) -> torch.Tensor:
+    def exchange_counts(self, send_counts: torch.Tensor) -> Pending:
         out = torch.empty_like(send_counts)
-        dist.all_to_all_single(out, send_counts.contiguous(), group=self.group)
-        return out
+        return self._posted(out, dist.all_to_all_single(out, send_counts.contiguous(), group=self.group, async_op=True))
 
     def exchange_rows(self, rows: torch.Tensor, send_splits: list[int], recv_splits: list[int]) -> Pending:
         out = rows.new_empty((sum(recv_splits),) + tuple(rows.shape[1:]))
         work = dist.all_to_all_single(out, rows.contiguous(), recv_splits, send_splits, group=self.group, async_op=True)
+        return self._posted(out, work)
 
+    @staticmethod
+    def _posted(out: torch.Tensor, work) -> Pending:
         def wait() -> torch.Tensor:
             work.wait()
             return out
@@ -144,9 +148,9 @@ class LoopbackTransport(Transport):
         self.group.post(seq, self.rank, chunks)
         return seq
 
-    def exchange_counts(self, send_counts: torch.Tensor) -> torch.Tensor:
+    def exchange_counts(self, send_counts: torch.Tensor) -> Pending:
         seq = self._post(list(send_counts.clone().unbind(0)))
-        return torch.stack(self.group.collect(seq, self.rank))
+        return Pending(lambda: torch.stack(self.group.collect(seq, self.rank)))
 
     def exchange_rows(self, rows: torch.Tensor, send_splits: list[int], recv_splits: list[int]) -> Pending:
         seq = self._post(list(rows.split(send_splits)))

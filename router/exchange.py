@@ -17,7 +17,9 @@ zero rows of their own. So attention ranks, idle ranks and expert ranks all run 
 
 ``start_round`` returns once the rows are posted: the caller can compute something else (the
 shared experts, the other micro-batch's attention) while the rows travel and the experts
-compute, then ``Combine.wait()`` for the weighted sum. Combining sums each token's K results in
+compute, then ``Combine.wait()`` for the weighted sum. A rank that holds no slots (an attention
+rank) receives no rows, so it posts its rows without waiting for the counts round: it blocks
+only when it combines, and two micro-batches' rounds can be in flight at once. Combining sums each token's K results in
 k order, so the result does not depend on which replica or rank served a row.
 """
 
@@ -38,12 +40,16 @@ SlotCompute = Callable[[torch.Tensor, list[int]], torch.Tensor]
 class Combine:
     """One round's results in flight; ``wait()`` → ``sum_k w[t, k] * expert(x[t])`` as ``[T, D]``."""
 
-    def __init__(self, exchange: MoEExchange, back: Pending, order: torch.Tensor, weights: torch.Tensor, x_dtype):
+    def __init__(
+        self, exchange: MoEExchange, back: Pending, order: torch.Tensor, weights: torch.Tensor, x_dtype, counts: Pending
+    ):
         self._exchange, self._back, self._order, self._weights, self._dtype = exchange, back, order, weights, x_dtype
+        self._counts = counts
 
     def wait(self) -> torch.Tensor:
         start = time.perf_counter()
         back = self._back.wait()  # [T*K, D] in sorted-pair order
+        self._counts.wait()  # long done (collectives complete in order); a posted op is always waited
         self._exchange.waited("combine", time.perf_counter() - start)
         T, K = self._weights.shape
         rows = torch.empty_like(back).index_copy_(0, self._order, back)  # back to (token, k) order
@@ -87,10 +93,17 @@ class MoEExchange:
         send = torch.zeros(world, m.max_local_slots, dtype=torch.int64)
         per_slot = torch.bincount(slots, minlength=m.num_slots).cpu()
         send[m.first_rank : m.first_rank + m.num_ranks] = per_slot.view(m.num_ranks, m.max_local_slots)
-        start = time.perf_counter()
-        recv = self.transport.exchange_counts(send.to(x.device)).cpu()  # [world, M] from each source
-        self.waited("counts", time.perf_counter() - start)
-        send_splits, recv_splits = send.sum(dim=1).tolist(), recv.sum(dim=1).tolist()
+        counts = self.transport.exchange_counts(send.to(x.device))
+        send_splits = send.sum(dim=1).tolist()
+        if self.compute is not None:
+            start = time.perf_counter()
+            recv = counts.wait().cpu()  # [world, M] from each source
+            self.waited("counts", time.perf_counter() - start)
+            recv_splits = recv.sum(dim=1).tolist()
+        elif m.first_rank <= self.transport.rank < m.first_rank + m.num_ranks:
+            raise RuntimeError(f"rank {self.transport.rank} holds slots in the expert map but has no expert compute")
+        else:
+            recv_splits = [0] * world  # holds no slots: receives no rows
         rows = x[torch.div(order, topk_ids.shape[1], rounding_mode="floor")] if x.shape[0] else x[:0]  # [T*K, D]
         rows_in = self.transport.exchange_rows(rows, send_splits, recv_splits)
         if self.compute is not None:
@@ -101,7 +114,7 @@ class MoEExchange:
         else:
             results = x.new_empty((0, x.shape[1]))
         back = self.transport.exchange_rows(results, recv_splits, send_splits)
-        return Combine(self, back, order, topk_weights, x.dtype)
+        return Combine(self, back, order, topk_weights, x.dtype, counts)
 
     def waited(self, phase: str, seconds: float) -> None:
         self.wait_seconds += seconds
