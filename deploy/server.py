@@ -19,8 +19,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from deploy.messages import ErrorInfo, GenerateRequest, StreamChunk
-from dsray.async_llm import AsyncLLM, EngineDeadError
+from dsray.async_llm import AsyncLLM
 from dsray.engine_config import EngineConfig
+from dsray.engine_protocol import EngineProtocol
+from dsray.errors import ContextLengthError, DsrayError, EngineDeadError, InvalidRequestError
 from dsray.outputs import RequestOutput
 from dsray.sampling_params import SamplingParams
 
@@ -29,23 +31,20 @@ logger = logging.getLogger(__name__)
 GIL_SWITCH_INTERVAL_S = 0.02
 EARLY_ABORT_TTL_S = 60.0  # how long an abort waits for a generate_batch request that has not arrived
 
-# Error messages of SamplingParams and of the prompt checks start with the parameter's name.
-_PARAMS = set(SamplingParams.__dataclass_fields__) | {"prompt", "messages"}
 
-
-def value_error_info(exc: Exception, prompt_param: str = "prompt") -> ErrorInfo:
-    """An engine or SamplingParams ``ValueError`` as an OpenAI 400, naming the parameter where it can."""
-    message = str(exc)
-    if "context" in message or "exceeds" in message:
-        return ErrorInfo(message, param=prompt_param, code="context_length_exceeded")
-    if "already in use" in message:
-        return ErrorInfo(message, type="ConflictError", param="x-request-id", status=409)
-    first = message.split(" ", 1)[0].rstrip(":")
-    return ErrorInfo(message, param=first if first in _PARAMS else None)
+def error_info(exc: Exception, prompt_param: str = "prompt") -> ErrorInfo:
+    """A request's refusal as an OpenAI error, from the error's type: ``dsray.errors`` carry status,
+    type, param and code; a context-length error names the request's prompt field."""
+    if not isinstance(exc, DsrayError):  # a plain ValueError from deeper down: still the request's fault
+        return ErrorInfo(str(exc))
+    param = prompt_param if isinstance(exc, ContextLengthError) else exc.param
+    return ErrorInfo(exc.message, type=exc.type, param=param, code=exc.code, status=exc.status)
 
 
 def engine_dead_info(exc: BaseException) -> ErrorInfo:
-    return ErrorInfo(f"the model instance cannot serve: {exc}", type="ServiceUnavailableError", status=503)
+    return ErrorInfo(
+        f"the model instance cannot serve: {exc}", type=EngineDeadError.type, status=EngineDeadError.status
+    )
 
 
 def max_token_chars(tokenizer: Any) -> int:
@@ -79,7 +78,7 @@ class PromptTokenizer:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dsray-tokenize")
 
     async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """``tokenizer.encode(text)``, or ValueError (context length) when it cannot fit the model."""
+        """``tokenizer.encode(text)``, or ``ContextLengthError`` when it cannot fit the model."""
         return await asyncio.get_running_loop().run_in_executor(self._pool, self._encode, text, add_special_tokens)
 
     async def render_and_encode(self, messages: list[dict[str, Any]]) -> list[int]:
@@ -90,7 +89,7 @@ class PromptTokenizer:
         if len(text) > self.prefix_chars:
             prefix = self.tokenizer.encode(text[: self.prefix_chars], add_special_tokens=add_special_tokens)
             if len(prefix) >= self.limit_tokens:
-                raise ValueError(
+                raise ContextLengthError(
                     f"prompt has more than {self.max_model_len} tokens ({len(text)} characters); this model's "
                     f"context is {self.max_model_len} tokens (prompt plus at least one generated token must fit)"
                 )
@@ -99,10 +98,10 @@ class PromptTokenizer:
     def _render_and_encode(self, messages: list[dict[str, Any]]) -> list[int]:
         try:
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        except ValueError:
-            raise
+        except ValueError as exc:  # the template refused the messages (raise_exception)
+            raise InvalidRequestError(str(exc)) from exc
         except Exception as exc:  # a template tripping over odd content is the request's fault
-            raise ValueError(f"chat template could not render these messages: {exc}") from exc
+            raise InvalidRequestError(f"chat template could not render these messages: {exc}") from exc
         return self._encode(text, add_special_tokens=False)
 
     def shutdown(self) -> None:
@@ -129,7 +128,7 @@ class LLMServer:
         max_waiting_requests: int = 1024,
         stream_interval_ms: float = 0.0,
         stream_chunks_per_s: float = 500.0,
-        engine_cls: type = AsyncLLM,
+        engine_cls: type[EngineProtocol] = AsyncLLM,
     ):
         if isinstance(engine_config, dict) and engine_config.get("model") is None:
             from dsray.make_model import ensure_default_model
@@ -149,7 +148,7 @@ class LLMServer:
         # hand-over costs both sides. 20 ms raised serving throughput by a quarter or more in our
         # 2-core runs (benchmarks/serve.py). The setting is per process; a replica is its own.
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
-        self.llm = engine_cls(config)
+        self.llm: EngineProtocol = engine_cls(config)
         self.tokenizer = self.llm.tokenizer
         self.prompts = PromptTokenizer(self.tokenizer, self.llm.max_model_len) if self.tokenizer else None
         self.max_admitted = config.scheduler.max_num_seqs + max_waiting_requests
@@ -177,11 +176,11 @@ class LLMServer:
         prompt_param = "messages" if request.messages is not None else "prompt"
         self.num_admitted += 1  # counted while it tokenizes too: the queue limit bounds that work as well
         try:
-            params = SamplingParams(**request.sampling)
+            params = _sampling_params(request.sampling)
             prompt = await self._prompt(request)
-        except (ValueError, TypeError) as exc:
+        except ValueError as exc:
             self.num_admitted -= 1
-            yield value_error_info(exc, prompt_param)
+            yield error_info(exc, prompt_param)
             return
         except BaseException:
             self.num_admitted -= 1
@@ -200,8 +199,8 @@ class LLMServer:
                     num_tokens, num_chars = chunk.num_generated_tokens, num_chars + len(chunk.new_text)
                     finished = chunk.finish_reason is not None
                     yield chunk
-        except ValueError as exc:  # validation inside the engine (context length, token ids)
-            yield value_error_info(exc, prompt_param)
+        except ValueError as exc:  # validation inside the engine (context length, token ids, request id)
+            yield error_info(exc, prompt_param)
         except EngineDeadError as exc:
             self.counters["num_failed"] += 1
             yield engine_dead_info(exc)
@@ -308,19 +307,21 @@ class LLMServer:
         """The request's prompt as token ids; text is rendered and tokenized off the event loop."""
         given = [x is not None for x in (request.prompt, request.prompt_token_ids, request.messages)]
         if sum(given) != 1:
-            raise ValueError("give exactly one of prompt, prompt_token_ids and messages")
+            raise InvalidRequestError("give exactly one of prompt, prompt_token_ids and messages")
         if request.prompt_token_ids is not None:
             return list(request.prompt_token_ids)
         if self.prompts is None:
             what = "text prompts" if request.prompt is not None else "chat messages"
-            raise ValueError(f"this model has no tokenizer.json, so it cannot take {what}: give prompt_token_ids")
+            raise InvalidRequestError(
+                f"this model has no tokenizer.json, so it cannot take {what}: give prompt_token_ids"
+            )
         if request.prompt is not None:
             if not request.prompt:
-                raise ValueError("prompt must not be empty")
+                raise InvalidRequestError("prompt must not be empty", param="prompt")
             return await self.prompts.encode(request.prompt)
         messages = [_plain_message(m) for m in request.messages or []]
         if not messages:
-            raise ValueError("messages must not be empty")
+            raise InvalidRequestError("messages must not be empty", param="messages")
         return await self.prompts.render_and_encode(messages)
 
     def _chunk(self, out: RequestOutput, num_tokens: int, num_chars: int, want_logprobs: bool) -> StreamChunk:
@@ -401,6 +402,13 @@ class LLMServer:
             prompts.shutdown()
 
 
+def _sampling_params(fields: dict[str, Any]) -> SamplingParams:
+    try:
+        return SamplingParams(**fields)
+    except TypeError as exc:  # a field SamplingParams does not have
+        raise InvalidRequestError(str(exc)) from exc
+
+
 def _plain_message(message: dict[str, Any]) -> dict[str, Any]:
     """A message whose content is a string, as chat templates expect (text parts joined, None → "")."""
     content = message.get("content")
@@ -409,5 +417,7 @@ def _plain_message(message: dict[str, Any]) -> dict[str, Any]:
     elif content is None:
         content = ""
     elif not isinstance(content, str):
-        raise ValueError(f"message content must be a string or a list of text parts, got {type(content).__name__}")
+        raise InvalidRequestError(
+            f"message content must be a string or a list of text parts, got {type(content).__name__}"
+        )
     return {**message, "content": content}

@@ -27,16 +27,14 @@ from typing import Any
 from dsray.engine.llm_engine import LLMEngine
 from dsray.engine_config import EngineConfig
 from dsray.engine_core_client import EngineCoreClient
+from dsray.engine_protocol import EngineProtocol, OutputStreamProtocol
+from dsray.errors import EngineDeadError, RequestIdInUseError
 from dsray.outputs import RequestOutput
 from dsray.sampling_params import SamplingParams
 from dsray.tokenizer import Tokenizer
 
 
-class EngineDeadError(RuntimeError):
-    """The engine loop stopped on an error; no request can be served."""
-
-
-class OutputStream:
+class OutputStream(OutputStreamProtocol):
     """One request's outputs as its reader wants them: the newest cumulative output, on demand.
 
     The engine side only stores each step's output (``offer``, on the reader's event loop) and
@@ -86,7 +84,6 @@ class OutputStream:
                 timer.cancel()
 
     async def next(self) -> RequestOutput:
-        """The newest output not yet returned (waits for one); raises what failed the request."""
         while not self._fresh and self._error is None:
             await self._wait(wake_on_any=True)
         if self._first is not None:
@@ -103,7 +100,6 @@ class OutputStream:
         raise self._error
 
     async def wait_finished(self, timeout: float) -> None:
-        """Sleep up to ``timeout`` seconds, returning early when the request finishes or fails."""
         if self._error is None and not (self._latest is not None and self._latest.finished):
             await self._wait(wake_on_any=False, timeout=timeout)
 
@@ -124,7 +120,7 @@ class OutputStream:
             self._owner.abort(self.request_id)
 
 
-class AsyncLLM:
+class AsyncLLM(EngineProtocol):
     """Async generation on an ``EngineCoreClient``: per-request streams fed from the engine loop."""
 
     def __init__(self, config: EngineConfig, engine: LLMEngine | None = None):
@@ -179,7 +175,7 @@ class AsyncLLM:
         params = self.client.validate(ids, params)
         request_id = request_id or self.client.new_request_id()
         if request_id in self._streams:
-            raise ValueError(f"request id {request_id!r} is already in use")
+            raise RequestIdInUseError(f"request id {request_id!r} is already in use")
         self._streams[request_id] = (asyncio.get_running_loop(), sink)
         self.client.add(prompt, ids, params, request_id)
         return request_id

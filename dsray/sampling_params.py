@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from dsray.errors import InvalidRequestError
+
 # Below this temperature sampling is treated as greedy: dividing logits by ~0 only overflows.
 _GREEDY_EPS = 1e-5
 _MAX_LOGPROBS = 20
@@ -24,7 +26,7 @@ def _is_number(value: object) -> bool:
 def _check_range(name: str, value: object, low: float, high: float, rule: str) -> None:
     """Raise unless ``low <= value <= high`` (written so that NaN fails too)."""
     if not _is_number(value) or not (low <= value <= high):
-        raise ValueError(f"{name} must be {rule}, got {value!r}")
+        raise InvalidRequestError(f"{name} must be {rule}, got {value!r}", param=name)
 
 
 @dataclass
@@ -71,35 +73,42 @@ class SamplingParams:
 
     def _validate(self) -> None:
         if not _is_int(self.n) or self.n != 1:
-            raise ValueError(f"n must be 1 (parallel sampling is not supported), got {self.n!r}")
+            raise InvalidRequestError(f"n must be 1 (parallel sampling is not supported), got {self.n!r}", param="n")
         _check_range("temperature", self.temperature, 0.0, float("inf"), ">= 0")
         if not _is_number(self.top_p) or not (0.0 < self.top_p <= 1.0):
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+            raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p!r}", param="top_p")
         if not _is_int(self.top_k) or self.top_k < 0:
-            raise ValueError(f"top_k must be -1 or 0 (disabled) or >= 1, got {self.top_k!r}")
+            raise InvalidRequestError(f"top_k must be -1 or 0 (disabled) or >= 1, got {self.top_k!r}", param="top_k")
         _check_range("min_p", self.min_p, 0.0, 1.0, "in [0, 1]")
         if self.seed is not None and not _is_int(self.seed):
-            raise ValueError(f"seed must be an int or None, got {self.seed!r}")
+            raise InvalidRequestError(f"seed must be an int or None, got {self.seed!r}", param="seed")
         _check_range("presence_penalty", self.presence_penalty, -2.0, 2.0, "in [-2, 2]")
         _check_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0, "in [-2, 2]")
         if not _is_number(self.repetition_penalty) or not (self.repetition_penalty > 0):
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+            raise InvalidRequestError(
+                f"repetition_penalty must be > 0, got {self.repetition_penalty!r}", param="repetition_penalty"
+            )
         for s in self.stop:
             if not isinstance(s, str) or not s:
-                raise ValueError(f"stop must hold non-empty strings, got {s!r}")
+                raise InvalidRequestError(f"stop must hold non-empty strings, got {s!r}", param="stop")
         for t in self.stop_token_ids:
             if not _is_int(t) or t < 0:
-                raise ValueError(f"stop_token_ids must hold non-negative ints, got {t!r}")
+                raise InvalidRequestError(
+                    f"stop_token_ids must hold non-negative ints, got {t!r}", param="stop_token_ids"
+                )
         if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
-            raise ValueError(f"max_tokens must be >= 1 or None, got {self.max_tokens!r}")
+            raise InvalidRequestError(f"max_tokens must be >= 1 or None, got {self.max_tokens!r}", param="max_tokens")
         if not _is_int(self.min_tokens) or self.min_tokens < 0:
-            raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens!r}")
+            raise InvalidRequestError(f"min_tokens must be >= 0, got {self.min_tokens!r}", param="min_tokens")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            raise ValueError(
-                f"min_tokens must be <= max_tokens, got min_tokens={self.min_tokens} and max_tokens={self.max_tokens}"
+            raise InvalidRequestError(
+                f"min_tokens must be <= max_tokens, got min_tokens={self.min_tokens} and max_tokens={self.max_tokens}",
+                param="min_tokens",
             )
         if self.logprobs is not None and (not _is_int(self.logprobs) or not (0 <= self.logprobs <= _MAX_LOGPROBS)):
-            raise ValueError(f"logprobs must be in [0, {_MAX_LOGPROBS}] or None, got {self.logprobs!r}")
+            raise InvalidRequestError(
+                f"logprobs must be in [0, {_MAX_LOGPROBS}] or None, got {self.logprobs!r}", param="logprobs"
+            )
 
     @property
     def is_greedy(self) -> bool:

@@ -16,6 +16,7 @@ from dsray.engine.block_manager import BlockManager
 from dsray.engine.scheduler import Scheduler, SchedulerOutput
 from dsray.engine.sequence import Sequence
 from dsray.engine_config import EngineConfig
+from dsray.errors import ContextLengthError, InvalidRequestError, RequestIdInUseError
 from dsray.executor import Executor, create_executor
 from dsray.outputs import RequestOutput
 from dsray.protocol import NewSeq, SeqStep, StepInput
@@ -64,35 +65,39 @@ class RequestChecks:
     def tokenize(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ValueError("this model has no tokenizer.json: give the prompt as token ids")
+                raise InvalidRequestError(
+                    "this model has no tokenizer.json: give the prompt as token ids", param="prompt"
+                )
             return self.tokenizer.encode(prompt)
         ids = list(prompt)
         if not ids:
-            raise ValueError("prompt must not be empty")
+            raise InvalidRequestError("prompt must not be empty", param="prompt")
         bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.args.vocab_size]
         if bad:
-            raise ValueError(f"prompt token ids must be integers in [0, {self.args.vocab_size}); got {bad[:5]}")
+            raise InvalidRequestError(
+                f"prompt token ids must be integers in [0, {self.args.vocab_size}); got {bad[:5]}", param="prompt"
+            )
         return ids
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> SamplingParams:
         """Refuse what cannot fit the model's context; fill ``max_tokens=None`` with what is left."""
         if not prompt_ids:
-            raise ValueError("prompt must not be empty")
+            raise InvalidRequestError("prompt must not be empty", param="prompt")
         n = len(prompt_ids)
         if n >= self.max_model_len:
-            raise ValueError(
+            raise ContextLengthError(
                 f"prompt has {n} tokens; this model's context is {self.max_model_len} tokens "
                 "(prompt plus at least one generated token must fit)"
             )
         if params.max_tokens is None:
             params = replace(params, max_tokens=self.max_model_len - n)
         elif n + params.max_tokens > self.max_model_len:
-            raise ValueError(
+            raise ContextLengthError(
                 f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) = {n + params.max_tokens} exceeds "
                 f"this model's context of {self.max_model_len} tokens; lower max_tokens"
             )
         if n + params.max_tokens > self.max_seq_len:
-            raise ValueError(
+            raise ContextLengthError(
                 f"prompt + max_tokens = {n + params.max_tokens} tokens exceeds the KV cache "
                 f"({self.max_seq_len} tokens); lower max_tokens or give the cache more memory"
             )
@@ -182,7 +187,7 @@ class LLMEngine(RequestChecks):
         params = self.validate(ids, params)
         request_id = request_id or self.new_request_id()
         if request_id in self.requests:
-            raise ValueError(f"request id {request_id!r} is already in use")
+            raise RequestIdInUseError(f"request id {request_id!r} is already in use")
         seq = Sequence(request_id, ids, params)
         # Least-loaded attention rank; ties go to the lowest rank.
         rank = min(
