@@ -1,6 +1,6 @@
 """Offline engine throughput: dsray's ``LLM`` vs Hugging Face transformers ``generate()``, same run.
 
-Workloads (BENCHMARKS.md, the engine issue):
+Workloads:
   (a) batch 1: a 32-token prompt, 128 new tokens — decode tok/s, and as a fraction of the decode
       roofline (bytes a step reads ÷ step time, over the read bandwidth measured right before and
       after that run: this machine's bandwidth drifts between ~30 and ~80 GB/s over minutes);

@@ -85,6 +85,25 @@ def print_progress(event: LoadProgress) -> None:
         )
 
 
+class ProgressBar:
+    """Default progress reporter: a tqdm bar over the bytes read, for loads big enough to wait on."""
+
+    def __init__(self) -> None:
+        self._bar: Any = None
+
+    def __call__(self, event: LoadProgress) -> None:
+        if event.total_bytes < PROGRESS_MIN_BYTES:
+            return
+        if self._bar is None:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=event.total_bytes, unit="B", unit_scale=True, desc="dsray: loading", file=sys.stderr)
+        self._bar.set_postfix_str(f"{event.files_done - (not event.file_complete)}/{event.num_files} files")
+        self._bar.update(event.bytes_done - self._bar.n)
+        if event.file_complete and event.files_done == event.num_files:
+            self._bar.close()
+
+
 def _block_size(quantization_config: Mapping[str, Any] | None) -> tuple[int, int]:
     """Validate a ``quantization_config`` and return its FP8 block size."""
     if not quantization_config:
@@ -209,11 +228,11 @@ class Checkpoint:
 
         FP8 weights come back dequantised. Floating tensors are cast to ``dtype``, except the
         names ``keep_fp32`` selects (a set of names, or a predicate), which come back fp32.
-        Extra tensors in the files are ignored. ``progress`` is True (stderr lines for big
+        Extra tensors in the files are ignored. ``progress`` is True (a progress bar for big
         loads), False, or a callback taking a :class:`LoadProgress` after every tensor.
         """
         keep = keep_fp32.__contains__ if isinstance(keep_fp32, (set, frozenset)) else keep_fp32
-        report = print_progress if progress is True else progress or None
+        report = ProgressBar() if progress is True else progress or None
         missing = [name for name in expected if name not in self.weight_map]
         if missing:
             raise MissingTensorError(

@@ -41,7 +41,7 @@ class Fp8Quantization:
 
 @dataclass(frozen=True)
 class ModelArgs:
-    """Model hyper-parameters with DeepSeek's names (see shared/DEEPSEEK.md)."""
+    """Model hyper-parameters with DeepSeek's names: a checkpoint's config.json maps onto them 1:1."""
 
     model_type: str = "deepseek_v3"
     vocab_size: int = 129280

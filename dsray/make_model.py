@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
 from dsray.envs import dsray_home
 from dsray.presets import preset_config, preset_names
@@ -131,7 +133,8 @@ def write_weights(out_dir: Path, config: dict, dtype: torch.dtype, seed: int, ma
     num_shards = len(shards)
     weight_map: dict[str, str] = {}
     total_size = 0
-    for index, shard in enumerate(shards, start=1):
+    bar = tqdm(shards, desc="dsray: writing", unit="file", disable=num_shards == 1, file=sys.stderr)
+    for index, shard in enumerate(bar, start=1):
         start = time.perf_counter()
         if num_shards == 1:
             file_name = "model.safetensors"

@@ -1,6 +1,7 @@
 """Named model presets (`tiny`, `small`) as data, and the HF-style ``config.json`` each one makes.
 
-Shapes follow the bench-model table in ``shared/BENCHMARKS.md``; everything else copies
+Shapes are the project's bench models (``tiny`` for tests, ``small`` ~671M parameters for
+benchmarks, both listed in ``PRESETS`` below); everything else copies
 DeepSeek-V3's own ``config.json`` (sigmoid / noaux_tc routing, YaRN rope, interleaved rope dims)
 so a preset directory looks like a scaled-down real checkpoint to any loader.
 """

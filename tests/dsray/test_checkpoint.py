@@ -17,6 +17,7 @@ from dsray.checkpoint import (
     LoadProgress,
     MissingTensorError,
     PickleCheckpointError,
+    ProgressBar,
     ShapeMismatchError,
     print_progress,
 )
@@ -275,3 +276,13 @@ def test_default_progress_prints_a_line_per_file_for_big_loads(capsys):
     print_progress(LoadProgress(file_complete=False, **event, **sizes))
     print_progress(LoadProgress(file_complete=True, **event, **sizes))
     assert capsys.readouterr().err == "dsray: loading 3/12 files, 1.2/4.8 GB\n"
+
+
+def test_default_progress_is_a_bar_over_the_bytes_for_big_loads(capsys):
+    bar = ProgressBar()
+    total = 2 * PROGRESS_MIN_BYTES
+    event = dict(file="a", num_files=2, tensors_done=1, num_tensors=2, total_bytes=total)
+    bar(LoadProgress(file_complete=True, files_done=1, bytes_done=total // 2, **event))
+    bar(LoadProgress(file_complete=True, files_done=2, bytes_done=total, **event))
+    err = capsys.readouterr().err
+    assert "dsray: loading" in err and "100%" in err and "2/2 files" in err

@@ -218,3 +218,13 @@ def test_num_threads_defaults_to_dsray_num_threads(monkeypatch):
     assert EngineConfig(model="m", num_threads=1).num_threads == 1
     monkeypatch.delenv("DSRAY_NUM_THREADS")
     assert EngineConfig(model="m").num_threads is None
+
+
+def test_use_tqdm_shows_a_progress_bar_and_changes_no_output(tiny, prompts, solo, capsys):
+    llm = LLM(tiny, dtype="float32")
+    quiet = [o.token_ids for o in llm.generate(prompts[:3], _greedy())]
+    assert "dsray: requests" not in capsys.readouterr().err
+    shown = [o.token_ids for o in llm.generate(prompts[:3], _greedy(), use_tqdm=True)]
+    err = capsys.readouterr().err
+    assert "dsray: requests" in err and "3/3" in err
+    assert shown == quiet == solo[:3]
