@@ -41,8 +41,9 @@ def _connect(config: EngineConfig, num_cpus_wanted: float) -> None:
     if address:
         ray.init(address=address)
     else:
-        # A local cluster offers at least the logical CPUs the workers ask for (oversubscribed on a small box).
-        ray.init(num_cpus=max(os.cpu_count() or 1, int(num_cpus_wanted + 0.999)))
+        # Our own local cluster (never one another process started on this machine), offering at least
+        # the logical CPUs the workers ask for (oversubscribed on a small box).
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(num_cpus_wanted + 0.999)))
 
 
 def _bundle(resources: dict[str, float]) -> dict[str, float]:
@@ -205,10 +206,11 @@ class RayExecutor(Executor):
     # Rebalancing -----------------------------------------------------------------------------
 
     def rebalance(self, expert_map: ExpertMap, timeout_s: float | None = None) -> int:
-        """Move to ``expert_map`` without stopping: expert workers load their new slots in the background
-        (copying experts they hold, reading the rest from the checkpoint, checking each), then every rank
-        switches at one step boundary. A failed or timed-out load keeps the current placement (logged,
-        counted in ``rebalance_stats``). Returns the new placement's version."""
+        """Move to ``expert_map`` without stopping: expert workers stage their changed slots in the
+        background (copying experts they hold, reading the rest from the checkpoint, checking each), then
+        every rank switches at one step boundary (experts write the staged slots in place). A failed or
+        timed-out load keeps the current placement (logged, counted in ``rebalance_stats``). Returns the
+        new placement's version."""
         if self._rebalance is not None:
             raise RuntimeError(f"a rebalance (placement {self._rebalance.version}) is still in progress")
         m = self.map
@@ -222,6 +224,7 @@ class RayExecutor(Executor):
                 f"a new placement must keep {m.num_experts} experts, {m.num_ranks} expert ranks from group rank "
                 f"{m.first_rank} and {m.num_layers} MoE layers"
             )
+        expert_map = expert_map.aligned_to(m)  # held experts keep their slots: only changed slots are written
         version = self.map_version + 1
         now = time.monotonic()
         timeout = timeout_s if timeout_s is not None else max(60.0, self.config.step_timeout_s)

@@ -124,7 +124,7 @@ class ExpertWorker(_Worker):
         self.expert_rank = expert_rank
         self.shards = self._build_shards(self.map)
         self.exchange = MoEExchange(self.comm, self.map, compute=[s.run_sorted for s in self.shards])
-        self._prepared: tuple[int, ExpertMap, list[ExpertShard]] | None = None
+        self._prepared: tuple[int, ExpertMap, list] | None = None
         self._preparing: int | None = None
         self._prepare_failed: tuple[int, str] | None = None
         return self.map.rank_slots(expert_rank)
@@ -159,19 +159,19 @@ class ExpertWorker(_Worker):
         threading.Thread(target=self._prepare, args=(version, expert_map, previous), daemon=True).start()
 
     def _prepare(self, version: int, expert_map: ExpertMap, previous: list[ExpertShard]) -> None:
-        """Build the next placement's shards without slowing the steps served meanwhile: at the lowest
-        CPU priority (it runs on cores the step leaves idle, e.g. while this rank waits in an
-        exchange), one MoE layer at a time, resting as long as each layer took (at most half a core)."""
+        """Stage the next placement's changed slots without slowing the steps served meanwhile: at the
+        lowest CPU priority (it runs on cores the step leaves idle, e.g. while this rank waits in an
+        exchange), one MoE layer at a time, resting as long as each layer took (at most half a core).
+        Only slots whose expert changes are staged (the executor aligned the map so held experts keep
+        their slots); the switch writes them in place."""
         _lowest_thread_priority()
-        shards = []
+        staged: list[tuple[list[int], ExpertShard] | ExpertShard] = []
         try:
             with torch.inference_mode():
                 layers = zip(self.args.moe_layer_ids, expert_map.rank_slots(self.expert_rank), previous)
                 for layer_id, ids, held in layers:
                     start = time.perf_counter()
-                    missing = [e for e in ids if e not in held.local_of]
-                    tensors = self._read_experts({layer_id: missing})
-                    shards.append(self._layer_shard(layer_id, ids, tensors, held))
+                    staged.append(self._stage_layer(layer_id, ids, held))
                     if self._preparing != version:
                         return  # cancelled: stop loading
                     time.sleep(time.perf_counter() - start)
@@ -181,7 +181,21 @@ class ExpertWorker(_Worker):
                 self._prepare_failed = (version, f"{type(exc).__name__}: {exc}")
             return
         if self._preparing == version:
-            self._prepared = (version, expert_map, shards)
+            self._prepared = (version, expert_map, staged)
+
+    def _stage_layer(
+        self, layer_id: int, ids: list[int], held: ExpertShard
+    ) -> tuple[list[int], ExpertShard] | ExpertShard:
+        """One layer's change: ``(slots, staged)`` — the slots to overwrite and a small shard holding their
+        new experts (copied from ``held`` or read from the checkpoint and checked) — or, if the number of
+        slots changes, the whole new shard."""
+        if len(ids) != held.num_local_experts:
+            missing = [e for e in ids if e not in held.local_of]
+            return self._layer_shard(layer_id, ids, self._read_experts({layer_id: missing}), held)
+        positions = [i for i, e in enumerate(ids) if held.expert_ids[i] != e]
+        incoming = [ids[i] for i in positions]
+        tensors = self._read_experts({layer_id: [e for e in incoming if e not in held.local_of]})
+        return positions, self._layer_shard(layer_id, incoming, tensors, held)
 
     def cancel(self, version: int) -> None:
         """Drop a prepared (or still loading) placement: the executor keeps the current one."""
@@ -193,10 +207,15 @@ class ExpertWorker(_Worker):
         """Serve one step's rounds (layer by layer, micro-batch by micro-batch), after switching to the
         prepared placement ``switch_to`` if given. Returns rows computed and where a rebalance stands."""
         if switch_to is not None:
-            version, expert_map, shards = self._prepared
+            version, expert_map, staged = self._prepared
             assert version == switch_to, (version, switch_to)
-            self.map, self.shards = expert_map, shards
-            self.exchange.map, self.exchange.compute = expert_map, [s.run_sorted for s in shards]
+            for i, change in enumerate(staged):
+                if isinstance(change, ExpertShard):
+                    self.shards[i] = change
+                else:
+                    self.shards[i].write_slots(*change)
+            self.map = self.exchange.map = expert_map
+            self.exchange.compute = [s.run_sorted for s in self.shards]
             self._prepared = self._preparing = None
         start = time.perf_counter()
         before = self.exchange.rows_computed

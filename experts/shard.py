@@ -35,6 +35,23 @@ class ExpertShard(nn.Module):
         self.w13 = nn.Parameter(torch.empty(num_local_experts, 2 * inter_dim, dim), requires_grad=False)
         self.w2 = nn.Parameter(torch.empty(num_local_experts, dim, inter_dim), requires_grad=False)
 
+    def write_slots(self, slots: list[int], staged: ExpertShard) -> None:
+        """Overwrite ``slots`` (local indices) with ``staged``'s experts, in order, in place: a rebalance's
+        switch rewrites only the slots whose expert changes."""
+        if not slots:
+            return
+        ids = list(self.expert_ids)
+        for slot, expert in zip(slots, staged.expert_ids, strict=True):
+            ids[slot] = expert
+        if len(set(ids)) != len(ids):
+            raise ValueError(
+                f"a shard holds each expert once; writing {staged.expert_ids} to slots {slots} gives {ids}"
+            )
+        index = torch.tensor(slots, device=self.w13.device)
+        self.w13.data.index_copy_(0, index, staged.w13.data.to(self.w13.device))
+        self.w2.data.index_copy_(0, index, staged.w2.data.to(self.w2.device))
+        self.expert_ids, self.local_of = ids, {e: s for s, e in enumerate(ids)}
+
     def expert_ffn(self, local_id: int, x: torch.Tensor) -> torch.Tensor:
         """SwiGLU of one local expert over rows ``x [M, D]``."""
         gate_up = linear(x, self.w13[local_id])  # [M, 2I]

@@ -82,6 +82,25 @@ class ExpertMap:
 
         return Placement(slots=self.placement, num_experts=self.num_experts)
 
+    def aligned_to(self, previous: ExpertMap) -> ExpertMap:
+        """This placement with each rank's slots ordered so that experts ``previous`` held on that rank
+        keep their slot (the others fill the slots that changed). Same experts per rank, so the same
+        routing load; an expert rank switching to it rewrites only the slots that changed."""
+        placement = []
+        for layer, ranks in enumerate(self.placement):
+            aligned = []
+            for rank, slots in enumerate(ranks):
+                old = previous.placement[layer][rank] if rank < len(previous.placement[layer]) else []
+                if len(old) != len(slots):
+                    aligned.append(list(slots))
+                    continue
+                keep = set(slots)
+                order = [e if e in keep else None for e in old]
+                incoming = iter(e for e in slots if e not in set(old))
+                aligned.append([e if e is not None else next(incoming) for e in order])
+            placement.append(aligned)
+        return ExpertMap(self.num_experts, placement, self.first_rank)
+
     @property
     def num_layers(self) -> int:
         return len(self.placement)

@@ -18,6 +18,6 @@ def fresh_ray():
 
 @pytest.fixture(scope="module")
 def ray_cluster(fresh_ray):
-    ray.init(num_cpus=8, include_dashboard=False)
+    ray.init(address="local", num_cpus=8, include_dashboard=False)
     yield
     ray.shutdown()

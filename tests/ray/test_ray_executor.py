@@ -39,7 +39,7 @@ def local_outputs(models):
 
 @pytest.fixture(scope="module")
 def slots_cluster(fresh_ray):
-    ray.init(num_cpus=8, resources={"dsray_test_slot": 2}, include_dashboard=False)
+    ray.init(address="local", num_cpus=8, resources={"dsray_test_slot": 2}, include_dashboard=False)
     yield
     ray.shutdown()
 

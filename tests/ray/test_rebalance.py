@@ -26,7 +26,7 @@ PROMPTS = [list(range(10 + 17 * i, 40 + 17 * i)) for i in range(6)]
 def ray_cluster(fresh_ray):
     import ray
 
-    ray.init(num_cpus=8, include_dashboard=False)
+    ray.init(address="local", num_cpus=8, include_dashboard=False)
     yield
     ray.shutdown()
 
@@ -62,10 +62,14 @@ def test_rebalance_moves_load_off_the_hot_rank_without_changing_outputs(ray_clus
         load = executor.expert_load()
         assert sum(load[0][:2]) > 0.2 * sum(load[0])  # experts 0 and 1 take a big share of every token
         plan = plan_placement(load, num_ranks=2, num_redundant=2, current=executor.map.as_placement())
-        new_map = ExpertMap(args.n_routed_experts, plan.slots, first_rank=1)
+        new_map, old_map = ExpertMap(args.n_routed_experts, plan.slots, first_rank=1), executor.map
         assert executor.rebalance(new_map) == 1
         assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == expected  # during: the switch is mid-run
-        assert executor.map is new_map and executor.map_version == 1 and not executor.rebalancing
+        assert executor.map_version == 1 and not executor.rebalancing
+        # the planned experts per rank, in slots aligned to the old map (held experts did not move)
+        assert executor.map.placement == new_map.aligned_to(old_map).placement
+        for layer, ranks in enumerate(executor.map.placement):
+            assert [sorted(r) for r in ranks] == [sorted(r) for r in new_map.placement[layer]]
         assert executor.rebalance_stats["ok"] == 1 and executor.rebalance_stats["slots_moved"] > 0
         rows = _rank_rows(llm)
         assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == expected  # after

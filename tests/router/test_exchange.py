@@ -177,3 +177,14 @@ def test_default_redundant_slots_are_spread_evenly():
     assert all(len(set(s)) == len(s) for s in slots)
     slots = contiguous_slots(NUM_EXPERTS, 3, 2)  # 6, 5, 5 → 6, 6, 6
     assert [len(s) for s in slots] == [6, 6, 6]
+
+
+def test_an_aligned_map_keeps_held_experts_in_their_slots():
+    old = ExpertMap(6, [[[0, 1, 2, 3], [4, 5, 0, 1]]])
+    new = ExpertMap(6, [[[5, 2, 1, 0], [3, 4, 1, 2]]])
+    aligned = new.aligned_to(old)
+    # rank 0 keeps 0, 1, 2 where they were and takes 5 in the freed slot; rank 1 keeps 4 and 1
+    assert aligned.placement == [[[0, 1, 2, 5], [4, 3, 2, 1]]]
+    assert [sorted(r) for r in aligned.placement[0]] == [sorted(r) for r in new.placement[0]]
+    # a rank whose slot count changes keeps the new order
+    assert ExpertMap(6, [[[0, 1, 2], [3, 4, 5]]]).aligned_to(old).placement == [[[0, 1, 2], [3, 4, 5]]]
