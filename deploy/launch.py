@@ -128,6 +128,29 @@ def fast_ingress_env(run_dir: Path | None = None, front_door: FrontDoorArgs | No
     return {key: value for key, value in env.items() if key not in os.environ}
 
 
+LOOPBACK_HOOK = "deploy.loopback.bind_loopback_if_asked"
+GRPC_LIMIT_ENV = "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"  # Serve's gRPC servers, both directions (default 2 GiB)
+RESPONSE_BYTES_PER_TOKEN = 512  # a whole non-streamed response with top-20 logprobs stays under this
+
+
+def grpc_message_limit(args: DsrayServeArgs) -> int:
+    """The largest message Serve's gRPC servers take or send for ``args``' model: the request-body limit
+    (``max_request_body_bytes``, else its default for the context length), raised to what a whole
+    response of that context can need, since Serve sets one size for both directions. gRPC refuses
+    a larger request (``RESOURCE_EXHAUSTED``) from its length prefix, before reading the body."""
+    from deploy.ingress import default_body_limit
+    from dsray.config import ModelArgs
+
+    max_model_len = args.engine.get("max_model_len")
+    if max_model_len is None:
+        try:
+            max_model_len = ModelArgs.from_pretrained(args.model).max_position_embeddings
+        except Exception:  # no model yet (the replica makes the tiny one) or a bad path (build_app says so)
+            max_model_len = 4096
+    body = args.max_request_body_bytes or default_body_limit(max_model_len)
+    return max(body, RESPONSE_BYTES_PER_TOKEN * max_model_len)
+
+
 @contextlib.contextmanager
 def cluster_env(env: dict[str, str]) -> Iterator[None]:
     """``env`` in ``os.environ`` while a local Ray cluster starts (its processes keep it), then restored."""
@@ -159,7 +182,11 @@ def init_cluster(args: DsrayServeArgs | None = None, **ray_init: Any) -> None:
         return
     _run_dir = make_run_dir()
     env = fast_ingress_env(_run_dir, args.front_door)
+    if GRPC_LIMIT_ENV not in os.environ:
+        env[GRPC_LIMIT_ENV] = str(grpc_message_limit(args))
     ray_init.setdefault("dashboard_host", "127.0.0.1")
+    if args.host in LOOPBACK_HOSTS:  # every worker of the job (Serve's proxies too) binds gRPC to 127.0.0.1
+        ray_init["runtime_env"] = {"worker_process_setup_hook": LOOPBACK_HOOK, **(ray_init.get("runtime_env") or {})}
     with cluster_env(env), single_machine(args.host in LOOPBACK_HOSTS):
         # "local": never attach to some other cluster on this machine unless RAY_ADDRESS says so.
         ray.init(address="local", **ray_init)
@@ -177,13 +204,16 @@ def single_machine(loopback: bool) -> Iterator[None]:
     """
     from ray._private import ray_constants
 
+    from deploy.loopback import ENV as LOOPBACK_ENV
+
     if not loopback:
         yield
         return
     saved = ray_constants.ENABLE_RAY_CLUSTER
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
-        with cluster_env({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}):
+        # and Serve's replicas bind their gRPC servers to 127.0.0.1 too (deploy/loopback.py)
+        with cluster_env({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", LOOPBACK_ENV: "1"}):
             yield
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = saved

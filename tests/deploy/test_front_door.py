@@ -57,6 +57,9 @@ class Serve:
             if "dsray: serving" in line:
                 self.ready.set()
 
+    def option(self, name: str) -> str:
+        return self.proc.args[self.proc.args.index(name) + 1]
+
     @property
     def auth(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {KEY}"}
@@ -95,7 +98,11 @@ def _descendants(pid: int) -> set[int]:
 
 @pytest.fixture(scope="module")
 def door(tiny_model):
-    server = Serve(tiny_model, "--max-connections-per-client", str(PER_CLIENT), "--max-num-seqs", "16")
+    server = Serve(
+        tiny_model,
+        *("--max-connections-per-client", str(PER_CLIENT), "--max-num-seqs", "16"),
+        *("--grpc-port", str(free_port())),
+    )
     try:
         assert server.ready.wait(timeout=240), "".join(server.lines[-40:])
         yield server
@@ -194,11 +201,11 @@ def test_every_listener_is_on_loopback_and_haproxy_keeps_its_files_private(door)
     ours = [line for line in out.splitlines() if any(f"pid={pid}," in line for pid in pids)]
     assert ours
     exposed = [line for line in ours if not re.search(r"\s(127\.0\.0\.1|\[::1\]|\[::ffff:127\.0\.0\.1\]):\d+\s", line)]
-    # Serve binds each replica's gRPC server for calls between deployments on every interface (Ray 2.60
-    # has no setting for it); Ray's token authentication guards it.
-    for line in exposed:
-        port = int(re.search(r":(\d+)\s", line).group(1))
-        assert "ray::ServeRepli" in line and _grpc_code(port) == grpc.StatusCode.UNAUTHENTICATED, line
+    assert exposed == []  # Serve's replicas too: Ray 2.60 binds their gRPC servers to [::] (deploy/loopback.py)
+    replica_ports = [int(re.search(r":(\d+)\s", line).group(1)) for line in ours if "ray::ServeRepli" in line]
+    assert replica_ports
+    codes = {port: _grpc_code(port) for port in replica_ports}  # and Ray's token still guards calls between
+    assert grpc.StatusCode.UNAUTHENTICATED in codes.values() and grpc.StatusCode.OK not in codes.values(), codes
 
     config_path = door.haproxy_config()
     config = config_path.read_text()
@@ -224,6 +231,32 @@ def test_a_big_body_is_refused_before_it_is_read_and_a_stream_goes_on(door):
     # Under the body limit but far over the context: refused as such (only a prefix is tokenized).
     resp = requests.post(door.url + "/v1/completions", json={"prompt": "a " * 400_000}, headers=door.auth, timeout=120)
     assert resp.status_code == 400 and resp.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_a_big_grpc_request_is_refused_from_its_length_and_grpc_goes_on(door):
+    from deploy.proto_gen import dsray_pb2 as pb
+    from deploy.proto_gen import dsray_pb2_grpc
+
+    grpc_port = int(door.option("--grpc-port"))
+    metadata = [("application", "dsray"), ("authorization", f"Bearer {KEY}")]
+    with grpc.insecure_channel(f"127.0.0.1:{grpc_port}", options=[("grpc.max_send_message_length", -1)]) as channel:
+        stub = dsray_pb2_grpc.DsrayStub(channel)
+        small = pb.GenerateRequest(prompt="Hello", sampling=pb.SamplingParams(temperature=0.0, max_tokens=4))
+        deadline = time.monotonic() + 60
+        while True:  # the proxy learns the app's routes shortly after it is up
+            try:
+                assert len(stub.Generate(small, metadata=metadata, timeout=30).token_ids) == 4
+                break
+            except grpc.RpcError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        start = time.monotonic()
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Generate(pb.GenerateRequest(prompt="a " * (25 << 20)), metadata=metadata, timeout=60)  # 50 MB
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused.value
+        assert time.monotonic() - start < 20
+        assert len(stub.Generate(small, metadata=metadata, timeout=30).token_ids) == 4
 
 
 def _send_and_leave(port: int, request_id: str, stream: bool) -> None:
