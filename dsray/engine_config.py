@@ -54,12 +54,10 @@ class EngineConfig(BaseModel):
     overlap_shared_experts: bool = Field(
         True, description="Compute the shared experts while routed rows are at the expert workers (ray executor)."
     )
-    micro_batch_overlap: bool | None = Field(
-        None,
+    micro_batch_overlap: bool = Field(
+        True,
         description="Split a step's batch in two micro-batches so one's attention runs while the other's rows are at "
-        "the experts (ray executor; only for steps of at least micro_batch_min_tokens tokens on some rank). None: "
-        "on where the workers run on GPUs; off on CPUs, where it measured slower (the two halves compete for the "
-        "same memory bandwidth and the exchange's extra rounds cost more than the overlap saves).",
+        "the experts (ray executor; only for steps of at least micro_batch_min_tokens tokens on some rank).",
     )
     micro_batch_min_tokens: int = Field(
         8, ge=2, description="Smallest per-rank batch (tokens) that micro_batch_overlap splits in two."

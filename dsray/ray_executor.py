@@ -136,7 +136,6 @@ class RayExecutor(Executor):
             timeout=max(600.0, config.step_timeout_s),
         )
         self.num_blocks = min(blocks[:A])
-        self.on_gpu = all(loc["device"].startswith("cuda") for loc in self.locations())
         logger.info("dsray: %d attention + %d expert workers ready in %.1fs", A, E, time.perf_counter() - start)
 
     def _wait_for_placement(self, bundles: list[dict[str, float]]) -> None:
@@ -269,7 +268,7 @@ class RayExecutor(Executor):
     def _num_micro_batches(self, steps: list[StepInput]) -> int:
         """Two when some rank has a batch worth splitting (every rank must run the same number of rounds)."""
         c = self.config
-        if not (c.micro_batch_overlap if c.micro_batch_overlap is not None else self.on_gpu):
+        if not c.micro_batch_overlap:
             return 1
         big = any(len(s.seqs) >= 2 and s.num_tokens >= c.micro_batch_min_tokens for s in steps)
         return 2 if big else 1
