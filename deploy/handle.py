@@ -4,7 +4,8 @@ For code running inside the Ray cluster: a Ray task or actor, another Serve depl
 driver that deployed the app. ``generate`` (sync) and ``agenerate`` (asyncio) stream the
 LLMServer's ``StreamChunk``s and raise ``dsray.client``'s typed errors, the same an HTTP caller
 gets. Users reach these through ``dsray.client``; they live here because only ``deploy/``
-imports Ray Serve.
+imports Ray Serve. The admission rules (request id, chat messages, what a failure means) are
+``deploy/front_door.py``'s.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from ray.exceptions import RayError
 from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle
 
+from deploy.front_door import chat_message, cut_short, handle_failure, request_id_error
 from deploy.messages import ErrorInfo, GenerateRequest, StreamChunk
-from dsray.client.errors import DsrayAPIError, InternalServerError, ServiceUnavailableError, api_error
+from dsray.client.errors import DsrayAPIError, api_error
 
 LLM_SERVER = "LLMServer"  # the deployment name build_app gives it
 
@@ -30,6 +32,11 @@ def get_handle(app_name: str = "dsray") -> DeploymentHandle:
     return serve.get_deployment_handle(LLM_SERVER, app_name=app_name)
 
 
+def _error(info: ErrorInfo, request_id: str) -> DsrayAPIError:
+    """``info`` as the ``dsray.client`` error an HTTP caller would get for it."""
+    return api_error(info.status, info.message, info.type, info.param, info.code, request_id=request_id)
+
+
 def generate_request(
     prompt: str | list[int] | None = None,
     messages: str | list[dict[str, Any]] | None = None,
@@ -37,34 +44,29 @@ def generate_request(
     **sampling: Any,
 ) -> GenerateRequest:
     """The request for a text or token-id ``prompt``, or for chat ``messages`` (a string: one user
-    message); ``sampling`` holds SamplingParams fields by name."""
+    message); ``sampling`` holds SamplingParams fields by name. A request id the engine cannot
+    take raises ``dsray.client.BadRequestError``."""
     if (prompt is None) == (messages is None):
         raise ValueError("give exactly one of prompt and messages")
+    request_id = request_id or uuid.uuid4().hex
+    if (refusal := request_id_error(request_id, "request_id", param="request_id")) is not None:
+        raise _error(refusal, request_id)
     fields: dict[str, Any]
     if isinstance(messages, str):
-        fields = {"messages": [{"role": "user", "content": messages}]}
+        fields = {"messages": [chat_message("user", messages)]}
     elif messages is not None:
         fields = {"messages": list(messages)}
     elif isinstance(prompt, str):
         fields = {"prompt": prompt}
     else:
         fields = {"prompt_token_ids": list(prompt)}
-    return GenerateRequest(request_id=request_id or uuid.uuid4().hex, sampling=sampling, **fields)
+    return GenerateRequest(request_id=request_id, sampling=sampling, **fields)
 
 
 def _checked(item: StreamChunk | ErrorInfo, request_id: str) -> StreamChunk:
     if isinstance(item, ErrorInfo):
-        raise api_error(item.status, item.message, item.type, item.param, item.code, request_id=request_id)
+        raise _error(item, request_id)
     return item
-
-
-def _unavailable(exc: BaseException, request_id: str) -> DsrayAPIError:
-    """A failed handle call (replica died, none running, Serve's queue full) as a 503."""
-    return ServiceUnavailableError(f"model instance unavailable: {exc}", request_id=request_id)
-
-
-def _cut_short(request_id: str) -> DsrayAPIError:
-    return InternalServerError("the stream ended without a finish reason", request_id=request_id)
 
 
 def generate(handle: DeploymentHandle, prompt: str | list[int] | None = None, **kwargs: Any) -> Iterator[StreamChunk]:
@@ -81,9 +83,9 @@ def generate(handle: DeploymentHandle, prompt: str | list[int] | None = None, **
             try:
                 item = next(stream)
             except StopIteration:
-                raise _cut_short(request.request_id) from None
+                raise _error(cut_short(), request.request_id) from None
             except (RayError, RayServeException) as exc:
-                raise _unavailable(exc, request.request_id) from exc
+                raise _error(handle_failure(exc), request.request_id) from exc
             chunk = _checked(item, request.request_id)
             finished = chunk.finish_reason is not None
             yield chunk
@@ -104,9 +106,9 @@ async def agenerate(
             try:
                 item = await stream.__anext__()
             except StopAsyncIteration:
-                raise _cut_short(request.request_id) from None
+                raise _error(cut_short(), request.request_id) from None
             except (RayError, RayServeException) as exc:
-                raise _unavailable(exc, request.request_id) from exc
+                raise _error(handle_failure(exc), request.request_id) from exc
             chunk = _checked(item, request.request_id)
             finished = chunk.finish_reason is not None
             yield chunk

@@ -1,9 +1,11 @@
-"""The OpenAI-compatible HTTP front door: routes, API key, validation, SSE framing, error bodies, metrics.
+"""The OpenAI-compatible HTTP front door: routes, body validation, SSE framing, error bodies, metrics.
 
 Holds no model state: every request becomes a ``GenerateRequest`` streamed through a handle
-to an LLMServer replica. The first message decides the HTTP status (an ``ErrorInfo`` becomes
-an OpenAI error body; a chunk starts a 200 stream), so refusals are real 4xx/5xx responses,
-never an error hidden inside a 200. The FastAPI routes are methods of ``OpenAIIngress``;
+to an LLMServer replica. The admission rules (API key, request id, model name, what a failure
+means) are ``deploy/front_door.py``'s; this module reads them from and writes them to HTTP.
+The first message decides the HTTP status (an ``ErrorInfo`` becomes an OpenAI error body; a
+chunk starts a 200 stream), so refusals are real 4xx/5xx responses, never an error hidden
+inside a 200. The FastAPI routes are methods of ``OpenAIIngress``;
 ``serve.ingress`` is applied where the class is defined because it rewrites the route
 signatures, and a replica importing this module must get the rewritten ones.
 """
@@ -11,7 +13,6 @@ signatures, and a replica importing this module must get the rewritten ones.
 # No `from __future__ import annotations` here: FastAPI must see the route parameters' real
 # types after Serve rewrites the signatures, not strings.
 import asyncio
-import hmac
 import json
 import logging
 import uuid
@@ -25,11 +26,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 from ray import serve
-from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deploy.config import DsrayServeArgs
+from deploy.front_door import api_key_error, chunks, control, handle_failure, model_error, request_id_error, unhealthy
 from deploy.messages import ErrorInfo, GenerateRequest, StreamChunk
 from deploy.metrics import RequestObserver, ServingMetrics
 from deploy.mux import MuxStream, RequestMux
@@ -41,7 +42,6 @@ ChunkStream = DeploymentResponseGenerator | MuxStream  # what open_stream return
 
 REQUEST_ID_HEADER = "x-request-id"
 RETRY_AFTER_S = 1  # a full queue drains within a few decode steps of the running batch
-CONTROL_TIMEOUT_S = 5.0  # health, stats and model-list calls to an LLMServer
 # Request bodies by default: room for a context of text prompt, JSON-escaped (a CJK character is 6 bytes
 # as \uXXXX and about a token), and never under 1 MiB. Past it: 413, before the body is read whole.
 BODY_BYTES_PER_TOKEN = 32
@@ -102,26 +102,6 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("unhandled error on %s", request.url.path)
     return error_response(ErrorInfo(f"internal error: {exc!r}", type="InternalServerError", status=500))
-
-
-def _handle_error_info(exc: BaseException) -> ErrorInfo:
-    """A failed handle call (no replica, replica died, Serve queue full) as an OpenAI error."""
-    if isinstance(exc, BackPressureError):
-        return ErrorInfo(f"server is overloaded: {exc}", type="ServiceUnavailableError", status=503)
-    return ErrorInfo(f"model instance unavailable: {exc}", type="ServiceUnavailableError", status=503)
-
-
-async def control(call: Any) -> Any:
-    """Await a small handle call (health, stats, models), giving up and cancelling it after CONTROL_TIMEOUT_S."""
-
-    async def result() -> Any:
-        return await call
-
-    try:
-        return await asyncio.wait_for(result(), CONTROL_TIMEOUT_S)
-    except BaseException:
-        call.cancel()
-        raise
 
 
 def _sse(data: dict[str, Any]) -> str:
@@ -226,7 +206,7 @@ class OpenAIIngress:
         try:
             return JSONResponse({"object": "list", "data": await self._model_list()})
         except Exception as exc:
-            return error_response(_handle_error_info(exc))
+            return error_response(handle_failure(exc))
 
     @app.get("/openapi.json", include_in_schema=False)
     async def openapi(self, request: Request) -> Response:
@@ -260,7 +240,7 @@ class OpenAIIngress:
         try:
             started = await control(self.server.rebalance.remote())
         except Exception as exc:
-            return error_response(_handle_error_info(exc))
+            return error_response(handle_failure(exc))
         if not started:
             message = "this model instance holds every expert itself: serve with --expert-workers N to rebalance"
             return error_response(ErrorInfo(message, status=409, type="ConflictError"))
@@ -272,7 +252,7 @@ class OpenAIIngress:
         try:
             await control(self.server.check_health.remote())
         except Exception as exc:
-            return error_response(ErrorInfo(f"unhealthy: {exc}", type="ServiceUnavailableError", status=503))
+            return error_response(unhealthy(exc))
         return Response(status_code=200)
 
     @app.get("/metrics")
@@ -291,15 +271,15 @@ class OpenAIIngress:
         # Serve's proxy puts an x-request-id on every request (the client's, or a fresh one) and
         # echoes it on the response; it is this request's id in the engine too.
         request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
-        if len(request_id) > 256 or not request_id.isprintable():
-            return error_response(ErrorInfo("x-request-id must be printable and at most 256 characters"))
+        if (refusal := request_id_error(request_id, REQUEST_ID_HEADER)) is not None:
+            return error_response(refusal)
         if (refusal := self._auth_error(request)) is not None:
             return error_response(refusal)
         if self._body_limit is None:
             try:
                 self._body_limit = default_body_limit((await self._model_list())[0]["max_model_len"])
             except Exception as exc:
-                return error_response(_handle_error_info(exc))
+                return error_response(handle_failure(exc))
         raw = await read_body(request, self._body_limit)
         if raw is None:
             return body_too_large(self._body_limit)
@@ -310,11 +290,8 @@ class OpenAIIngress:
             return error_response(validation_error_info(exc))
         except ValueError as exc:
             return error_response(ErrorInfo(str(exc), param="prompt"))
-        if body.model is not None and body.model != self.model_name:
-            info = ErrorInfo(
-                f"The model `{body.model}` does not exist.", "NotFoundError", "model", "model_not_found", 404
-            )
-            return error_response(info)
+        if (refusal := model_error(body.model, self.model_name)) is not None:
+            return error_response(refusal)
 
         observer = self.metrics.observer()
         stream = self.open_stream(generate_request)
@@ -325,7 +302,7 @@ class OpenAIIngress:
             raise
         except Exception as exc:
             stream.cancel()
-            return error_response(_handle_error_info(exc))
+            return error_response(handle_failure(exc))
         if not answered:
             stream.cancel()  # the client left while the request queued or prefilled: abort it
             return Response(status_code=499)
@@ -354,28 +331,6 @@ class OpenAIIngress:
             fields = body.prompt_fields()
         return GenerateRequest(request_id=request_id, sampling=body.sampling(), **fields)
 
-    async def _chunks(
-        self, first: StreamChunk, stream: ChunkStream, observer: RequestObserver
-    ) -> AsyncIterator[StreamChunk | ErrorInfo]:
-        """The LLMServer's chunks, timed; a failed handle turns into a final ErrorInfo."""
-        chunk: StreamChunk | ErrorInfo = first
-        while True:
-            if isinstance(chunk, ErrorInfo):
-                yield chunk
-                return
-            observer.on_chunk(chunk)
-            if chunk.finish_reason is not None:
-                observer.on_finish(chunk)
-            yield chunk
-            if chunk.finish_reason is not None:
-                return
-            try:
-                chunk = await stream.__anext__()
-            except StopAsyncIteration:
-                chunk = ErrorInfo("stream ended without a finish reason", "InternalServerError", status=500)
-            except Exception as exc:
-                chunk = _handle_error_info(exc)
-
     async def _collect(
         self,
         response: ResponseBuilder,
@@ -383,13 +338,13 @@ class OpenAIIngress:
         stream: ChunkStream,
         observer: RequestObserver,
     ) -> StreamChunk | ErrorInfo:
-        async for chunk in self._chunks(first, stream, observer):
+        async for chunk in chunks(stream, observer, first):
             if isinstance(chunk, ErrorInfo):
                 return chunk
             response.add(chunk)
             if chunk.finish_reason is not None:
                 return chunk
-        raise AssertionError("unreachable: _chunks ends with a finished chunk or an error")
+        raise AssertionError("unreachable: chunks ends with a finished chunk or an error")
 
     async def _stream_events(
         self,
@@ -404,7 +359,7 @@ class OpenAIIngress:
         trip through the ASGI stack and the HTTP front door, and the client reads events, not writes.
         """
         try:
-            async for chunk in self._chunks(first, stream, observer):
+            async for chunk in chunks(stream, observer, first):
                 if isinstance(chunk, ErrorInfo):
                     error = {"message": chunk.message, "type": chunk.type, "param": chunk.param}
                     yield _sse({"error": {**error, "code": chunk.code or chunk.status}}) + "data: [DONE]\n\n"
@@ -428,10 +383,5 @@ class OpenAIIngress:
         return self._models
 
     def _auth_error(self, request: Request) -> ErrorInfo | None:
-        if not self.api_key:
-            return None
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
-            return None
-        message = "Missing API key: send 'Authorization: Bearer <key>'." if not token else "Incorrect API key provided."
-        return ErrorInfo(message, type="AuthenticationError", code="invalid_api_key", status=401)
+        authorization = request.headers.get("authorization", "")
+        return api_key_error(self.api_key, authorization, "'Authorization: Bearer <key>'")

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
 
+from deploy.front_door import chat_message
 from deploy.messages import StreamChunk
 
 Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
@@ -123,8 +124,7 @@ class ChatMessage(_Body):
         content = self.content
         if isinstance(content, list):
             content = "".join(part.text for part in content)
-        role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": content or ""}
+        return chat_message(self.role, content or "")
 
 
 class ChatCompletionRequest(_SamplingBody):
