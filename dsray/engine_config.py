@@ -34,7 +34,11 @@ class EngineConfig(BaseModel):
         None, ge=1, description="Longest prompt + output; default the model's max_position_embeddings."
     )
     mla_mode: Literal["absorbed", "naive"] = Field("absorbed", description="MLA path: absorbed (fast) or naive.")
-    expert_mode: Literal["grouped", "loop"] = Field("grouped", description="Routed experts: grouped or loop.")
+    expert_mode: Literal["auto", "grouped", "loop", "triton"] = Field(
+        "auto",
+        description="Routed experts: grouped (torch), loop (the reference) or triton (the fused Triton MoE; CUDA). "
+        "auto: triton on a CUDA device when Triton is installed, else grouped.",
+    )
     executor: Literal["local", "ray"] = Field(
         "local", description="Where the model runs: in-process ('local') or attention/expert Ray actors ('ray')."
     )

@@ -20,12 +20,13 @@ from dsray import cpu_kernels
 from dsray.comm import SelfTransport
 from dsray.config import ModelArgs
 from dsray.layers import MLP, Linear, RMSNorm, linear
+from experts import triton_moe
 from experts.shard import ExpertShard
 from router.exchange import Combine, MoEExchange
 from router.expert_map import ExpertMap
 from router.gate import Gate
 
-EXPERT_MODES = ("grouped", "loop")
+EXPERT_MODES = ("grouped", "loop", "triton")
 
 
 class Ready:
@@ -53,7 +54,8 @@ class MoE(nn.Module):
     the shared experts while they are away (``overlap_shared``), then adds the routed result. The
     exchange (``self.exchange``) is set after construction: the local one (``local_exchange``) or an
     attention worker's over the step group. ``expert_mode="loop"`` runs the readable per-expert
-    loop on local experts instead (the oracle).
+    loop on local experts instead (the oracle); ``"triton"`` runs a model's own experts as one fused
+    Triton MoE (``experts/triton_moe.py``), and an expert rank's slots likewise (``run_sorted``).
     """
 
     def __init__(self, args: ModelArgs, moe_index: int, expert_mode: str = "grouped", with_experts: bool = True):
@@ -71,11 +73,21 @@ class MoE(nn.Module):
         self.shared_experts = (
             MLP(args.hidden_size, args.moe_intermediate_size * args.n_shared_experts) if args.n_shared_experts else None
         )
-        self.expert_mode = expert_mode
+        self.expert_mode = expert_mode  # also sets the shard's mode (the property below)
         self.exchange: MoEExchange | None = None
         self.overlap_shared = True
         # Tokens routed to each expert since start: the load the metrics export and placement reads.
         self.register_buffer("expert_load", torch.zeros(args.n_routed_experts, dtype=torch.int64), persistent=False)
+
+    @property
+    def expert_mode(self) -> str:
+        return self._expert_mode
+
+    @expert_mode.setter
+    def expert_mode(self, mode: str) -> None:
+        self._expert_mode = mode
+        if self.experts is not None:
+            self.experts.mode = "triton" if mode == "triton" else "grouped"
 
     def _fused_single_token(self, x: torch.Tensor) -> bool:
         return (
@@ -102,6 +114,10 @@ class MoE(nn.Module):
             return Ready(cpu_kernels.swiglu_experts(x, routed, shared, checked=True), includes_shared=True)
         if self.expert_mode == "loop" and self.experts is not None:
             return Ready(self.experts.forward_loop(x, topk_ids, topk_weights))
+        if self.expert_mode == "triton" and self.experts is not None:
+            fused = self.experts.forward_fused(x, topk_ids, topk_weights)
+            if fused is not None:
+                return Ready(fused)
         return self.exchange.start_round(self.moe_index, x, topk_ids, topk_weights)
 
     def finish(self, x: torch.Tensor, routed: Ready | Combine) -> torch.Tensor:
@@ -194,6 +210,8 @@ class Transformer(nn.Module):
 
     def set_modes(self, mla_mode: str | None = None, expert_mode: str | None = None) -> None:
         """Switch every layer between the reference and the fast paths."""
+        if expert_mode is not None:
+            expert_mode = triton_moe.resolve_mode(expert_mode, self.lm_head.weight.device)
         for blk in self.model.layers:
             if mla_mode is not None:
                 if mla_mode not in ("naive", "absorbed"):

@@ -14,6 +14,7 @@ import torch
 from dsray.checkpoint import Checkpoint
 from dsray.config import ModelArgs
 from dsray.model import Transformer
+from experts import triton_moe
 from experts.shard import ExpertShard
 
 FP32_SUFFIXES = (".mlp.gate.weight", ".mlp.gate.e_score_correction_bias")
@@ -128,6 +129,7 @@ def load_transformer(
 ) -> Transformer:
     """Build the model from a checkpoint directory: the attention side and, ``with_experts``, every
     routed expert (without them, it reads no expert tensor: an attention worker's role)."""
+    expert_mode = triton_moe.resolve_mode(expert_mode, device)  # auto → this device's path; triton checked
     args = ModelArgs.from_pretrained(path)
     with torch.device("meta"):
         model = Transformer(args, mla_mode, expert_mode, with_experts)

@@ -27,6 +27,7 @@ from dsray.engine_config import EngineConfig
 from dsray.model_runner import ModelRunner
 from dsray.protocol import StepInput, StepOutput
 from dsray.weights import expert_tensor_specs, fill_expert_slots, keep_fp32, load_transformer
+from experts import triton_moe
 from experts.shard import ExpertShard
 from router.exchange import MoEExchange
 from router.expert_map import ExpertMap
@@ -122,6 +123,7 @@ class ExpertWorker(_Worker):
     def load(self, expert_rank: int) -> list[list[int]]:
         """Read only the experts of this rank's slots from the checkpoint; returns them per MoE layer."""
         self.expert_rank = expert_rank
+        self.expert_mode = triton_moe.resolve_mode(self.config.expert_mode, self.device)  # auto; triton checked
         self.shards = self._build_shards(self.map)
         self.exchange = MoEExchange(self.comm, self.map, compute=[s.run_sorted for s in self.shards])
         self._prepared: tuple[int, ExpertMap, list] | None = None
@@ -148,7 +150,8 @@ class ExpertWorker(_Worker):
         """One MoE layer's shard: experts ``previous`` holds are copied from it, the rest come from
         ``tensors`` and (in a rebalance) are checked against the checkpoint."""
         args = self.args
-        shard = ExpertShard(ids, args.hidden_size, args.moe_intermediate_size).to(self.config.torch_dtype)
+        mode = "triton" if self.expert_mode == "triton" else "grouped"
+        shard = ExpertShard(ids, args.hidden_size, args.moe_intermediate_size, mode).to(self.config.torch_dtype)
         fill_expert_slots(shard, tensors, layer_id, previous, check=previous is not None)
         return shard.to(self.device)
 

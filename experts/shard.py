@@ -7,7 +7,10 @@ Weights are stacked per shard — ``w13 [E_local, 2I, D]`` (gate rows then up ro
 Compute paths: ``forward_loop`` (one expert at a time over a token mask; the oracle),
 ``run_sorted`` (rows pre-sorted by expert; the fast path that the MoE exchange feeds: on CPUs
 with AVX512-BF16 every slot with a few rows runs in one kernel call, the rest as one matmul pair
-per slot) and ``forward_single`` (one token: its K experts directly).
+per slot) and ``forward_single`` (one token: its K experts directly). With ``mode="triton"``
+(``expert_mode="triton"``), ``run_sorted`` is one fused Triton MoE over all slots and
+``forward_fused`` runs a whole layer's (token, k) pairs with the routing weights in the kernel
+(``experts/triton_moe.py``); what the kernel does not take goes to the torch path, logged once.
 """
 
 from __future__ import annotations
@@ -18,13 +21,15 @@ from torch import nn
 
 from dsray import cpu_kernels
 from dsray.layers import linear
+from experts import triton_moe
 
 GROUPED_MAX_ROWS = 16  # a slot with more rows is a matrix product, where oneDNN is faster than the kernel
 
 
 class ExpertShard(nn.Module):
-    def __init__(self, expert_ids: list[int] | range, dim: int, inter_dim: int):
+    def __init__(self, expert_ids: list[int] | range, dim: int, inter_dim: int, mode: str = "grouped"):
         super().__init__()
+        self.mode = mode  # "grouped" (torch, CPU kernels) or "triton" (the fused Triton MoE)
         self.expert_ids = list(expert_ids)
         self.num_local_experts = len(self.expert_ids)
         self.local_of = {e: s for s, e in enumerate(self.expert_ids)}
@@ -104,9 +109,23 @@ class ExpertShard(nn.Module):
             self._views_key = key
         return self._views
 
+    def forward_fused(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor | None:
+        """The whole layer in the fused Triton MoE, weights applied in the kernel, or None where it
+        does not apply (a shard that is not every expert in order; tensors the kernel does not take)."""
+        if self.expert_ids != list(range(self.num_local_experts)) or not self._triton_takes(x):
+            return None
+        return triton_moe.fused_moe(x, topk_ids, topk_weights, self.w13, self.w2)
+
+    def _triton_takes(self, rows: torch.Tensor) -> bool:
+        if (reason := triton_moe.fallback_reason(rows, self.w13, self.w2)) is not None:
+            triton_moe.log_fallback(reason)
+        return reason is None
+
     def run_sorted(self, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """Fast path: ``rows [M, D]`` sorted by slot, ``counts[s]`` rows each → ``[M, D]`` (the exchange's
         ``SlotCompute``; ``counts`` may be padded past this shard's slots with zeros)."""
+        if self.mode == "triton" and self._triton_takes(rows):
+            return triton_moe.run_sorted(rows, counts[: self.num_local_experts], self.w13, self.w2)
         spans, start = [], 0
         for local_id, n in enumerate(counts):
             if n:
