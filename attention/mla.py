@@ -5,20 +5,52 @@
 * ``absorbed`` — fold ``W_UK`` into the query and ``W_UV`` into the output, and attend over the
   latent directly: MQA with C + R wide keys and C wide values, the cache read once for all
   heads. Decode steps batch all sequences into one gathered read.
+* ``triton`` — ``absorbed`` with its decode rows (one new token per sequence) in the Triton
+  flash-decoding kernel of ``attention/triton_mla.py``, which reads the paged cache in place;
+  prefill rows keep the torch path. A call the kernel does not take falls back to torch (logged
+  once per reason).
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
+from attention import triton_mla
 from attention.metadata import AttentionMetadata
 from attention.rope import RotaryEmbedding
 from dsray import cpu_kernels
 from dsray.config import ModelArgs
 from dsray.layers import Linear, RMSNorm
 
-MLA_MODES = ("naive", "absorbed")
+MLA_MODES = ("naive", "absorbed", "triton")
+
+logger = logging.getLogger(__name__)
+_fallbacks_logged: set[str] = set()
+
+
+def resolve_mode(mode: str, device: torch.device | str) -> str:
+    """The MLA path for ``device``: ``auto`` → ``triton`` on CUDA when Triton is installed, else ``absorbed``.
+
+    ``triton`` where Triton cannot run (not installed; CPU tensors without ``TRITON_INTERPRET=1``)
+    fails here, at start, naming the option.
+    """
+    device = torch.device(device)
+    if mode == "auto":
+        return "triton" if device.type == "cuda" and triton_mla.unavailable_reason(device) is None else "absorbed"
+    if mode not in MLA_MODES:
+        raise ValueError(f"mla_mode {mode!r} is not supported; supported: {('auto', *MLA_MODES)}")
+    if mode == "triton" and (reason := triton_mla.unavailable_reason(device)) is not None:
+        raise ValueError(f"mla_mode='triton' cannot run: {reason}; or choose mla_mode='absorbed' (the torch path)")
+    return mode
+
+
+def _log_fallback_once(reason: str) -> None:
+    if reason not in _fallbacks_logged:
+        _fallbacks_logged.add(reason)
+        logger.warning("mla_mode='triton': %s; these calls take the torch absorbed path", reason)
 
 
 class MLA(nn.Module):
@@ -94,22 +126,52 @@ class MLA(nn.Module):
         c_kv = self.kv_a_layernorm(kv[:, :C])  # [T, C]
         kv_cache[meta.slot_mapping] = torch.cat([c_kv, k_pe], dim=-1).to(kv_cache.dtype)
 
-        if self.mode == "absorbed":
+        if self.mode in ("absorbed", "triton"):
             w_uk, w_uv_t = self._absorb_weights()
             q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [T, H, C]
             q_full = torch.cat([q_lat, q_pe], dim=-1)  # [T, H, C + R]
-            if meta.is_decode_only:
-                o_lat = self._absorbed_decode(q_full, meta, kv_cache)
+            reason = triton_mla.unsupported_reason(q_full, kv_cache, C) if self.mode == "triton" else "off"
+            if reason is None:
+                o_lat = self._triton_attend(q_full, meta, kv_cache)
             else:
-                o_lat = torch.cat(
-                    [self._absorbed_seq(q_full[a:b], kv_cache[meta.context_slots(i)]) for i, (a, b) in _spans(meta)]
-                )
+                if self.mode == "triton":
+                    _log_fallback_once(reason)
+                o_lat = self._absorbed_attend(q_full, meta, kv_cache)
             out = torch.bmm(o_lat.transpose(0, 1), w_uv_t).transpose(0, 1)  # [T, H, d_v]
         else:
             out = torch.cat(
                 [self._naive_seq(q_nope[a:b], q_pe[a:b], kv_cache[meta.context_slots(i)]) for i, (a, b) in _spans(meta)]
             )
         return self.o_proj(out.reshape(T, -1))
+
+    def _absorbed_attend(self, q_full: torch.Tensor, meta: AttentionMetadata, kv_cache: torch.Tensor) -> torch.Tensor:
+        """The torch absorbed path: ``q_full [T, H, C + R]`` → ``o_lat [T, H, C]``."""
+        if meta.is_decode_only:
+            return self._absorbed_decode(q_full, meta, kv_cache)
+        return torch.cat(
+            [self._absorbed_seq(q_full[a:b], kv_cache[meta.context_slots(i)]) for i, (a, b) in _spans(meta)]
+        )
+
+    def _triton_attend(self, q_full: torch.Tensor, meta: AttentionMetadata, kv_cache: torch.Tensor) -> torch.Tensor:
+        """Decode rows (one new token of a sequence) through the Triton kernel, prefill rows through torch."""
+        C = self.kv_lora_rank
+        if meta.is_decode_only:
+            return triton_mla.mla_decode(
+                q_full, kv_cache, meta.block_tables, meta.context_lens_t, meta.block_size, C, self.softmax_scale
+            )
+        spans = list(_spans(meta))
+        decode = [(i, a) for i, (a, b) in spans if b - a == 1]
+        o_lat = torch.empty(*q_full.shape[:2], C, dtype=q_full.dtype, device=q_full.device)
+        for i, (a, b) in spans:
+            if b - a > 1:
+                o_lat[a:b] = self._absorbed_seq(q_full[a:b], kv_cache[meta.context_slots(i)])
+        if decode:
+            seqs, rows = (torch.tensor(v, device=q_full.device) for v in zip(*decode))
+            o_lat[rows] = triton_mla.mla_decode(
+                q_full[rows], kv_cache, meta.block_tables[seqs], meta.context_lens_t[seqs], meta.block_size, C,
+                self.softmax_scale,
+            )  # fmt: skip
+        return o_lat
 
     def _decode_kernel(self, x: torch.Tensor, meta: AttentionMetadata, kv_cache: torch.Tensor) -> bool:
         """Whether this step can take ``cpu_kernels.mla_decode_step`` (absorbed decode, bf16 on CPU)."""

@@ -46,7 +46,7 @@ def llm_server_options(args: DsrayServeArgs) -> dict[str, Any]:
         "name": "LLMServer",
         "max_ongoing_requests": opts.max_ongoing_requests,
         "max_queued_requests": opts.max_queued_requests,
-        "ray_actor_options": {"num_cpus": opts.num_cpus},
+        "ray_actor_options": {"num_cpus": opts.num_cpus, "num_gpus": opts.num_gpus or 0},
         "health_check_period_s": opts.health_check_period_s,
         "health_check_timeout_s": opts.health_check_timeout_s,
     }

@@ -43,6 +43,12 @@ class LLMServerDeploymentArgs(_Strict):
         "the replica's own limit (max_waiting_requests, 429) is the real queue bound.",
     )
     num_cpus: float = Field(1.0, ge=0, description="Ray CPUs reserved per replica (logical; the engine's threads).")
+    num_gpus: float | None = Field(
+        None,
+        ge=0,
+        description="Ray GPUs reserved per replica (Ray shows a replica only the GPUs it reserved); default 1 when "
+        "the model runs in the replica on a GPU (engine.device cuda, local executor), else 0.",
+    )
     upscale_delay_s: float = Field(30.0, ge=0, description="Autoscaling: load must persist this long to add a replica.")
     downscale_delay_s: float = Field(
         600.0, ge=0, description="Autoscaling: load must stay low this long to remove a replica."
@@ -198,6 +204,9 @@ class DsrayServeArgs(_Strict):
             self.api_key = envs.api_key()
         if self.served_model_name is None:
             self.served_model_name = Path(self.model).name if self.model else "tiny"
+        if self.llm_server.num_gpus is None:
+            config = self.engine_config("<checkpoint>")
+            self.llm_server.num_gpus = 1.0 if config.executor == "local" and config.device.startswith("cuda") else 0.0
         if self.llm_server.max_ongoing_requests is None:
             limit = self.engine_config("<checkpoint>").scheduler.max_num_seqs + self.max_waiting_requests
             self.llm_server.max_ongoing_requests = limit + _CONTROL_CALLS_HEADROOM

@@ -45,8 +45,10 @@ def _serve(args: argparse.Namespace) -> int:
 
     from deploy.config import DsrayServeArgs
     from deploy.launch import serve_forever
+    from dsray import envs
+    from dsray.engine_config import resolve_device
 
-    engine = {"dtype": args.dtype}
+    engine = {"dtype": args.dtype, "device": args.device}
     for name in ("max_num_seqs", "max_num_batched_tokens", "kv_cache_memory_gb", "max_model_len"):
         if getattr(args, name) is not None:
             engine[name] = getattr(args, name)
@@ -74,6 +76,8 @@ def _serve(args: argparse.Namespace) -> int:
     if args.max_connections_per_client is not None:
         fields["front_door"] = {"max_connections_per_client": args.max_connections_per_client}
     try:
+        if envs.ray_address() is None and args.device.startswith("cuda"):
+            resolve_device(args.device)  # a local cluster runs the model here: the GPU asked for must be here
         serve_args = DsrayServeArgs(**fields)
         return serve_forever(serve_args)
     except ValidationError as exc:
@@ -105,6 +109,12 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     )
     srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default $DSRAY_API_KEY)")
     srv.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    srv.add_argument(
+        "--device",
+        default="auto",
+        help="auto (a GPU when torch sees one), cpu, cuda or cuda:N: where the model, its KV cache and sampling "
+        "run; with --attention-workers/--expert-workers, cuda gives each worker a GPU",
+    )
     srv.add_argument("--max-num-seqs", type=int, default=None, help="most sequences in one batch")
     srv.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget per engine step")
     srv.add_argument("--kv-cache-memory-gb", type=float, default=None, help="KV cache memory per model instance")

@@ -33,7 +33,18 @@ class EngineConfig(BaseModel):
     max_model_len: int | None = Field(
         None, ge=1, description="Longest prompt + output; default the model's max_position_embeddings."
     )
-    mla_mode: Literal["absorbed", "naive"] = Field("absorbed", description="MLA path: absorbed (fast) or naive.")
+    device: str = Field(
+        "auto",
+        pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+        description="Where weights, the latent KV cache, activations and sampling live: auto (cuda when torch sees "
+        "a GPU, else cpu), cpu, cuda or cuda:N. Ray workers use the GPU Ray gives them; with executor='ray', "
+        "cuda adds GPU: 1 to worker resources that name no GPU.",
+    )
+    mla_mode: Literal["auto", "absorbed", "naive", "triton"] = Field(
+        "auto",
+        description="MLA path: absorbed (torch, fast), naive (the reference) or triton (the Triton decode kernel; "
+        "CUDA). auto: triton on a CUDA device when Triton is installed, else absorbed.",
+    )
     expert_mode: Literal["auto", "grouped", "loop", "triton"] = Field(
         "auto",
         description="Routed experts: grouped (torch), loop (the reference) or triton (the fused Triton MoE; CUDA). "
@@ -135,6 +146,18 @@ class EngineConfig(BaseModel):
             )
         return self
 
+    def resolved_device(self) -> torch.device:
+        """``device`` on this process's hardware; raises naming the option when it asks for a GPU that is not here."""
+        return resolve_device(self.device)
+
+    @model_validator(mode="after")
+    def _gpu_workers(self) -> EngineConfig:
+        if self.executor == "ray" and self.device.startswith("cuda"):
+            # Ray shows an actor only the GPUs it reserved: device='cuda' means each worker reserves one.
+            for resources in (self.attention_worker_resources, self.expert_worker_resources):
+                resources.setdefault("GPU", 1.0)
+        return self
+
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
@@ -142,3 +165,24 @@ class EngineConfig(BaseModel):
     @property
     def kv_cache_memory_bytes(self) -> int:
         return int(self.kv_cache_memory_gb * 2**30)
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` → cuda when torch sees a GPU, else cpu; ``cuda``/``cuda:N`` checked against the GPUs here."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(
+                f"device={device!r} (dsray serve --device) but torch sees no CUDA device here "
+                f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}): use device='cpu' or 'auto', "
+                "or run on a machine with an NVIDIA GPU and a CUDA build of torch"
+            )
+        if resolved.index is not None and resolved.index >= count:
+            raise ValueError(
+                f"device={device!r} (dsray serve --device) but this machine has {count} CUDA device(s), "
+                f"cuda:0..cuda:{count - 1}: pick one of those, or 'cuda' / 'auto'"
+            )
+    return resolved

@@ -1,8 +1,8 @@
 """The executor seam: how a step reaches the workers that run the model.
 
 ``local`` runs the model in the engine's process (the reference, and the fastest path on one
-small machine). The Ray executor, with attention and expert workers, implements the same
-interface.
+small machine), on ``config.device``: weights, latent KV cache, activations and sampling. The Ray
+executor, with attention and expert workers, implements the same interface.
 """
 
 from __future__ import annotations
@@ -49,8 +49,11 @@ class LocalExecutor(Executor):
     def __init__(self, config: EngineConfig):
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
+        device = config.resolved_device()  # a GPU asked for and not here fails now, naming the option
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # Triton launches and stray allocations go to this GPU too
         model = load_transformer(
-            config.model, config.torch_dtype, mla_mode=config.mla_mode, expert_mode=config.expert_mode
+            config.model, config.torch_dtype, device, mla_mode=config.mla_mode, expert_mode=config.expert_mode
         )
         self.runner = ModelRunner(
             model, config.kv_cache_memory_bytes, config.scheduler.block_size, config.max_num_blocks

@@ -15,6 +15,7 @@ from torch import nn
 
 from attention.metadata import AttentionMetadata
 from attention.mla import MLA
+from attention.mla import resolve_mode as resolve_mla_mode
 from attention.rope import RotaryEmbedding
 from dsray import cpu_kernels
 from dsray.comm import SelfTransport
@@ -212,10 +213,10 @@ class Transformer(nn.Module):
         """Switch every layer between the reference and the fast paths."""
         if expert_mode is not None:
             expert_mode = triton_moe.resolve_mode(expert_mode, self.lm_head.weight.device)
+        if mla_mode is not None:
+            mla_mode = resolve_mla_mode(mla_mode, self.lm_head.weight.device)
         for blk in self.model.layers:
             if mla_mode is not None:
-                if mla_mode not in ("naive", "absorbed"):
-                    raise ValueError(f"mla mode {mla_mode!r} is not supported; supported: ('naive', 'absorbed')")
                 blk.self_attn.mode = mla_mode
             if expert_mode is not None and isinstance(blk.mlp, MoE):
                 if expert_mode not in EXPERT_MODES:

@@ -4,7 +4,8 @@ Order per row, as in vLLM: penalties (repetition, presence, frequency) → tempe
 top-k → top-p → min-p → draw. Greedy rows take the argmax of the penalised logits. A seeded
 request draws from a generator keyed by (seed, number of tokens it has generated), so its
 output does not depend on which other requests share the batch, nor on preemption.
-Logprobs are those of the model's raw distribution (before any processing).
+Logprobs are those of the model's raw distribution (before any processing). Everything runs on
+the logits' device; only the chosen ids and asked-for logprobs come back to the host.
 """
 
 from __future__ import annotations
@@ -34,12 +35,14 @@ class SampleResult:
 def _apply_penalties(logits: torch.Tensor, req: SampleRequest) -> torch.Tensor:
     p = req.params
     if p.repetition_penalty != 1.0:
-        seen = torch.tensor(sorted(set(req.prompt_token_ids) | set(req.output_token_ids)), dtype=torch.long)
+        seen = set(req.prompt_token_ids) | set(req.output_token_ids)
+        seen = torch.tensor(sorted(seen), dtype=torch.long, device=logits.device)
         seen = seen[seen < logits.shape[0]]
         vals = logits[seen]
         logits[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
     if (p.presence_penalty or p.frequency_penalty) and req.output_token_ids:
-        counts = torch.bincount(torch.tensor(req.output_token_ids), minlength=logits.shape[0])[: logits.shape[0]]
+        ids = torch.tensor(req.output_token_ids, device=logits.device)
+        counts = torch.bincount(ids, minlength=logits.shape[0])[: logits.shape[0]]
         logits -= p.frequency_penalty * counts.to(logits.dtype)
         logits -= p.presence_penalty * (counts > 0).to(logits.dtype)
     return logits
@@ -68,15 +71,15 @@ def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
     return int((probs / noise).argmax())
 
 
-def _generator_for(req: SampleRequest) -> torch.Generator | None:
+def _generator_for(req: SampleRequest, device: torch.device) -> torch.Generator | None:
     if req.params.seed is None:
         return None
-    return torch.Generator().manual_seed((req.params.seed * 1_000_003 + len(req.output_token_ids)) % 2**63)
+    return torch.Generator(device).manual_seed((req.params.seed * 1_000_003 + len(req.output_token_ids)) % 2**63)
 
 
 def sample(logits: torch.Tensor, requests: list[SampleRequest]) -> list[SampleResult]:
     """Sample one token per row of ``logits [N, V]`` (fp32) for ``requests[N]``."""
-    logits = logits.float().cpu()
+    logits = logits.float()
     raw_logprobs = None
     if any(r.params.logprobs is not None for r in requests):
         raw_logprobs = logits.log_softmax(-1)
@@ -92,7 +95,7 @@ def sample(logits: torch.Tensor, requests: list[SampleRequest]) -> list[SampleRe
             if req.params.is_greedy:
                 token = int(row.argmax())
             else:
-                token = _draw(_filtered_probs(row, req.params), _generator_for(req))
+                token = _draw(_filtered_probs(row, req.params), _generator_for(req, logits.device))
         results.append(SampleResult(token, _logprobs(raw_logprobs, i, token, req.params.logprobs)))
     return results
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from attention.mla import resolve_mode as resolve_mla_mode
 from dsray.checkpoint import Checkpoint
 from dsray.config import ModelArgs
 from dsray.model import Transformer
@@ -129,6 +130,7 @@ def load_transformer(
 ) -> Transformer:
     """Build the model from a checkpoint directory: the attention side and, ``with_experts``, every
     routed expert (without them, it reads no expert tensor: an attention worker's role)."""
+    mla_mode = resolve_mla_mode(mla_mode, device)  # auto → this device's fast path; triton checked here
     expert_mode = triton_moe.resolve_mode(expert_mode, device)  # auto → this device's path; triton checked
     args = ModelArgs.from_pretrained(path)
     with torch.device("meta"):

@@ -35,13 +35,24 @@ from router.expert_map import ExpertMap
 logger = logging.getLogger(__name__)
 
 
-def worker_device() -> torch.device:
-    """The GPU Ray assigned to this actor (it sees only its own, as ``cuda:0``), else the CPU."""
+def worker_device(device: str = "auto") -> torch.device:
+    """The GPU Ray assigned to this actor (it sees only its own, as ``cuda:0``), else the CPU.
+
+    ``device`` is ``EngineConfig.device``: ``auto`` takes the GPU when Ray gave one; ``cpu`` keeps
+    the worker on CPU even then; ``cuda``/``cuda:N`` need one (give the workers ``GPU`` resources).
+    """
     import ray
 
-    if ray.get_gpu_ids() and torch.cuda.is_available():
-        return torch.device("cuda", 0)
-    return torch.device("cpu")
+    has_gpu = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
+    if device == "cpu" or (device == "auto" and not has_gpu):
+        return torch.device("cpu")
+    if not has_gpu:
+        raise ValueError(
+            f"device={device!r} (dsray serve --device) but Ray gave this worker no GPU: add 'GPU': 1 to "
+            "attention_worker_resources / expert_worker_resources (and run on GPU nodes), or use device='auto'/'cpu'"
+        )
+    torch.cuda.set_device(0)
+    return torch.device("cuda", 0)
 
 
 def _lowest_thread_priority() -> None:
@@ -60,7 +71,7 @@ class _Worker:
         self.world_size = world_size
         self.map = expert_map
         self.args = ModelArgs.from_pretrained(config.model)
-        self.device = worker_device()
+        self.device = worker_device(config.device)
         self.comm: Transport | None = None
         self.step_seconds = 0.0
 
