@@ -73,6 +73,7 @@ def bench_mla(device, interpret: bool) -> dict:
     latent (C + R values per token) plus the absorbed queries — and the output it writes.
     """
     import torch
+
     from attention.triton_mla import mla_decode
 
     if interpret:
@@ -96,8 +97,16 @@ def bench_mla(device, interpret: bool) -> dict:
         size = cache.element_size()
         moved = batch * context * (C + R) * size + q.numel() * size + batch * heads * C * size + tables.numel() * 4
         achieved = moved / seconds
+        row = {}
+        if batch * context <= 64 * 2048:  # checked against a plain torch gather on the smaller shapes
+            slots = (tables[:, :, None] * block_size + torch.arange(block_size, device=device)).flatten(1)[:, :context]
+            latent = cache[slots].float()  # [batch, context, C + R]
+            probs = (torch.bmm(q.float(), latent.transpose(1, 2)) * scale).softmax(-1)
+            ref = torch.bmm(probs, latent[..., :C])
+            row["max_abs_err_vs_torch_fp32"] = (mla_decode(*args).float() - ref).abs().max().item()
         rows.append(
             {
+                **row,
                 "batch": batch,
                 "context": context,
                 "us": seconds * 1e6,

@@ -11,6 +11,7 @@ Workloads:
     python benchmarks/offline.py                      # the `small` bench model, bf16
     python benchmarks/offline.py --only-batch1 --repeats 3   # quick: workload (a) only, best of 3
     python benchmarks/offline.py --executor ray --attention-workers 1 --expert-workers 2
+    python benchmarks/offline.py --device cuda        # on a GPU: ours and HF both there; bandwidth of that GPU
 
 With ``--executor ray`` it also reports where the batched run's time went and the *exposed*
 exchange time (what the attention rank spends blocked in MoE exchanges, as a fraction of its
@@ -38,6 +39,7 @@ from model_decode import decode_step_bytes, read_bandwidth  # noqa: E402
 
 from attention.kv_cache import cache_bytes_per_token  # noqa: E402
 from dsray import LLM, SamplingParams  # noqa: E402
+from dsray.engine_config import resolve_device  # noqa: E402
 
 
 def make_prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -71,21 +73,43 @@ def ours_batched(llm: LLM, prompts: list[list[int]], new_tokens: int) -> dict:
     return {"output_tok_s": num / elapsed, "seconds": elapsed, "tokens": num}
 
 
+def device_read_bandwidth(device: torch.device) -> float:
+    """Bytes/s a read of a large tensor achieves where the model runs (``read_bandwidth`` on CPU)."""
+    if device.type != "cuda":
+        return read_bandwidth(1.0, 3)
+    big = torch.ones(2**30, dtype=torch.float32, device=device)  # 4 GiB
+    big.sum()
+    best = float("inf")
+    for _ in range(5):
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        big.sum()
+        torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return big.numel() * 4 / best
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def hf_decode_batch1(hf, prompt: list[int], new_tokens: int) -> dict:
-    ids = torch.tensor([prompt])
+    ids = torch.tensor([prompt], device=hf.device)
     times = {}
     for n in (1, new_tokens):
         start = time.perf_counter()
         with torch.inference_mode():
             hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        _sync(hf.device)
         times[n] = time.perf_counter() - start
     return {"decode_tok_s": (new_tokens - 1) / (times[new_tokens] - times[1]), "ttft_s": times[1]}
 
 
 def hf_batched(hf, prompts: list[list[int]], new_tokens: int, pad_id: int) -> dict:
     width = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])  # left padding
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=hf.device)  # left padding
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=hf.device)
     start = time.perf_counter()
     with torch.inference_mode():
         out = hf.generate(
@@ -97,6 +121,7 @@ def hf_batched(hf, prompts: list[list[int]], new_tokens: int, pad_id: int) -> di
             pad_token_id=pad_id,
             return_dict_in_generate=True,
         )
+    _sync(hf.device)
     elapsed = time.perf_counter() - start
     cache = out.past_key_values
     cache_bytes = sum(t.numel() * t.element_size() for t in _cache_tensors(cache))
@@ -144,6 +169,7 @@ def ray_batched(args, prompts: list[list[int]], overlap: bool) -> dict:
     llm = LLM(
         args.model,
         dtype=args.dtype,
+        device=args.device,
         executor="ray",
         num_attention_workers=args.attention_workers,
         num_expert_workers=args.expert_workers,
@@ -158,9 +184,9 @@ def ray_batched(args, prompts: list[list[int]], overlap: bool) -> dict:
     return out
 
 
-def _local_child(model: str, dtype: str, threads: int, prompts, new_tokens: int, queue) -> None:
+def _local_child(model: str, dtype: str, device: str, threads: int, prompts, new_tokens: int, queue) -> None:
     torch.set_num_threads(threads)
-    llm = LLM(model, dtype=dtype)
+    llm = LLM(model, dtype=dtype, device=device)
     ours_batched(llm, prompts[:2], 4)  # warm-up
     queue.put(ours_batched(llm, prompts, new_tokens))
 
@@ -171,9 +197,8 @@ def local_batched(args, prompts: list[list[int]]) -> dict:
 
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    child = ctx.Process(
-        target=_local_child, args=(args.model, args.dtype, args.local_threads, prompts, args.new_tokens, queue)
-    )
+    child_args = (args.model, args.dtype, args.device, args.local_threads, prompts, args.new_tokens, queue)
+    child = ctx.Process(target=_local_child, args=child_args)
     child.start()
     result = queue.get(timeout=3600)
     child.join()
@@ -219,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="checkpoint dir (default: the `small` bench model, made once)")
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (EngineConfig.device); HF too")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--executor", default="local", choices=["local", "ray"])
@@ -252,10 +278,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.out:
             Path(args.out).write_text(text)
         return 0
-    engine_args = dict(dtype=args.dtype, executor=args.executor)
+    engine_args = dict(dtype=args.dtype, device=args.device, executor=args.executor)
     if args.executor == "ray":
         engine_args |= dict(num_attention_workers=args.attention_workers, num_expert_workers=args.expert_workers)
     llm = LLM(args.model, **engine_args)
+    device = resolve_device(args.device) if args.executor == "local" else torch.device("cpu")
     vocab = llm.engine.args.vocab_size
     prompt = [random.Random(1).randrange(4, vocab) for _ in range(32)]
     prompts = make_prompts(args.num_prompts, vocab)
@@ -263,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "offline",
         "model": args.model,
         "dtype": args.dtype,
+        "device": str(device),
         "executor": args.executor,
         "threads": torch.get_num_threads(),
     }
@@ -271,9 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     # bracketed by bandwidth readings and judged against the mean of its own two.
     runs = []
     for _ in range(args.repeats):
-        before_bw = read_bandwidth(1.0, 3)
+        before_bw = device_read_bandwidth(device)
         run = ours_decode_batch1(llm, prompt, args.new_tokens)
-        run["read_bandwidth_gb_s"] = (before_bw + read_bandwidth(1.0, 3)) / 2 / 1e9
+        run["read_bandwidth_gb_s"] = (before_bw + device_read_bandwidth(device)) / 2 / 1e9
         runs.append(run)
     report["ours_batch1"] = min(runs, key=lambda r: r["step_s"])
     report["ours_batch1"]["all_step_s"] = [r["step_s"] for r in runs]
@@ -302,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         from transformers import AutoModelForCausalLM
 
         del llm
-        hf = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).eval()
+        hf = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(device).eval()
         hf_decode_batch1(hf, prompt, 8)  # warm-up
         report["hf_batch1"] = hf_decode_batch1(hf, prompt, args.new_tokens)
         report["hf_batched"] = hf_batched(hf, prompts, args.new_tokens, pad_id=1)
