@@ -154,7 +154,9 @@ def _kernels():
     return split_kernel, reduce_kernel
 
 
+@functools.cache
 def _target_programs(device: torch.device) -> int:
+    """Programs that fill the device twice over (split count heuristic); a few on CPU (interpreter)."""
     if device.type == "cuda":
         return 2 * torch.cuda.get_device_properties(device).multi_processor_count
     return 4

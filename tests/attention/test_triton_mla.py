@@ -27,9 +27,12 @@ DEVICE = torch.device("cuda" if CUDA else "cpu")
 
 @pytest.fixture(scope="module", autouse=True)
 def triton_runs_here():
-    """CPU: the interpreter, set before the kernels are built (and rebuilt after, for other modules)."""
+    """CPU: the interpreter, set before the kernels are built; GPU: compiled kernels, whatever another
+    module set. The kernels are rebuilt after, for other modules."""
     mp = pytest.MonkeyPatch()
-    if not CUDA:
+    if CUDA:
+        mp.delenv("TRITON_INTERPRET", raising=False)
+    else:
         mp.setenv("TRITON_INTERPRET", "1")
     triton_mla._kernels.cache_clear()
     yield
