@@ -30,9 +30,10 @@ def test_validator_catches_a_bad_field():
 
 
 def test_node_types_pin_worker_roles():
+    """Attention and expert nodes are GPU nodes (a GPU per worker); the head has none."""
     types = yaml.safe_load(CONFIGS[0].read_text())["available_node_types"]
-    assert types["attention"]["resources"] == {"dsray_attention": 1}
-    assert types["expert"]["resources"] == {"dsray_expert": 1}
+    assert types["attention"]["resources"] == {"dsray_attention": 1, "GPU": 1}
+    assert types["expert"]["resources"] == {"dsray_expert": 1, "GPU": 1}
     assert "GPU" not in types["head"]["resources"]
 
 
