@@ -223,10 +223,13 @@ class Checkpoint:
         dtype: torch.dtype = torch.bfloat16,
         keep_fp32: set[str] | Callable[[str], bool] = default_keep_fp32,
         progress: bool | Callable[[LoadProgress], None] = True,
+        keep_fp8: Callable[[str], bool] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Read exactly the tensors in ``expected`` (name → shape), opening only their files.
 
-        FP8 weights come back dequantised. Floating tensors are cast to ``dtype``, except the
+        FP8 weights come back dequantised, except those ``keep_fp8`` selects: they stay
+        float8_e4m3fn and their block scales come along as ``name + "_scale_inv"`` (fp32).
+        Floating tensors are cast to ``dtype``, except the
         names ``keep_fp32`` selects (a set of names, or a predicate), which come back fp32.
         Extra tensors in the files are ignored. ``progress`` is True (a progress bar for big
         loads), False, or a callback taking a :class:`LoadProgress` after every tensor.
@@ -252,18 +255,23 @@ class Checkpoint:
             # shard fails in seconds rather than after gigabytes.
             by_file, scales, total_bytes = self._plan(expected, handle)
             tensors: dict[str, torch.Tensor] = {}
+            kept: dict[str, torch.Tensor] = {}  # the block scales of the fp8 weights kept fp8
             bytes_done = 0
             for files_done, (file, names) in enumerate(by_file.items(), start=1):
                 for i, name in enumerate(names):
                     tensor = handle(file).get_tensor(name)
                     bytes_done += tensor.numel() * tensor.element_size()
-                    tensors[name] = self._convert(name, tensor, scales.get(name), dtype, keep, handle)
+                    if name in scales and keep_fp8 is not None and keep_fp8(name):
+                        tensors[name] = tensor  # float8_e4m3fn, as stored
+                        kept[name + SCALE_SUFFIX] = handle(self.weight_map[scales[name]]).get_tensor(scales[name])
+                    else:
+                        tensors[name] = self._convert(name, tensor, scales.get(name), dtype, keep, handle)
                     if report:
                         complete = i == len(names) - 1
                         done = (files_done if complete else files_done - 1, len(by_file))
                         counts = (len(tensors), len(expected), bytes_done, total_bytes)
                         report(LoadProgress(file, complete, *done, *counts))
-        return {name: tensors[name] for name in expected}
+        return {name: tensors[name] for name in expected} | {name: s.float() for name, s in kept.items()}
 
     def _plan(self, expected: Mapping[str, tuple[int, ...]], handle: Callable):
         """Check shapes and FP8 scales from headers; group names by file; count bytes."""

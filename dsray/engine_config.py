@@ -50,6 +50,12 @@ class EngineConfig(BaseModel):
         description="Routed experts: grouped (torch), loop (the reference) or triton (the fused Triton MoE; CUDA). "
         "auto: triton on a CUDA device when Triton is installed, else grouped.",
     )
+    fp8_weights: Literal["auto", "dequantize", "keep"] = Field(
+        "auto",
+        description="An FP8 (e4m3, block-scaled) checkpoint's linear weights: dequantize at load to dtype, or keep "
+        "them FP8 in device memory and multiply with the FP8 Triton GEMM (CUDA, compute capability 8.9+). "
+        "auto: keep where the GEMM runs, else dequantize. Routed experts are dequantised either way.",
+    )
     executor: Literal["local", "ray"] = Field(
         "local", description="Where the model runs: in-process ('local') or attention/expert Ray actors ('ray')."
     )

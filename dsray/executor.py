@@ -53,7 +53,12 @@ class LocalExecutor(Executor):
         if device.type == "cuda":
             torch.cuda.set_device(device)  # Triton launches and stray allocations go to this GPU too
         model = load_transformer(
-            config.model, config.torch_dtype, device, mla_mode=config.mla_mode, expert_mode=config.expert_mode
+            config.model,
+            config.torch_dtype,
+            device,
+            mla_mode=config.mla_mode,
+            expert_mode=config.expert_mode,
+            fp8_weights=config.fp8_weights,
         )
         self.runner = ModelRunner(
             model, config.kv_cache_memory_bytes, config.scheduler.block_size, config.max_num_blocks

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsray import cpu_kernels
+from dsray import cpu_kernels, fp8_gemm
 
 GEMV_MAX_ROWS = 2
 
@@ -43,10 +43,19 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` (same parameter names, so checkpoints load unchanged) computed by ``linear``."""
+    """``nn.Linear`` (same parameter names, so checkpoints load unchanged) computed by ``linear``;
+    holding an FP8 weight (``hold_fp8``), by the FP8 block-scaled GEMM (``dsray/fp8_gemm.py``)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.dtype == torch.float8_e4m3fn:
+            return fp8_gemm.fp8_linear(x, self.weight, self.weight_scale_inv, self.fp8_block_size, self.bias)
         return linear(x, self.weight, self.bias)
+
+    def hold_fp8(self, weight: torch.Tensor, scale_inv: torch.Tensor, block_size: tuple[int, int]) -> None:
+        """Keep ``weight`` (float8_e4m3fn ``[out, in]``) and its block scales as they are stored."""
+        self.weight.data = weight
+        self.register_buffer("weight_scale_inv", scale_inv, persistent=False)
+        self.fp8_block_size = tuple(block_size)
 
 
 class RMSNorm(nn.Module):
@@ -74,7 +83,8 @@ class MLP(nn.Module):
         self.down_proj = Linear(inter_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] == 1 and self.gate_proj.out_features % 4 == 0 and cpu_kernels.usable(x, max_rows=1):
+        fused = x.shape[0] == 1 and self.gate_proj.out_features % 4 == 0 and self.gate_proj.weight.dtype == x.dtype
+        if fused and cpu_kernels.usable(x, max_rows=1):
             return cpu_kernels.swiglu_experts(x, [], [self.swiglu_weights()])
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # [T, D]
 

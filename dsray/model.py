@@ -96,6 +96,7 @@ class MoE(nn.Module):
             and self.experts is not None
             and self.experts.inter_dim % 4 == 0
             and (self.shared_experts is None or self.shared_experts.gate_proj.out_features % 4 == 0)
+            and (self.shared_experts is None or self.shared_experts.gate_proj.weight.dtype == x.dtype)  # not fp8
             and self.expert_mode == "grouped"
             and cpu_kernels.usable(x, max_rows=1)
         )

@@ -12,13 +12,16 @@ from pathlib import Path
 import torch
 
 from attention.mla import resolve_mode as resolve_mla_mode
-from dsray.checkpoint import Checkpoint
+from dsray.checkpoint import SCALE_SUFFIX, Checkpoint
 from dsray.config import ModelArgs
+from dsray.fp8_gemm import resolve_fp8_weights
 from dsray.model import Transformer
 from experts import triton_moe
 from experts.shard import ExpertShard
 
 FP32_SUFFIXES = (".mlp.gate.weight", ".mlp.gate.e_score_correction_bias")
+# MLA reads kv_b_proj as a matrix (absorbed into the query and the output), so it is dequantised.
+FP8_DEQUANTIZED = (".self_attn.kv_b_proj.weight",)
 
 
 def attention_tensor_specs(args: ModelArgs) -> dict[str, tuple[int, ...]]:
@@ -78,6 +81,12 @@ def keep_fp32(name: str) -> bool:
     return name.endswith(FP32_SUFFIXES)
 
 
+def keep_fp8(name: str) -> bool:
+    """With ``fp8_weights="keep"``, the FP8 tensors that stay FP8: the ``Linear`` weights (routed
+    experts are stacked per shard, and dequantised)."""
+    return name.endswith("proj.weight") and ".mlp.experts." not in name and not name.endswith(FP8_DEQUANTIZED)
+
+
 def load_expert_shard(shard: ExpertShard, tensors: dict[str, torch.Tensor], layer_id: int) -> None:
     """Stack the experts of ``shard``'s slots of one layer into ``w13``/``w2``."""
     fill_expert_slots(shard, tensors, layer_id, previous=None, check=False)
@@ -127,9 +136,12 @@ def load_transformer(
     expert_mode: str = "grouped",
     progress: bool = True,
     with_experts: bool = True,
+    fp8_weights: str = "dequantize",
 ) -> Transformer:
     """Build the model from a checkpoint directory: the attention side and, ``with_experts``, every
-    routed expert (without them, it reads no expert tensor: an attention worker's role)."""
+    routed expert (without them, it reads no expert tensor: an attention worker's role). With
+    ``fp8_weights="keep"`` an FP8 checkpoint's ``Linear`` weights stay FP8 (``keep_fp8``)."""
+    fp8_weights = resolve_fp8_weights(fp8_weights, device)  # auto → keep on a GPU with FP8; keep checked
     mla_mode = resolve_mla_mode(mla_mode, device)  # auto → this device's fast path; triton checked here
     expert_mode = triton_moe.resolve_mode(expert_mode, device)  # auto → this device's path; triton checked
     args = ModelArgs.from_pretrained(path)
@@ -142,10 +154,17 @@ def load_transformer(
     specs = attention_tensor_specs(args)
     if with_experts:
         specs |= expert_tensor_specs(args, {i: range(args.n_routed_experts) for i in args.moe_layer_ids})
-    tensors = Checkpoint(path).load(specs, dtype=dtype, keep_fp32=keep_fp32, progress=progress)
+    checkpoint = Checkpoint(path)
+    keep = keep_fp8 if fp8_weights == "keep" else None
+    tensors = checkpoint.load(specs, dtype=dtype, keep_fp32=keep_fp32, progress=progress, keep_fp8=keep)
     params = dict(model.named_parameters())
     for name in attention_tensor_specs(args):
-        params[name].data = tensors.pop(name).to(device)  # take the loaded tensor; no second copy on CPU
+        tensor = tensors.pop(name).to(device)  # take the loaded tensor; no second copy on CPU
+        if tensor.dtype == torch.float8_e4m3fn:
+            scale_inv = tensors.pop(name + SCALE_SUFFIX).to(device)
+            model.get_submodule(name.removesuffix(".weight")).hold_fp8(tensor, scale_inv, checkpoint.block_size)
+        else:
+            params[name].data = tensor
     if args.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     if with_experts:

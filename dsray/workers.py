@@ -100,7 +100,13 @@ class AttentionWorker(_Worker):
         """Load the attention-side tensors and allocate the KV cache; returns its block count."""
         c = self.config
         model = load_transformer(
-            c.model, c.torch_dtype, self.device, mla_mode=c.mla_mode, with_experts=False, progress=False
+            c.model,
+            c.torch_dtype,
+            self.device,
+            mla_mode=c.mla_mode,
+            with_experts=False,
+            progress=False,
+            fp8_weights=c.fp8_weights,
         )
         self.exchange = MoEExchange(self.comm, self.map, replica_offset=self.rank)
         model.set_exchange(self.exchange, overlap_shared=c.overlap_shared_experts)

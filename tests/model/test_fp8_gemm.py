@@ -1,0 +1,108 @@
+"""FP8 weights kept in FP8 (``fp8_weights="keep"``): the block-scaled Triton GEMM against
+dequantise-then-matmul, and a whole FP8 checkpoint loaded both ways. On CPU tensors under Triton's
+interpreter (``TRITON_INTERPRET=1``, set before any kernel is built).
+
+The kernel multiplies the exact fp8 values and scales each K block's partial sum in fp32, where
+the reference rounds every dequantised weight to the activation dtype first: fp32 agrees to
+rounding noise, bf16/fp16 to a step of the output's dtype.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # noqa: E402 — before triton builds a kernel
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from dsray import fp8_gemm
+from dsray.fp8 import quantize_fp8_blocks
+from dsray.layers import Linear
+from dsray.simple_generate import greedy_generate
+from dsray.testing import make_hf_checkpoint
+from dsray.weights import keep_fp32, load_transformer
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+TOLERANCE = {torch.float32: 1e-6, torch.bfloat16: 2**-7, torch.float16: 2**-10}  # × output scale
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "rows, out_features, in_features, block",
+    [
+        (1, 64, 64, (16, 32)),  # one decode row, whole blocks
+        (5, 48, 40, (16, 16)),  # partial K block
+        (17, 100, 72, (32, 32)),  # partial blocks on both edges, rows past one tile
+        (3, 130, 200, (128, 128)),  # DeepSeek-V3's block size, both edges partial
+    ],
+)
+def test_fp8_gemm_equals_dequantize_then_matmul(dtype, rows, out_features, in_features, block):
+    g = torch.Generator().manual_seed(rows)
+    weight, scale_inv = quantize_fp8_blocks(torch.randn(out_features, in_features, generator=g), block)
+    x = torch.randn(2, rows, in_features, generator=g).to(dtype)  # leading dims are kept
+    got = fp8_gemm.fp8_linear(x, weight, scale_inv, block)
+    want = fp8_gemm.fp8_linear_reference(x.float(), weight, scale_inv, block)  # fp32 truth
+    assert got.dtype == dtype and got.shape == (2, rows, out_features)
+    scale = want.abs().max().item()
+    assert (got.float() - want).abs().max().item() <= TOLERANCE[dtype] * scale
+
+
+def test_a_linear_holding_fp8_uses_the_gemm_and_its_bias():
+    block = (32, 32)
+    weight, scale_inv = quantize_fp8_blocks(torch.randn(40, 48), block)
+    layer = Linear(48, 40, bias=True)
+    layer.bias.data = torch.randn(40)
+    layer.hold_fp8(weight, scale_inv, block)
+    x = torch.randn(3, 48)
+    want = fp8_gemm.fp8_linear_reference(x, weight, scale_inv, block, layer.bias)
+    assert layer.weight.dtype == torch.float8_e4m3fn
+    assert (layer(x) - want).abs().max().item() <= 1e-5
+
+
+def test_a_block_size_the_kernel_cannot_tile_falls_back_to_the_reference():
+    block = (8, 8)  # K block below 16: no K tile fits in one scale block
+    weight, scale_inv = quantize_fp8_blocks(torch.randn(24, 40), block)
+    x = torch.randn(4, 40)
+    want = fp8_gemm.fp8_linear_reference(x, weight, scale_inv, block)
+    assert torch.equal(fp8_gemm.fp8_linear(x, weight, scale_inv, block), want)
+
+
+def _fp8_checkpoint(src, dst, block):
+    """The V3 FP8 layout: every ``*proj.weight`` e4m3 plus its ``weight_scale_inv``."""
+    out = {}
+    for name, t in load_file(src / "model.safetensors").items():
+        if t.dim() == 2 and name.endswith("proj.weight") and not keep_fp32(name):
+            out[name], out[name + "_scale_inv"] = quantize_fp8_blocks(t, block)
+        else:
+            out[name] = t
+    dst.mkdir()
+    save_file(out, dst / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": list(block)}
+    (dst / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("block", [(128, 128), (16, 32)])
+def test_keep_gives_the_greedy_tokens_of_dequantize(tmp_path, block):
+    make_hf_checkpoint("v3", tmp_path / "v3")
+    _fp8_checkpoint(tmp_path / "v3", tmp_path / "fp8", block)
+    kept = load_transformer(tmp_path / "fp8", torch.float32, fp8_weights="keep", progress=False)
+    dequantized = load_transformer(tmp_path / "fp8", torch.float32, fp8_weights="dequantize", progress=False)
+    attn = kept.model.layers[0].self_attn
+    assert attn.q_a_proj.weight.dtype == torch.float8_e4m3fn  # stays fp8 in memory
+    assert attn.kv_b_proj.weight.dtype == torch.float32  # MLA reads it as a matrix
+    assert kept.model.layers[0].mlp.down_proj.weight.dtype == torch.float8_e4m3fn  # the dense MLP
+    assert dequantized.model.layers[0].self_attn.q_a_proj.weight.dtype == torch.float32
+    prompt = torch.randint(2, 512, (8,), generator=torch.Generator().manual_seed(1)).tolist()
+    assert greedy_generate(kept, prompt, 12) == greedy_generate(dequantized, prompt, 12)
+
+
+def test_keep_is_refused_at_start_where_it_cannot_run(monkeypatch, tmp_path):
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ValueError, match="fp8_weights='keep'.*TRITON_INTERPRET=1"):
+        load_transformer(tmp_path, fp8_weights="keep", progress=False)  # before reading anything
+    assert fp8_gemm.resolve_fp8_weights("auto", "cpu") == "dequantize"
