@@ -2,8 +2,8 @@
 
 HTTP (``deploy/ingress.py``), gRPC (``deploy/grpc_service.py``) and the in-cluster handle API
 (``deploy/handle.py``) translate their wire format to and from these functions: the API key,
-the request id, the model name, chat messages, what a failed handle call or a cut-short stream
-means, and the chunk stream of one admitted request. A refusal is an ``ErrorInfo``
+the request id, the model name, chat messages, a request's deadline and priority, what a failed
+handle call or a cut-short stream means, and the chunk stream of one admitted request. A refusal is an ``ErrorInfo``
 (``deploy/messages.py``), which each protocol turns into its own error (an OpenAI body, a gRPC
 status, a ``dsray.client`` exception).
 """
@@ -19,6 +19,8 @@ from ray.serve.exceptions import BackPressureError
 
 from deploy.messages import ErrorInfo, StreamChunk
 from deploy.metrics import RequestObserver
+from dsray.errors import InvalidRequestError
+from dsray.sampling_params import check_scheduling
 
 MAX_REQUEST_ID_CHARS = 256
 CONTROL_TIMEOUT_S = 5.0  # health, stats and model-list calls to an LLMServer
@@ -55,6 +57,17 @@ def model_error(requested: str | None, served: str) -> ErrorInfo | None:
     if requested is None or requested == served:
         return None
     return ErrorInfo(f"The model `{requested}` does not exist.", "NotFoundError", "model", "model_not_found", 404)
+
+
+def scheduling_error(sampling: dict[str, Any]) -> ErrorInfo | None:
+    """None when the request's ``deadline_s`` (absent, or positive finite seconds) and ``priority``
+    (absent, or an int) are valid; else a 400 naming the field. SamplingParams' own rule, applied
+    before the request travels to an LLMServer."""
+    try:
+        check_scheduling(sampling.get("deadline_s"), sampling.get("priority", 0))
+    except InvalidRequestError as exc:
+        return ErrorInfo(exc.message, param=exc.param)
+    return None
 
 
 def chat_message(role: str, content: str, index: int = 0) -> dict[str, str]:

@@ -29,6 +29,7 @@ from deploy.front_door import (
     handle_failure,
     model_error,
     request_id_error,
+    scheduling_error,
     unhealthy,
 )
 from deploy.messages import ErrorInfo, GenerateRequest, StreamChunk
@@ -53,6 +54,7 @@ STATUS_CODES = {
     429: grpc.StatusCode.RESOURCE_EXHAUSTED,
     500: grpc.StatusCode.INTERNAL,
     503: grpc.StatusCode.UNAVAILABLE,
+    504: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 
 
@@ -80,12 +82,16 @@ def to_generate_request(request: pb.GenerateRequest, request_id: str) -> Generat
     messages = None
     if request.messages:
         messages = [chat_message(m.role, m.content, i) for i, m in enumerate(request.messages)]
+    sampling = sampling_fields(request.sampling)
+    for name in ("deadline_s", "priority"):  # request-level in the .proto, SamplingParams fields here
+        if request.HasField(name):
+            sampling[name] = getattr(request, name)
     return GenerateRequest(
         request_id=request_id,
         prompt=request.prompt if request.HasField("prompt") else None,
         prompt_token_ids=list(request.prompt_token_ids) or None,
         messages=messages,
-        sampling=sampling_fields(request.sampling),
+        sampling=sampling,
     )
 
 
@@ -112,6 +118,7 @@ def chunk_response(chunk: StreamChunk, model: str, num_top: int) -> pb.GenerateR
         text=chunk.new_text,
         token_ids=chunk.new_token_ids,
         finish_reason=chunk.finish_reason or "",
+        stop_reason="" if chunk.stop_reason is None else str(chunk.stop_reason),
         logprobs=token_logprobs(chunk, num_top) if chunk.logprobs is not None else [],
     )
     if chunk.finish_reason is not None:
@@ -208,6 +215,9 @@ class DsrayServicer:
             generate_request = to_generate_request(request, request_id)
         except ValueError as exc:
             yield ErrorInfo(str(exc), param="messages")
+            return
+        if (refusal := scheduling_error(generate_request.sampling)) is not None:
+            yield refusal
             return
         observer = self.metrics.observer()
         stream = self.open_stream(generate_request)

@@ -19,7 +19,7 @@ from ray.exceptions import RayError
 from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle
 
-from deploy.front_door import chat_message, cut_short, handle_failure, request_id_error
+from deploy.front_door import chat_message, cut_short, handle_failure, request_id_error, scheduling_error
 from deploy.messages import ErrorInfo, GenerateRequest, StreamChunk
 from dsray.client.errors import DsrayAPIError, api_error
 
@@ -44,12 +44,15 @@ def generate_request(
     **sampling: Any,
 ) -> GenerateRequest:
     """The request for a text or token-id ``prompt``, or for chat ``messages`` (a string: one user
-    message); ``sampling`` holds SamplingParams fields by name. A request id the engine cannot
-    take raises ``dsray.client.BadRequestError``."""
+    message); ``sampling`` holds SamplingParams fields by name (``deadline_s`` and ``priority`` too).
+    A request id the engine cannot take, or an invalid deadline or priority, raises
+    ``dsray.client.BadRequestError``."""
     if (prompt is None) == (messages is None):
         raise ValueError("give exactly one of prompt and messages")
     request_id = request_id or uuid.uuid4().hex
     if (refusal := request_id_error(request_id, "request_id", param="request_id")) is not None:
+        raise _error(refusal, request_id)
+    if (refusal := scheduling_error(sampling)) is not None:
         raise _error(refusal, request_id)
     fields: dict[str, Any]
     if isinstance(messages, str):

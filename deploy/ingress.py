@@ -30,7 +30,16 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deploy.config import DsrayServeArgs
-from deploy.front_door import api_key_error, chunks, control, handle_failure, model_error, request_id_error, unhealthy
+from deploy.front_door import (
+    api_key_error,
+    chunks,
+    control,
+    handle_failure,
+    model_error,
+    request_id_error,
+    scheduling_error,
+    unhealthy,
+)
 from deploy.messages import ErrorInfo, GenerateRequest, StreamChunk
 from deploy.metrics import RequestObserver, ServingMetrics
 from deploy.mux import MuxStream, RequestMux
@@ -291,6 +300,8 @@ class OpenAIIngress:
         except ValueError as exc:
             return error_response(ErrorInfo(str(exc), param="prompt"))
         if (refusal := model_error(body.model, self.model_name)) is not None:
+            return error_response(refusal)
+        if (refusal := scheduling_error(generate_request.sampling)) is not None:
             return error_response(refusal)
 
         observer = self.metrics.observer()

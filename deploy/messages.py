@@ -16,7 +16,7 @@ class GenerateRequest:
     Exactly one of ``prompt`` (text) and ``prompt_token_ids`` is set; chat requests arrive here
     already rendered through the chat template by the caller (``messages`` set instead; the
     server renders them with the checkpoint's template). ``sampling`` holds SamplingParams
-    fields by name.
+    fields by name, ``deadline_s`` and ``priority`` among them.
     """
 
     request_id: str
@@ -37,6 +37,7 @@ class StreamChunk:
     new_token_ids: list[int]
     logprobs: list[dict[int, float]] | None = None  # for the new tokens, when asked for
     finish_reason: str | None = None  # "stop" | "length" | "abort" on the last chunk
+    stop_reason: int | str | None = None  # on the last chunk: the stop token id or string, or "deadline"
     num_prompt_tokens: int = 0
     num_generated_tokens: int = 0
     num_cached_tokens: int = 0

@@ -49,6 +49,9 @@ class _SamplingBody(_Body):
     ignore_eos: StrictBool = False
     stop_token_ids: TokenIds | None = None
     min_tokens: StrictInt = 0
+    # Scheduling (dsray; vLLM names priority the same): seconds from arrival, lower priority first
+    deadline_s: Number | None = None
+    priority: StrictInt | None = None
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self):
@@ -76,6 +79,8 @@ class _SamplingBody(_Body):
             "ignore_eos": self.ignore_eos,
             "min_tokens": self.min_tokens,
             "logprobs": logprobs,
+            "deadline_s": self.deadline_s,
+            "priority": self.priority,
         }
         sampling = {k: v for k, v in fields.items() if v is not None}
         sampling["max_tokens"] = max_tokens  # None: until the context is full
@@ -228,6 +233,8 @@ class ResponseBuilder:
             kind = "text_completion"
         choice["logprobs"] = self._logprobs(chunk)
         choice["finish_reason"] = chunk.finish_reason
+        if chunk.finish_reason is not None:
+            choice["stop_reason"] = chunk.stop_reason
         self.first = False
         self.num_chars += len(chunk.new_text)
         event = self._envelope(kind, [choice])
@@ -255,6 +262,7 @@ class ResponseBuilder:
         else:
             choice = {"index": 0, "text": text, "logprobs": logprobs}
         choice["finish_reason"] = final.finish_reason
+        choice["stop_reason"] = final.stop_reason  # vLLM's: the stop token id or string, or "deadline"
         body = self._envelope("chat.completion" if self.chat else "text_completion", [choice])
         body["usage"] = usage(final)
         return body

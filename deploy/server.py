@@ -204,6 +204,8 @@ class LLMServer:
         except EngineDeadError as exc:
             self.counters["num_failed"] += 1
             yield engine_dead_info(exc)
+        except DsrayError as exc:  # refused after queueing: its deadline passed before its first token (504)
+            yield error_info(exc, prompt_param)
         except asyncio.CancelledError:
             self.counters["num_cancelled"] += 1  # client went away; the engine aborts the request
             raise
@@ -338,6 +340,7 @@ class LLMServer:
             new_token_ids=new_ids,
             logprobs=logprobs,
             finish_reason=out.finish_reason,
+            stop_reason=out.stop_reason,
             num_prompt_tokens=len(out.prompt_token_ids),
             num_generated_tokens=len(out.token_ids),
             num_cached_tokens=out.num_cached_tokens,

@@ -178,6 +178,9 @@ class EngineCore:
         """Step if there is work; the report, or None when nothing changed that a client could see."""
         engine = self.engine
         deltas = [delta(out) for out in engine.step()] if engine.has_unfinished() else []
+        if engine.refused:  # queued, then refused in the step (a deadline passed before the first token)
+            refused += engine.refused
+            engine.refused = []
         load = engine.expert_load()
         if not (deltas or refused or got_commands or load is not self._sent_load):
             return None

@@ -59,3 +59,19 @@ class EngineDeadError(DsrayError, RuntimeError):
 
     status = 503
     type = "ServiceUnavailableError"
+
+
+class DeadlineExceededError(DsrayError):
+    """The request's ``deadline_s`` passed before it produced a token: refused with 504.
+
+    Not a ``ValueError``: the request was valid, the engine was too busy to start it in time.
+    A request that had started keeps its tokens instead and ends with ``finish_reason="length"``,
+    ``stop_reason="deadline"``.
+    """
+
+    status = 504
+    type = "DeadlineExceededError"
+    code = "deadline_exceeded"
+
+    def __init__(self, message: str, param: str | None = "deadline_s", code: str | None = None):
+        super().__init__(message, param, code)

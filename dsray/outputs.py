@@ -14,7 +14,7 @@ class RequestOutput:
     text: str = ""  # detokenized generated text (stop strings excluded)
     logprobs: list[dict[int, float]] | None = None  # per generated token: top-N and the chosen one
     finish_reason: str | None = None  # "stop" | "length" | "abort" once finished
-    stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended it, or "deadline"
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     new_token_ids: list[int] = field(default_factory=list)  # this step's delta, for streaming
     new_text: str = ""

@@ -23,6 +23,18 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def check_scheduling(deadline_s: object, priority: object) -> None:
+    """Raise ``InvalidRequestError`` naming the field unless ``deadline_s`` is None or a positive finite
+    number of seconds and ``priority`` an int. The one rule for every front end: SamplingParams
+    applies it to Python callers, ``deploy/front_door.py`` to HTTP, gRPC and handle requests."""
+    if deadline_s is not None and (not _is_number(deadline_s) or not (0 < deadline_s < float("inf"))):
+        raise InvalidRequestError(
+            f"deadline_s must be a positive finite number of seconds or None, got {deadline_s!r}", param="deadline_s"
+        )
+    if not _is_int(priority):
+        raise InvalidRequestError(f"priority must be an int (lower runs first), got {priority!r}", param="priority")
+
+
 def _check_range(name: str, value: object, low: float, high: float, rule: str) -> None:
     """Raise unless ``low <= value <= high`` (written so that NaN fails too)."""
     if not _is_number(value) or not (low <= value <= high):
@@ -55,6 +67,8 @@ class SamplingParams:
     logprobs: int | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    deadline_s: float | None = None
+    priority: int = 0
 
     def __post_init__(self) -> None:
         self._normalize()
@@ -109,6 +123,7 @@ class SamplingParams:
             raise InvalidRequestError(
                 f"logprobs must be in [0, {_MAX_LOGPROBS}] or None, got {self.logprobs!r}", param="logprobs"
             )
+        check_scheduling(self.deadline_s, self.priority)
 
     @property
     def is_greedy(self) -> bool:

@@ -65,6 +65,12 @@ class ServiceUnavailableError(DsrayAPIError):
     status_code = 503
 
 
+class DeadlineExceededError(DsrayAPIError):
+    """The request's ``deadline_s`` passed before it produced a token (code ``deadline_exceeded``)."""
+
+    status_code = 504
+
+
 class APIConnectionError(DsrayAPIError):
     """No answer: the server could not be reached, timed out, or cut a stream short."""
 
@@ -79,6 +85,7 @@ _BY_STATUS: dict[int, type[DsrayAPIError]] = {
         RateLimitError,
         InternalServerError,
         ServiceUnavailableError,
+        DeadlineExceededError,
     )
 }
 _BY_TYPE = {cls.__name__: cls for cls in _BY_STATUS.values()}

@@ -16,7 +16,7 @@ from dsray.engine.block_manager import BlockManager
 from dsray.engine.scheduler import Scheduler, SchedulerOutput
 from dsray.engine.sequence import Sequence
 from dsray.engine_config import EngineConfig
-from dsray.errors import ContextLengthError, InvalidRequestError, RequestIdInUseError
+from dsray.errors import ContextLengthError, DeadlineExceededError, InvalidRequestError, RequestIdInUseError
 from dsray.executor import Executor, create_executor
 from dsray.outputs import RequestOutput
 from dsray.protocol import NewSeq, SeqStep, StepInput
@@ -127,6 +127,9 @@ class LLMEngine(RequestChecks):
             for _ in range(self.executor.num_attention_ranks)
         ]
         self.requests: dict[str, _Request] = {}
+        # Requests the engine refused after queueing them (deadline passed before their first token),
+        # with the error; ``EngineCore`` reports and clears them after each step.
+        self.refused: list[tuple[str, Exception]] = []
         self._rank_of: dict[str, int] = {}
         self._views = [_WorkerView() for _ in self.schedulers]
         # Expert placement that follows the load: only where experts live on expert workers.
@@ -230,11 +233,11 @@ class LLMEngine(RequestChecks):
         MoE all-to-all), so a step schedules all ranks, then runs them as one.
         """
         outs = [s.schedule() for s in self.schedulers]
+        updates = self._expired(outs)
         if all(o.is_empty for o in outs):
-            return []
+            return updates
         steps = [self._step_input(view, o) for view, o in zip(self._views, outs)]
         results = self.executor.execute(steps)
-        updates = []
         now = time.monotonic()
         for sched, view, out, result in zip(self.schedulers, self._views, outs, results):
             sampled = [r.token_id if r is not None else None for r in result.results]
@@ -254,6 +257,34 @@ class LLMEngine(RequestChecks):
         self._refresh_expert_load(now)
         if self.balancer is not None and self.balancer.active:
             self.balancer.after_step()
+        return updates
+
+    def _expired(self, outs: list[SchedulerOutput]) -> list[RequestOutput]:
+        """Outputs of the requests the schedulers ended by deadline: started ones finish with "length"
+        and ``stop_reason="deadline"`` (no new token this step); the others go to ``refused``."""
+        updates = []
+        for rank, out in enumerate(outs):
+            for seq in out.expired:
+                req = self.requests.pop(seq.request_id, None)
+                self._rank_of.pop(seq.request_id, None)
+                self._views[rank].forget(seq.request_id)
+                if req is None:
+                    continue
+                if not seq.num_output_tokens:
+                    deadline_s = seq.sampling_params.deadline_s
+                    self.refused.append(
+                        (
+                            seq.request_id,
+                            DeadlineExceededError(
+                                f"deadline_s ({deadline_s:g} s) passed before the request could start"
+                            ),
+                        )
+                    )
+                    continue
+                output = req.output
+                output.new_token_ids, output.new_text = [], ""
+                output.finish_reason, output.stop_reason = seq.finish_reason, seq.stop_reason
+                updates.append(output)
         return updates
 
     def request_rebalance(self) -> bool:

@@ -4,16 +4,31 @@ The engine loop is ``out = scheduler.schedule()`` → the model runs ``out.sched
 ``scheduler.postprocess(out, sampled)``. Each step has one token budget
 (``max_num_batched_tokens``) shared by decodes and prefill chunks:
 
-1. RUNNING sequences in arrival order: a decode takes 1 token, an unfinished prefill takes
+1. RUNNING sequences in order (see *Order*): a decode takes 1 token, an unfinished prefill takes
    what is left of it, cut to the budget and to the free KV blocks. When not even one token
-   fits in the blocks, the most recently arrived running sequence (maybe this one) is
+   fits in the blocks, the last running sequence in that order (maybe this one) is
    preempted: its blocks are freed, its ``num_computed_tokens`` reset, and it goes back to
-   the front of the waiting queue. It keeps its generated tokens and later recomputes them
-   all, so its output is the same as if it had never been preempted.
-2. WAITING sequences in arrival order (only in a step that preempted nothing): prefix-match,
+   the waiting queue, ahead of every later arrival of its priority and deadline. It keeps its
+   generated tokens and later recomputes them all, so its output is the same as if it had
+   never been preempted.
+2. WAITING sequences in order (only in a step that preempted nothing): prefix-match,
    then take the rest of the sequence, cut to the budget and the free blocks when chunked
    prefill is on (otherwise the whole rest must fit). Admission stops at the first sequence
-   that does not fit, so nobody overtakes an earlier request.
+   that does not fit, so nobody overtakes a request ahead of it.
+
+Order. Both queues are kept sorted by ``(priority, deadline, arrival)`` (lower priority number
+first, then the earliest deadline, a request without one last, then arrival): admission takes
+the waiting queue in that order and the running list gets the token budget in that order, so the
+sequence preempted first (the last) is the lowest-priority, latest-deadline, latest arrival one.
+With ``deadline_aware`` off the order is ``(priority, arrival)``: deadlines are still enforced,
+they just do not reorder anything (the benchmark's baseline). With every priority 0 and no
+deadline, both are first come, first served, as above.
+
+Deadlines. Each ``schedule`` first ends every sequence whose deadline has passed: one that has
+not produced a token yet (waiting, or part way through a chunked prefill, holding blocks) is
+finished as "abort" with ``stop_reason="deadline"`` (the engine refuses it with
+``DeadlineExceededError``), one that has is finished as "length" with ``stop_reason="deadline"``,
+keeping its tokens. Both free their blocks at once and are listed in ``SchedulerOutput.expired``.
 
 Liveness: a sequence that alone fits in the whole cache (and, without chunked prefill, in one
 step's budget) can always run once the others are done, so the scheduler never spins. ``add``
@@ -24,7 +39,7 @@ The engine is expected to reject requests whose prompt + max_tokens cannot fit u
 from __future__ import annotations
 
 import bisect
-from collections import deque
+import time
 from collections.abc import Mapping
 from collections.abc import Sequence as ListLike
 from dataclasses import dataclass, field
@@ -52,6 +67,11 @@ class SchedulerConfig(BaseModel):
     enable_prefix_caching: bool = Field(
         True, description="Share the KV blocks of identical prompt prefixes between requests."
     )
+    deadline_aware: bool = Field(
+        True,
+        description="Order admission and preemption by (priority, deadline, arrival); off: (priority, arrival), "
+        "deadlines still enforced.",
+    )
 
 
 @dataclass(frozen=True)
@@ -73,6 +93,7 @@ class SchedulerOutput:
 
     scheduled: list[ScheduledSeq] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    expired: list[Sequence] = field(default_factory=list)  # ended by their deadline before this step
 
     @property
     def num_batched_tokens(self) -> int:
@@ -90,6 +111,14 @@ _STATUS_OF_REASON = {
 }
 
 
+def _deadline_order(seq: Sequence) -> tuple[int, float, int]:
+    return (seq.priority, float("inf") if seq.deadline is None else seq.deadline, seq.arrival_index)
+
+
+def _arrival_order(seq: Sequence) -> tuple[int, int]:
+    return (seq.priority, seq.arrival_index)
+
+
 class Scheduler:
     """Decides each step which sequences run and how many tokens each computes."""
 
@@ -102,8 +131,10 @@ class Scheduler:
         self.config = config
         self.block_manager = block_manager
         self.eos_token_id = eos_token_id
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []  # sorted by arrival; the last is the first to preempt
+        # Both sorted by ``_order`` (see the module docstring); the last running is the first to preempt.
+        self.waiting: list[Sequence] = []
+        self.running: list[Sequence] = []
+        self._order = _deadline_order if config.deadline_aware else _arrival_order
         self._requests: dict[str, Sequence] = {}
         self.num_preemptions = 0
         # Longest sequence that can always run alone (see the module docstring).
@@ -136,17 +167,26 @@ class Scheduler:
                 "shorten the prompt or give the cache more memory"
             )
         self._requests[seq.request_id] = seq
-        self.waiting.append(seq)
+        bisect.insort(self.waiting, seq, key=self._order)
 
-    def schedule(self) -> SchedulerOutput:
-        """Pick this step's sequences and token counts, allocating their KV slots."""
+    def schedule(self, now: float | None = None) -> SchedulerOutput:
+        """End the sequences past their deadline at ``now`` (default: ``time.monotonic()``), then pick
+        this step's sequences and token counts, allocating their KV slots."""
         out = SchedulerOutput()
+        self._expire(out, time.monotonic() if now is None else now)
         budget = self.config.max_num_batched_tokens
         self._schedule_running(out, budget)
         budget -= out.num_batched_tokens
         if not out.preempted:
             self._schedule_waiting(out, budget)
         return out
+
+    def _expire(self, out: SchedulerOutput, now: float) -> None:
+        expired = [s for s in (*self.running, *self.waiting) if s.deadline is not None and s.deadline <= now]
+        for seq in expired:
+            # No token yet: refused (the client saw nothing); started: ends here, keeping its tokens.
+            self.finish(seq, "length" if seq.num_output_tokens else "abort", stop_reason="deadline")
+            out.expired.append(seq)
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> None:
         bm = self.block_manager
@@ -177,10 +217,10 @@ class Scheduler:
                 num_new = min(num_new, num_fit)
             if num_new == 0 or num_new > num_fit:
                 break
-            self.waiting.popleft()
+            self.waiting.pop(0)
             bm.allocate(seq, cached, num_new)
             seq.status = SequenceStatus.RUNNING
-            bisect.insort(self.running, seq, key=lambda s: s.arrival_index)
+            bisect.insort(self.running, seq, key=self._order)
             out.scheduled.append(self._scheduled(seq, num_new))
             budget -= num_new
 
@@ -197,7 +237,7 @@ class Scheduler:
         self.block_manager.free(seq)
         seq.status = SequenceStatus.WAITING
         seq.num_computed_tokens = seq.num_cached_tokens = 0
-        self.waiting.appendleft(seq)
+        bisect.insort(self.waiting, seq, key=self._order)
         self.num_preemptions += 1
 
     def postprocess(self, out: SchedulerOutput, sampled: ListLike[int | None] | Mapping[str, int]) -> list[Sequence]:

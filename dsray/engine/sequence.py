@@ -80,6 +80,14 @@ class Sequence:
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []
         self.stop_reason: int | str | None = None
+        # When the request must be done (monotonic seconds), from its arrival; None: no deadline.
+        deadline_s = self.sampling_params.deadline_s
+        self.deadline: float | None = None if deadline_s is None else self.arrival_time + deadline_s
+
+    @property
+    def priority(self) -> int:
+        """Lower runs first (vLLM's convention); 0 by default."""
+        return self.sampling_params.priority
 
     @property
     def all_token_ids(self) -> list[int]:
