@@ -19,7 +19,7 @@ DEFAULT_PROMPTS = [
 def _generate(args: argparse.Namespace) -> int:
     from dsray import LLM, SamplingParams
 
-    llm = LLM(args.model, dtype=args.dtype)
+    llm = LLM(args.model, dtype=args.dtype, device=args.device)
     prompts = args.prompt or DEFAULT_PROMPTS
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed)
     start = time.perf_counter()
@@ -186,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    gen.add_argument("--device", default="auto", help="auto (a GPU when torch sees one), cpu, cuda or cuda:N")
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
     _add_serve_parser(sub)
     eplb_cli.add_parser(sub)

@@ -182,13 +182,13 @@ def resolve_device(device: str) -> torch.device:
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
             raise ValueError(
-                f"device={device!r} (dsray serve --device) but torch sees no CUDA device here "
+                f"device={device!r} (command line: --device) but torch sees no CUDA device here "
                 f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}): use device='cpu' or 'auto', "
                 "or run on a machine with an NVIDIA GPU and a CUDA build of torch"
             )
         if resolved.index is not None and resolved.index >= count:
             raise ValueError(
-                f"device={device!r} (dsray serve --device) but this machine has {count} CUDA device(s), "
+                f"device={device!r} (command line: --device) but this machine has {count} CUDA device(s), "
                 f"cuda:0..cuda:{count - 1}: pick one of those, or 'cuda' / 'auto'"
             )
     return resolved

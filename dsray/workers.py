@@ -48,7 +48,7 @@ def worker_device(device: str = "auto") -> torch.device:
         return torch.device("cpu")
     if not has_gpu:
         raise ValueError(
-            f"device={device!r} (dsray serve --device) but Ray gave this worker no GPU: add 'GPU': 1 to "
+            f"device={device!r} (command line: --device) but Ray gave this worker no GPU: add 'GPU': 1 to "
             "attention_worker_resources / expert_worker_resources (and run on GPU nodes), or use device='auto'/'cpu'"
         )
     torch.cuda.set_device(0)

@@ -31,7 +31,7 @@ def test_bad_device_names_are_refused():
 
 
 def test_missing_gpu_fails_naming_the_option():
-    with pytest.raises(ValueError, match=rf"device='{MISSING}' \(dsray serve --device\).*(cpu|pick one)"):
+    with pytest.raises(ValueError, match=rf"device='{MISSING}' \(command line: --device\).*(cpu|pick one)"):
         EngineConfig(model="m", device=MISSING).resolved_device()
 
 
