@@ -4,8 +4,10 @@
   achieved GB/s (bytes of latent cache and absorbed query it must read ÷ kernel time) against the
   device's copy bandwidth (a large tensor copy on the same device, read + write bytes ÷ time).
   Decode attention is memory bound, so the target is ≥ 85 % of that bandwidth.
-* ``moe`` — the Triton fused MoE (``expert_mode="triton"``).
-* ``fp8`` — the FP8 block-scaled Triton GEMM.
+* ``moe`` — the Triton fused MoE (``expert_mode="triton"``): TFLOP/s against the torch grouped path
+  (one matmul pair per slot) on the same device and weights.
+* ``fp8`` — the FP8 block-scaled Triton GEMM (``fp8_weights="keep"``): TFLOP/s against a bf16 torch
+  matmul of the dequantised weight.
 
 Needs CUDA; without it the script says so and exits non-zero, unless ``--interpret`` is given:
 then it runs tiny shapes under ``TRITON_INTERPRET=1`` on CPU tensors, a smoke check whose
@@ -128,18 +130,141 @@ def bench_mla(device, interpret: bool) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# bench_moe / bench_fp8: filled in by the Triton fused-MoE / FP8 GEMM work (issue 14, part B).
+# bench_moe / bench_fp8: the Triton fused MoE and the FP8 GEMM (issue 14, part B).
 # ---------------------------------------------------------------------------------------------
 
 
+def _moe_rows(tokens: int, top_k: int, num_slots: int, dim: int, dtype, device, seed: int = 0):
+    """``tokens`` tokens' ``top_k`` distinct experts drawn uniformly: the (token, k) rows sorted by slot
+    (what the exchange hands an expert rank) and the counts per slot."""
+    import torch
+
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    ids = torch.rand(tokens, num_slots, generator=gen).argsort(dim=1)[:, :top_k]  # [T, K]
+    counts = torch.bincount(ids.reshape(-1), minlength=num_slots).tolist()
+    rows = torch.randn(tokens * top_k, dim, generator=gen).to(dtype).to(device)
+    return rows, counts, ids.to(device)
+
+
 def bench_moe(device, interpret: bool) -> dict:
-    """The Triton fused MoE (``expert_mode="triton"``). Not written yet (issue 14, part B)."""
-    return {"kernel": "moe", "skipped": "not written yet (issue 14, part B)"}
+    """TFLOP/s of the Triton fused MoE against the torch grouped path, on one expert rank's slots.
+
+    DeepSeek-V3 shapes (D = 7168, I = 2048, top-8 of 256 experts) with 32 local slots (256 experts over
+    8 expert ranks) in bf16: for each token count, ``ExpertShard.run_sorted`` on the rows sorted by
+    slot — the exchange's entry point — in ``triton`` mode and in ``grouped`` mode (one matmul pair per
+    slot), and ``fused_moe`` (sort, both kernels, routing weights, sum over k) on the tokens.
+    FLOPs: 6·rows·D·I (gate and up, 2·D·2I per row; down, 2·I·D).
+    """
+    import torch
+
+    from experts import triton_moe
+    from experts.shard import ExpertShard
+
+    if interpret:
+        slots, dim, inter, top_k, dtype = 4, 64, 32, 2, torch.float32
+        token_counts, iters = [4, 9], 1
+    else:
+        slots, dim, inter, top_k, dtype = 32, 7168, 2048, 8, torch.bfloat16
+        # Rows per rank = tokens · 8 / 8 ranks on average; top-8 of 32 here gives the same rows per slot.
+        token_counts, iters = [1, 16, 128, 512, 2048, 8192], 10
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    grouped = ExpertShard(range(slots), dim, inter, "grouped")
+    grouped.w13.data = (torch.randn(slots, 2 * inter, dim, generator=gen) * dim**-0.5).to(dtype)
+    grouped.w2.data = (torch.randn(slots, dim, inter, generator=gen) * inter**-0.5).to(dtype)
+    grouped = grouped.to(device)
+    fused = ExpertShard(range(slots), dim, inter, "triton")
+    fused.w13, fused.w2 = grouped.w13, grouped.w2  # the same weights
+    timer, rows_out = _timer(device), []
+    for tokens in token_counts:
+        rows, counts, ids = _moe_rows(tokens, top_k, slots, dim, dtype, device, seed=tokens)
+        weights = torch.rand(ids.shape, device=device)
+        flops = 6 * rows.shape[0] * dim * inter
+        with torch.inference_mode():
+            err = (fused.run_sorted(rows, counts).float() - grouped.run_sorted(rows, counts).float()).abs().max()
+            scale = grouped.run_sorted(rows, counts).float().abs().max()
+            t_triton = timer(lambda rows=rows, counts=counts: fused.run_sorted(rows, counts), iters)
+            t_grouped = timer(lambda rows=rows, counts=counts: grouped.run_sorted(rows, counts), iters)
+            x = rows[:tokens]
+            t_fused = timer(lambda x=x, ids=ids, w=weights: triton_moe.fused_moe(x, ids, w, fused.w13, fused.w2), iters)
+        rows_out.append(
+            {
+                "tokens": tokens,
+                "rows": rows.shape[0],
+                "triton_us": t_triton * 1e6,
+                "grouped_us": t_grouped * 1e6,
+                "fused_moe_us": t_fused * 1e6,
+                "triton_tflops": flops / t_triton / 1e12,
+                "grouped_tflops": flops / t_grouped / 1e12,
+                "fused_moe_tflops": flops / t_fused / 1e12,
+                "speedup": t_grouped / t_triton,
+                "max_rel_err_vs_grouped": (err / scale).item(),
+            }
+        )
+    return {
+        "kernel": "moe",
+        "shape": {"local_slots": slots, "hidden": dim, "inter": inter, "top_k": top_k},
+        "dtype": str(dtype).removeprefix("torch."),
+        "results": rows_out,
+    }
 
 
 def bench_fp8(device, interpret: bool) -> dict:
-    """The FP8 block-scaled Triton GEMM. Not written yet (issue 14, part B)."""
-    return {"kernel": "fp8", "skipped": "not written yet (issue 14, part B)"}
+    """TFLOP/s of the FP8 block-scaled GEMM (weight-only FP8, bf16 activations) against a bf16 torch
+    matmul of the dequantised weight, on DeepSeek-V3's FP8 linear shapes (128×128 blocks).
+    FLOPs: 2·M·N·K."""
+    import torch
+    import torch.nn.functional as F
+
+    from dsray import fp8_gemm
+    from dsray.fp8 import dequantize_fp8_blocks, quantize_fp8_blocks
+
+    if interpret:
+        block, dtype, iters = (16, 32), torch.float32, 1
+        shapes = {"tiny": (48, 64)}
+        row_counts = [1, 5]
+    else:
+        block, dtype, iters = (128, 128), torch.bfloat16, 20
+        shapes = {  # name: (out, in)
+            "q_a_proj": (1536, 7168),
+            "q_b_proj": (24576, 1536),
+            "o_proj": (7168, 16384),
+            "mlp.gate_proj": (18432, 7168),
+            "mlp.down_proj": (7168, 18432),
+        }
+        row_counts = [1, 16, 128, 1024, 4096]
+    timer, results = _timer(device), []
+    for name, (n, k) in shapes.items():
+        gen = torch.Generator(device="cpu").manual_seed(n + k)
+        weight, scale_inv = quantize_fp8_blocks(torch.randn(n, k, generator=gen) * k**-0.5, block)
+        weight, scale_inv = weight.to(device), scale_inv.to(device)
+        dense = dequantize_fp8_blocks(weight, scale_inv, block, dtype)
+        for m in row_counts:
+            x = torch.randn(m, k, generator=gen).to(dtype).to(device)
+            want = F.linear(x.float(), dense.float())
+            err = (fp8_gemm.fp8_linear(x, weight, scale_inv, block).float() - want).abs().max() / want.abs().max()
+            t_fp8 = timer(lambda x=x, w=weight, s=scale_inv: fp8_gemm.fp8_linear(x, w, s, block), iters)
+            t_dense = timer(lambda x=x, w=dense: F.linear(x, w), iters)
+            flops = 2 * m * n * k
+            results.append(
+                {
+                    "linear": name,
+                    "m": m,
+                    "n": n,
+                    "k": k,
+                    "fp8_us": t_fp8 * 1e6,
+                    "bf16_us": t_dense * 1e6,
+                    "fp8_tflops": flops / t_fp8 / 1e12,
+                    "bf16_tflops": flops / t_dense / 1e12,
+                    "speedup": t_dense / t_fp8,
+                    "max_rel_err": err.item(),
+                }
+            )
+    return {
+        "kernel": "fp8",
+        "block_size": list(block),
+        "dtype": str(dtype).removeprefix("torch."),
+        "results": results,
+    }
 
 
 KERNELS = {"mla": bench_mla, "moe": bench_moe, "fp8": bench_fp8}

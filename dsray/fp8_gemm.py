@@ -14,6 +14,7 @@ first use, so Triton stays optional and ``TRITON_INTERPRET=1`` runs it on CPU te
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 import os
 
@@ -140,8 +141,12 @@ def _blocks(m: int, device: torch.device, quant_k: int) -> tuple[int, int, int]:
 
 @functools.cache
 def _kernel():
+    """The kernel, decorated under the current ``TRITON_INTERPRET`` (re-imported if it changed since:
+    tests switch between the interpreter and compiled kernels with ``_kernel.cache_clear()``)."""
     import triton
 
-    from dsray.fp8_gemm_kernel import fp8_gemm
+    from dsray import fp8_gemm_kernel as k
 
-    return triton, fp8_gemm
+    if k.INTERPRETED != interpreting():
+        k = importlib.reload(k)
+    return triton, k.fp8_gemm

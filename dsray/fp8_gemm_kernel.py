@@ -6,8 +6,12 @@ is read when these functions are decorated.
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # what the decorators below were built for
 
 
 @triton.jit

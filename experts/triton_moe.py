@@ -23,6 +23,7 @@ optional and ``TRITON_INTERPRET=1`` (CPU tensors, for tests) may be set any time
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 import os
 
@@ -90,10 +91,14 @@ def log_fallback(reason: str) -> None:
 
 @functools.cache
 def _kernels():
+    """The kernels, decorated under the current ``TRITON_INTERPRET`` (re-imported if it changed since:
+    tests switch between the interpreter and compiled kernels with ``_kernels.cache_clear()``)."""
     import triton
 
     from experts import triton_moe_kernels as k
 
+    if k.INTERPRETED != interpreting():
+        k = importlib.reload(k)
     return triton, k.gate_up, k.down
 
 

@@ -1,5 +1,6 @@
-"""The fused Triton MoE (``expert_mode="triton"``) against the readable references, on CPU tensors
-under Triton's interpreter (``TRITON_INTERPRET=1``, set before any kernel is built).
+"""The fused Triton MoE (``expert_mode="triton"``) against the readable references. Without a GPU the
+kernels run in Triton's interpreter on CPU tensors (``TRITON_INTERPRET=1``, set for this module
+before the kernels are built); on a GPU the same tests run the compiled kernels on CUDA tensors.
 
 The kernel rounds the gate/up products, the SwiGLU and the down product to the activation dtype
 where ``ExpertShard.expert_ffn`` does; only the order of fp32 additions inside a dot product
@@ -8,10 +9,6 @@ differs. fp32 agrees to rounding noise; bf16/fp16 to a few steps of the dtype at
 """
 
 from __future__ import annotations
-
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"  # noqa: E402 — before triton builds a kernel
 
 import logging
 
@@ -24,8 +21,30 @@ from dsray.weights import load_transformer
 from experts import triton_moe
 from experts.shard import ExpertShard
 
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 4 * 2.0**-8, torch.float16: 4 * 2.0**-11}  # × output scale
+
+
+@pytest.fixture(scope="module", autouse=True)
+def triton_runs_here():
+    """CPU: the interpreter; GPU: compiled kernels, whatever another module set. Rebuilt after."""
+    mp = pytest.MonkeyPatch()
+    if CUDA:
+        mp.delenv("TRITON_INTERPRET", raising=False)
+    else:
+        mp.setenv("TRITON_INTERPRET", "1")
+    triton_moe._kernels.cache_clear()
+    yield
+    mp.undo()
+    triton_moe._kernels.cache_clear()
+
+
+def test_the_kernels_are_interpreted_on_cpu_and_compiled_on_gpu():
+    _, gate_up, down = triton_moe._kernels()
+    kind = "JITFunction" if CUDA else "InterpretedFunction"
+    assert type(gate_up).__name__ == type(down).__name__ == kind
 
 
 def _shard(num_slots: int, dim: int, inter: int, dtype: torch.dtype, mode: str = "grouped", seed: int = 0):
@@ -33,7 +52,7 @@ def _shard(num_slots: int, dim: int, inter: int, dtype: torch.dtype, mode: str =
     shard = ExpertShard(range(num_slots), dim, inter, mode)
     shard.w13.data = (torch.randn(num_slots, 2 * inter, dim, generator=g) * dim**-0.5).to(dtype)
     shard.w2.data = (torch.randn(num_slots, dim, inter, generator=g) * inter**-0.5).to(dtype)
-    return shard
+    return shard.to(DEVICE)
 
 
 def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
@@ -51,10 +70,10 @@ def test_fused_moe_equals_loop_and_grouped(dtype, dim, inter, tokens, top_k):
     num_experts = 6
     shard = _shard(num_experts, dim, inter, dtype, seed=dim)
     g = torch.Generator().manual_seed(tokens)
-    x = torch.randn(tokens, dim, generator=g).to(dtype)
+    x = torch.randn(tokens, dim, generator=g).to(dtype).to(DEVICE)
     used = torch.tensor([0, 2, 3, 5])  # experts 1 and 4 get no rows
-    ids = torch.stack([used[torch.randperm(len(used), generator=g)[:top_k]] for _ in range(tokens)])
-    weights = torch.rand(tokens, top_k, generator=g)
+    ids = torch.stack([used[torch.randperm(len(used), generator=g)[:top_k]] for _ in range(tokens)]).to(DEVICE)
+    weights = torch.rand(tokens, top_k, generator=g).to(DEVICE)
     loop = shard.forward_loop(x, ids, weights)
     got = triton_moe.fused_moe(x, ids, weights, shard.w13.data, shard.w2.data)
     _close(got, loop, dtype)
@@ -70,7 +89,7 @@ def test_run_sorted_in_triton_mode_equals_grouped(dtype):
     grouped = _shard(7, dim, inter, dtype)
     triton = _shard(7, dim, inter, dtype, "triton")
     counts = [3, 0, 17, 1, 0, 40, 2] + [0, 0]
-    rows = torch.randn(sum(counts), dim, generator=torch.Generator().manual_seed(3)).to(dtype)
+    rows = torch.randn(sum(counts), dim, generator=torch.Generator().manual_seed(3)).to(dtype).to(DEVICE)
     _close(triton.run_sorted(rows, counts), grouped.run_sorted(rows, counts), dtype)
     assert triton.run_sorted(rows[:0], [0] * 7).shape == (0, dim)
 
@@ -78,7 +97,7 @@ def test_run_sorted_in_triton_mode_equals_grouped(dtype):
 def test_an_unsupported_dtype_falls_back_to_grouped_with_one_log_line(caplog):
     grouped = _shard(3, 64, 32, torch.float64)
     triton = _shard(3, 64, 32, torch.float64, "triton")
-    rows = torch.randn(5, 64, dtype=torch.float64)
+    rows = torch.randn(5, 64, dtype=torch.float64, device=DEVICE)
     triton_moe._logged_reasons.clear()
     with caplog.at_level(logging.WARNING, logger="experts.triton_moe"):
         for _ in range(3):
@@ -98,7 +117,7 @@ def test_align_pads_each_expert_to_whole_blocks():
 
 
 def test_triton_mode_is_refused_at_start_where_it_cannot_run(monkeypatch, tmp_path):
-    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="expert_mode='triton'.*TRITON_INTERPRET=1"):
         triton_moe.require("cpu")
     with pytest.raises(ValueError, match="expert_mode='triton'"):
@@ -109,7 +128,7 @@ def test_triton_mode_is_refused_at_start_where_it_cannot_run(monkeypatch, tmp_pa
 def test_greedy_tokens_match_hf_with_triton_experts(tmp_path):
     """The whole model in fp32 with every MoE layer in the fused kernel: HF's greedy tokens."""
     hf = make_hf_checkpoint("v3", tmp_path)
-    model = load_transformer(tmp_path, torch.float32, expert_mode="triton", progress=False)
+    model = load_transformer(tmp_path, torch.float32, DEVICE, expert_mode="triton", progress=False)
     prompt = torch.randint(2, hf.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = hf.generate(prompt, max_new_tokens=12, min_new_tokens=12, do_sample=False)[0, 8:].tolist()

@@ -1,6 +1,7 @@
 """FP8 weights kept in FP8 (``fp8_weights="keep"``): the block-scaled Triton GEMM against
-dequantise-then-matmul, and a whole FP8 checkpoint loaded both ways. On CPU tensors under Triton's
-interpreter (``TRITON_INTERPRET=1``, set before any kernel is built).
+dequantise-then-matmul, and a whole FP8 checkpoint loaded both ways. Without a GPU the kernel runs
+in Triton's interpreter on CPU tensors (``TRITON_INTERPRET=1``, set for this module before the
+kernel is built); on a GPU the same tests run the compiled kernel on CUDA tensors.
 
 The kernel multiplies the exact fp8 values and scales each K block's partial sum in fp32, where
 the reference rounds every dequantised weight to the activation dtype first: fp32 agrees to
@@ -8,10 +9,6 @@ rounding noise, bf16/fp16 to a step of the output's dtype.
 """
 
 from __future__ import annotations
-
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"  # noqa: E402 — before triton builds a kernel
 
 import json
 
@@ -26,8 +23,29 @@ from dsray.simple_generate import greedy_generate
 from dsray.testing import make_hf_checkpoint
 from dsray.weights import keep_fp32, load_transformer
 
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 TOLERANCE = {torch.float32: 1e-6, torch.bfloat16: 2**-7, torch.float16: 2**-10}  # × output scale
+
+
+@pytest.fixture(scope="module", autouse=True)
+def triton_runs_here():
+    """CPU: the interpreter; GPU: compiled kernels, whatever another module set. Rebuilt after."""
+    mp = pytest.MonkeyPatch()
+    if CUDA:
+        mp.delenv("TRITON_INTERPRET", raising=False)
+    else:
+        mp.setenv("TRITON_INTERPRET", "1")
+    fp8_gemm._kernel.cache_clear()
+    yield
+    mp.undo()
+    fp8_gemm._kernel.cache_clear()
+
+
+def test_the_kernel_is_interpreted_on_cpu_and_compiled_on_gpu():
+    _, kernel = fp8_gemm._kernel()
+    assert type(kernel).__name__ == ("JITFunction" if CUDA else "InterpretedFunction")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -43,7 +61,8 @@ TOLERANCE = {torch.float32: 1e-6, torch.bfloat16: 2**-7, torch.float16: 2**-10} 
 def test_fp8_gemm_equals_dequantize_then_matmul(dtype, rows, out_features, in_features, block):
     g = torch.Generator().manual_seed(rows)
     weight, scale_inv = quantize_fp8_blocks(torch.randn(out_features, in_features, generator=g), block)
-    x = torch.randn(2, rows, in_features, generator=g).to(dtype)  # leading dims are kept
+    weight, scale_inv = weight.to(DEVICE), scale_inv.to(DEVICE)
+    x = torch.randn(2, rows, in_features, generator=g).to(dtype).to(DEVICE)  # leading dims are kept
     got = fp8_gemm.fp8_linear(x, weight, scale_inv, block)
     want = fp8_gemm.fp8_linear_reference(x.float(), weight, scale_inv, block)  # fp32 truth
     assert got.dtype == dtype and got.shape == (2, rows, out_features)
@@ -54,10 +73,11 @@ def test_fp8_gemm_equals_dequantize_then_matmul(dtype, rows, out_features, in_fe
 def test_a_linear_holding_fp8_uses_the_gemm_and_its_bias():
     block = (32, 32)
     weight, scale_inv = quantize_fp8_blocks(torch.randn(40, 48), block)
-    layer = Linear(48, 40, bias=True)
-    layer.bias.data = torch.randn(40)
-    layer.hold_fp8(weight, scale_inv, block)
-    x = torch.randn(3, 48)
+    layer = Linear(48, 40, bias=True).to(DEVICE)
+    layer.bias.data = torch.randn(40, device=DEVICE)
+    layer.hold_fp8(weight.to(DEVICE), scale_inv.to(DEVICE), block)
+    weight, scale_inv = layer.weight, layer.weight_scale_inv
+    x = torch.randn(3, 48, device=DEVICE)
     want = fp8_gemm.fp8_linear_reference(x, weight, scale_inv, block, layer.bias)
     assert layer.weight.dtype == torch.float8_e4m3fn
     assert (layer(x) - want).abs().max().item() <= 1e-5
@@ -66,7 +86,8 @@ def test_a_linear_holding_fp8_uses_the_gemm_and_its_bias():
 def test_a_block_size_the_kernel_cannot_tile_falls_back_to_the_reference():
     block = (8, 8)  # K block below 16: no K tile fits in one scale block
     weight, scale_inv = quantize_fp8_blocks(torch.randn(24, 40), block)
-    x = torch.randn(4, 40)
+    weight, scale_inv = weight.to(DEVICE), scale_inv.to(DEVICE)
+    x = torch.randn(4, 40, device=DEVICE)
     want = fp8_gemm.fp8_linear_reference(x, weight, scale_inv, block)
     assert torch.equal(fp8_gemm.fp8_linear(x, weight, scale_inv, block), want)
 
@@ -90,8 +111,8 @@ def _fp8_checkpoint(src, dst, block):
 def test_keep_gives_the_greedy_tokens_of_dequantize(tmp_path, block):
     make_hf_checkpoint("v3", tmp_path / "v3")
     _fp8_checkpoint(tmp_path / "v3", tmp_path / "fp8", block)
-    kept = load_transformer(tmp_path / "fp8", torch.float32, fp8_weights="keep", progress=False)
-    dequantized = load_transformer(tmp_path / "fp8", torch.float32, fp8_weights="dequantize", progress=False)
+    kept = load_transformer(tmp_path / "fp8", torch.float32, DEVICE, fp8_weights="keep", progress=False)
+    dequantized = load_transformer(tmp_path / "fp8", torch.float32, DEVICE, fp8_weights="dequantize", progress=False)
     attn = kept.model.layers[0].self_attn
     assert attn.q_a_proj.weight.dtype == torch.float8_e4m3fn  # stays fp8 in memory
     assert attn.kv_b_proj.weight.dtype == torch.float32  # MLA reads it as a matrix
@@ -102,7 +123,7 @@ def test_keep_gives_the_greedy_tokens_of_dequantize(tmp_path, block):
 
 
 def test_keep_is_refused_at_start_where_it_cannot_run(monkeypatch, tmp_path):
-    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="fp8_weights='keep'.*TRITON_INTERPRET=1"):
         load_transformer(tmp_path, fp8_weights="keep", progress=False)  # before reading anything
     assert fp8_gemm.resolve_fp8_weights("auto", "cpu") == "dequantize"
