@@ -54,7 +54,8 @@ class EngineConfig(BaseModel):
         "auto",
         description="An FP8 (e4m3, block-scaled) checkpoint's linear weights: dequantize at load to dtype, or keep "
         "them FP8 in device memory and multiply with the FP8 Triton GEMM (CUDA, compute capability 8.9+). "
-        "auto: keep where the GEMM runs, else dequantize. Routed experts are dequantised either way.",
+        "auto: keep where the GEMM runs, else dequantize. Routed experts stay FP8 too (the fused MoE reads them), "
+        "except on the ray executor's expert workers, which dequantise them.",
     )
     executor: Literal["local", "ray"] = Field(
         "local", description="Where the model runs: in-process ('local') or attention/expert Ray actors ('ray')."

@@ -95,6 +95,7 @@ class MoE(nn.Module):
             x.shape[0] == 1
             and self.experts is not None
             and self.experts.inter_dim % 4 == 0
+            and self.experts.w13.dtype == x.dtype  # not FP8
             and (self.shared_experts is None or self.shared_experts.gate_proj.out_features % 4 == 0)
             and (self.shared_experts is None or self.shared_experts.gate_proj.weight.dtype == x.dtype)  # not fp8
             and self.expert_mode == "grouped"

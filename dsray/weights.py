@@ -82,9 +82,25 @@ def keep_fp32(name: str) -> bool:
 
 
 def keep_fp8(name: str) -> bool:
-    """With ``fp8_weights="keep"``, the FP8 tensors that stay FP8: the ``Linear`` weights (routed
-    experts are stacked per shard, and dequantised)."""
-    return name.endswith("proj.weight") and ".mlp.experts." not in name and not name.endswith(FP8_DEQUANTIZED)
+    """With ``fp8_weights="keep"``, the FP8 tensors that stay FP8: the ``Linear`` weights and the
+    routed experts (stacked per shard with their scales)."""
+    return name.endswith("proj.weight") and not name.endswith(FP8_DEQUANTIZED)
+
+
+def load_expert_shard_fp8(
+    shard: ExpertShard, tensors: dict[str, torch.Tensor], layer_id: int, block_size: tuple[int, int], device
+) -> None:
+    """Stack FP8 experts of ``shard``'s slots of one layer as stored (float8_e4m3fn) with their block
+    scales: ``w13`` gate rows then up rows, and their scales likewise (see ``triton_moe.Fp8Scales``)."""
+
+    def stack(names: tuple[str, ...], suffix: str) -> torch.Tensor:
+        prefix = f"model.layers.{layer_id}.mlp.experts."
+        parts = [torch.cat([tensors.pop(f"{prefix}{e}.{n}.{suffix}") for n in names]) for e in shard.expert_ids]
+        return torch.stack(parts).to(device)
+
+    gate_up, down, scale = ("gate_proj", "up_proj"), ("down_proj",), "weight" + SCALE_SUFFIX
+    scales = triton_moe.Fp8Scales(stack(gate_up, scale), stack(down, scale), block_size)
+    shard.hold_fp8(stack(gate_up, "weight"), stack(down, "weight"), scales)
 
 
 def load_expert_shard(shard: ExpertShard, tensors: dict[str, torch.Tensor], layer_id: int) -> None:
@@ -169,6 +185,10 @@ def load_transformer(
         model.lm_head.weight = model.model.embed_tokens.weight
     if with_experts:
         for layer_id, moe in model.moe_layers.items():
-            load_expert_shard(moe.experts, tensors, layer_id)
+            first = f"model.layers.{layer_id}.mlp.experts.0.gate_proj.weight"
+            if tensors[first].dtype == torch.float8_e4m3fn:
+                load_expert_shard_fp8(moe.experts, tensors, layer_id, checkpoint.block_size, device)
+            else:
+                load_expert_shard(moe.experts, tensors, layer_id)
         model.set_exchange()
     return model.eval()

@@ -11,6 +11,8 @@ per slot) and ``forward_single`` (one token: its K experts directly). With ``mod
 (``expert_mode="triton"``), ``run_sorted`` is one fused Triton MoE over all slots and
 ``forward_fused`` runs a whole layer's (token, k) pairs with the routing weights in the kernel
 (``experts/triton_moe.py``); what the kernel does not take goes to the torch path, logged once.
+A shard may hold FP8 weights (``hold_fp8``: float8_e4m3fn with DeepSeek-V3's block scales): the
+kernel reads them as they are; the torch paths dequantise a slot's weights when they use them.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsray import cpu_kernels
+from dsray.fp8 import dequantize_fp8_blocks
 from dsray.layers import linear
 from experts import triton_moe
 
@@ -57,11 +60,35 @@ class ExpertShard(nn.Module):
         self.w2.data.index_copy_(0, index, staged.w2.data.to(self.w2.device))
         self.expert_ids, self.local_of = ids, {e: s for s, e in enumerate(ids)}
 
+    def hold_fp8(self, w13: torch.Tensor, w2: torch.Tensor, scales: triton_moe.Fp8Scales) -> None:
+        """Keep float8_e4m3fn stacks ``w13``/``w2`` and their block scales as they were stored."""
+        self.w13.data, self.w2.data = w13, w2
+        self.register_buffer("w13_scale_inv", scales.w13, persistent=False)
+        self.register_buffer("w2_scale_inv", scales.w2, persistent=False)
+        self.fp8_block_size = tuple(scales.block_size)
+
+    @property
+    def fp8_scales(self) -> triton_moe.Fp8Scales | None:
+        if self.w13.dtype != torch.float8_e4m3fn:
+            return None
+        return triton_moe.Fp8Scales(self.w13_scale_inv, self.w2_scale_inv, self.fp8_block_size)
+
+    def slot_weights(self, local_id: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(w13 [2I, D], w2 [D, I])`` of one slot; FP8 weights dequantised to ``dtype``."""
+        if (scales := self.fp8_scales) is None:
+            return self.w13[local_id], self.w2[local_id]
+        inter, half, block = self.inter_dim, scales.w13.shape[1] // 2, scales.block_size
+        w13, s13 = self.w13[local_id], scales.w13[local_id]
+        gate = dequantize_fp8_blocks(w13[:inter], s13[:half], block, dtype)
+        up = dequantize_fp8_blocks(w13[inter:], s13[half:], block, dtype)
+        return torch.cat([gate, up]), dequantize_fp8_blocks(self.w2[local_id], scales.w2[local_id], block, dtype)
+
     def expert_ffn(self, local_id: int, x: torch.Tensor) -> torch.Tensor:
         """SwiGLU of one local expert over rows ``x [M, D]``."""
-        gate_up = linear(x, self.w13[local_id])  # [M, 2I]
+        w13, w2 = self.slot_weights(local_id, x.dtype)
+        gate_up = linear(x, w13)  # [M, 2I]
         gate, up = gate_up.split(self.inter_dim, dim=-1)
-        return linear(F.silu(gate) * up, self.w2[local_id])  # [M, D]
+        return linear(F.silu(gate) * up, w2)  # [M, D]
 
     def forward_loop(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         """Reference: weighted sum over this shard's experts of ``x [T, D]`` (other experts add 0)."""
@@ -81,7 +108,7 @@ class ExpertShard(nn.Module):
         gathers, scatter), only K matmul pairs. Sums in expert order in fp32, as ``forward_loop``
         does, so the two agree bit for bit.
         """
-        if self.inter_dim % 4 == 0 and cpu_kernels.usable(x, max_rows=1):
+        if self.inter_dim % 4 == 0 and self.w13.dtype == x.dtype and cpu_kernels.usable(x, max_rows=1):
             return cpu_kernels.swiglu_experts(x, self.single_token_experts(topk_ids, topk_weights), checked=True)
         out = torch.zeros_like(x, dtype=torch.float32)  # [1, D]
         for expert, weight in sorted(zip(topk_ids[0].tolist(), topk_weights[0].tolist())):
@@ -114,10 +141,10 @@ class ExpertShard(nn.Module):
         does not apply (a shard that is not every expert in order; tensors the kernel does not take)."""
         if self.expert_ids != list(range(self.num_local_experts)) or not self._triton_takes(x):
             return None
-        return triton_moe.fused_moe(x, topk_ids, topk_weights, self.w13, self.w2)
+        return triton_moe.fused_moe(x, topk_ids, topk_weights, self.w13, self.w2, self.fp8_scales)
 
     def _triton_takes(self, rows: torch.Tensor) -> bool:
-        if (reason := triton_moe.fallback_reason(rows, self.w13, self.w2)) is not None:
+        if (reason := triton_moe.fallback_reason(rows, self.w13, self.w2, self.fp8_scales)) is not None:
             triton_moe.log_fallback(reason)
         return reason is None
 
@@ -125,7 +152,7 @@ class ExpertShard(nn.Module):
         """Fast path: ``rows [M, D]`` sorted by slot, ``counts[s]`` rows each → ``[M, D]`` (the exchange's
         ``SlotCompute``; ``counts`` may be padded past this shard's slots with zeros)."""
         if self.mode == "triton" and self._triton_takes(rows):
-            return triton_moe.run_sorted(rows, counts[: self.num_local_experts], self.w13, self.w2)
+            return triton_moe.run_sorted(rows, counts[: self.num_local_experts], self.w13, self.w2, self.fp8_scales)
         spans, start = [], 0
         for local_id, n in enumerate(counts):
             if n:

@@ -26,6 +26,7 @@ import functools
 import importlib
 import logging
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -33,6 +34,20 @@ logger = logging.getLogger(__name__)
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _logged_reasons: set[str] = set()
+
+
+class Fp8Scales(NamedTuple):
+    """The block scales of float8_e4m3fn expert weights: ``w13 [E, gate blocks + up blocks, D blocks]``
+    (the gate's rows of blocks, then the up's) and ``w2 [E, D blocks, I blocks]``."""
+
+    w13: torch.Tensor
+    w2: torch.Tensor
+    block_size: tuple[int, int]
+
+
+def _block_k(quant_k: int) -> int | None:
+    """The widest K tile that divides the quantisation block (each K step under one scale)."""
+    return next((b for b in (128, 64, 32, 16) if quant_k % b == 0), None)
 
 
 def interpreting() -> bool:
@@ -69,11 +84,16 @@ def resolve_mode(mode: str, device: torch.device | str) -> str:
     return mode
 
 
-def fallback_reason(rows: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> str | None:
+def fallback_reason(
+    rows: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, scales: Fp8Scales | None = None
+) -> str | None:
     """Why these tensors go to the torch grouped path instead (None: the kernel takes them)."""
     if rows.dtype not in SUPPORTED_DTYPES:
         return f"activation dtype {rows.dtype} (the kernel takes float32, bfloat16, float16)"
-    if w13.dtype != rows.dtype or w2.dtype != rows.dtype:
+    if scales is not None:
+        if _block_k(scales.block_size[1]) is None:
+            return f"FP8 expert weights with block size {scales.block_size} (the K block must be a multiple of 16)"
+    elif w13.dtype != rows.dtype or w2.dtype != rows.dtype:
         return f"expert weights in {w13.dtype}/{w2.dtype} with {rows.dtype} activations"
     if unavailable_reason(rows.device) is not None:
         return f"tensors on {rows.device.type} without TRITON_INTERPRET=1"
@@ -102,13 +122,16 @@ def _kernels():
     return triton, k.gate_up, k.down
 
 
-def _blocks(num_pairs: int, num_slots: int, device: torch.device) -> tuple[int, int, int]:
+def _blocks(num_pairs: int, num_slots: int, device: torch.device, scales: Fp8Scales | None) -> tuple[int, int, int]:
     """``(BLOCK_M, BLOCK_N, BLOCK_K)``: small row blocks for decode-sized batches, wider for prefill;
-    small tiles under the interpreter, where every tile costs Python time."""
-    if device.type != "cuda":
-        return 16, 32, 32
+    small tiles under the interpreter, where every tile costs Python time; with FP8 weights, a K
+    tile that divides the quantisation block."""
     rows_per_slot = num_pairs / max(num_slots, 1)
-    return (16 if rows_per_slot <= 16 else 32 if rows_per_slot <= 64 else 64), 64, 64
+    block_m = 16 if device.type != "cuda" or rows_per_slot <= 16 else 32 if rows_per_slot <= 64 else 64
+    block_n, block_k = (32, 32) if device.type != "cuda" else (64, 64)
+    if scales is not None:
+        block_k = min(block_k, _block_k(scales.block_size[1]))
+    return block_m, block_n, block_k
 
 
 def align(slot_sorted: torch.Tensor, order: torch.Tensor, num_slots: int, block_m: int):
@@ -135,9 +158,14 @@ def align(slot_sorted: torch.Tensor, order: torch.Tensor, num_slots: int, block_
     return sorted_ids, block_expert
 
 
-def _launch(x, w13, w2, sorted_ids, block_expert, num_pairs, top_k, weights, out, blocks):
+def _launch(x, w13, w2, sorted_ids, block_expert, num_pairs, top_k, weights, out, blocks, scales):
     """gate_up then down over the aligned pairs; ``out [num_pairs, D]`` is written in place."""
     triton, gate_up, down = _kernels()
+    fp8 = scales is not None
+    s13, s2 = (scales.w13, scales.w2) if fp8 else (w13, w2)  # not read without FP8
+    qbn, qbk = scales.block_size if fp8 else (1, 1)
+    s13_strides = (s13.stride(0), s13.stride(1), s13.shape[1] // 2) if fp8 else (0, 0, 0)
+    s2_strides = (s2.stride(0), s2.stride(1)) if fp8 else (0, 0)
     block_m, block_n, block_k = blocks
     inter, dim = w2.shape[2], w2.shape[1]
     precision = "ieee" if x.dtype == torch.float32 else "tf32"  # tf32 applies to fp32 inputs only
@@ -149,34 +177,45 @@ def _launch(x, w13, w2, sorted_ids, block_expert, num_pairs, top_k, weights, out
     gate_up[(grid_m, triton.cdiv(inter, block_n))](
         x, w13, h, sorted_ids, block_expert, num_pairs, inter, dim,
         x.stride(0), w13.stride(0), w13.stride(1), h.stride(0),
+        s13, *s13_strides,
         TOP_K=top_k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=precision, UPCAST=upcast,
+        FP8=fp8, QBLOCK_N=qbn, QBLOCK_K=qbk,
     )  # fmt: skip
     down[(grid_m, triton.cdiv(dim, block_n))](
         h, w2, out, weights if weights is not None else h, sorted_ids, block_expert, num_pairs, dim, inter,
         h.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
+        s2, *s2_strides,
         MUL_WEIGHT=weights is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        PRECISION=precision, UPCAST=upcast,
+        PRECISION=precision, UPCAST=upcast, FP8=fp8, QBLOCK_N=qbn, QBLOCK_K=qbk,
     )  # fmt: skip
     return out
 
 
-def run_sorted(rows: torch.Tensor, counts: list[int], w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+def run_sorted(
+    rows: torch.Tensor, counts: list[int], w13: torch.Tensor, w2: torch.Tensor, scales: Fp8Scales | None = None
+) -> torch.Tensor:
     """``rows [M, D]`` sorted by slot, ``counts[s]`` rows each → each row's expert FFN ``[M, D]``
-    (unweighted: the exchange's ``SlotCompute``). ``counts`` covers ``w13``'s slots exactly."""
+    (unweighted: the exchange's ``SlotCompute``). ``counts`` covers ``w13``'s slots exactly;
+    ``scales`` with float8_e4m3fn weights."""
     m, num_slots = rows.shape[0], w13.shape[0]
     out = torch.empty_like(rows)
     if not m:
         return out
     counts_t = torch.tensor(counts, dtype=torch.int64)
     slot_sorted = torch.repeat_interleave(torch.arange(num_slots), counts_t).to(rows.device)
-    blocks = _blocks(m, num_slots, rows.device)
+    blocks = _blocks(m, num_slots, rows.device, scales)
     order = torch.arange(m, device=rows.device)
     sorted_ids, block_expert = align(slot_sorted, order, num_slots, blocks[0])
-    return _launch(rows, w13, w2, sorted_ids, block_expert, m, 1, None, out, blocks)
+    return _launch(rows, w13, w2, sorted_ids, block_expert, m, 1, None, out, blocks, scales)
 
 
 def fused_moe(
-    x: torch.Tensor, topk_slots: torch.Tensor, topk_weights: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
+    x: torch.Tensor,
+    topk_slots: torch.Tensor,
+    topk_weights: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    scales: Fp8Scales | None = None,
 ) -> torch.Tensor:
     """``x [T, D]``, each token's K slots ``topk_slots [T, K]`` and weights → the weighted sum of
     its experts' outputs ``[T, D]`` in ``x``'s dtype (summed in fp32, as ``forward_loop``)."""
@@ -186,9 +225,9 @@ def fused_moe(
     num_pairs, num_slots = t * k, w13.shape[0]
     flat = topk_slots.reshape(-1)
     slot_sorted, order = torch.sort(flat, stable=True)
-    blocks = _blocks(num_pairs, num_slots, x.device)
+    blocks = _blocks(num_pairs, num_slots, x.device, scales)
     sorted_ids, block_expert = align(slot_sorted, order, num_slots, blocks[0])
     weights = topk_weights.reshape(-1).float().contiguous()
     out = torch.empty(num_pairs, x.shape[1], dtype=torch.float32, device=x.device)
-    _launch(x, w13, w2, sorted_ids, block_expert, num_pairs, k, weights, out, blocks)
+    _launch(x, w13, w2, sorted_ids, block_expert, num_pairs, k, weights, out, blocks, scales)
     return out.view(t, k, -1).sum(dim=1).to(x.dtype)

@@ -109,17 +109,57 @@ def _fp8_checkpoint(src, dst, block):
 
 @pytest.mark.parametrize("block", [(128, 128), (16, 32)])
 def test_keep_gives_the_greedy_tokens_of_dequantize(tmp_path, block):
+    """Linear layers and routed experts kept FP8; the experts both in the fused Triton MoE (weights as
+    stored) and on the torch grouped path (each slot dequantised when used)."""
     make_hf_checkpoint("v3", tmp_path / "v3")
     _fp8_checkpoint(tmp_path / "v3", tmp_path / "fp8", block)
-    kept = load_transformer(tmp_path / "fp8", torch.float32, DEVICE, fp8_weights="keep", progress=False)
     dequantized = load_transformer(tmp_path / "fp8", torch.float32, DEVICE, fp8_weights="dequantize", progress=False)
-    attn = kept.model.layers[0].self_attn
-    assert attn.q_a_proj.weight.dtype == torch.float8_e4m3fn  # stays fp8 in memory
-    assert attn.kv_b_proj.weight.dtype == torch.float32  # MLA reads it as a matrix
-    assert kept.model.layers[0].mlp.down_proj.weight.dtype == torch.float8_e4m3fn  # the dense MLP
     assert dequantized.model.layers[0].self_attn.q_a_proj.weight.dtype == torch.float32
     prompt = torch.randint(2, 512, (8,), generator=torch.Generator().manual_seed(1)).tolist()
-    assert greedy_generate(kept, prompt, 12) == greedy_generate(dequantized, prompt, 12)
+    expected = greedy_generate(dequantized, prompt, 8)
+    for expert_mode in ("triton", "grouped"):
+        kept = load_transformer(
+            tmp_path / "fp8", torch.float32, DEVICE, expert_mode=expert_mode, fp8_weights="keep", progress=False
+        )
+        attn, experts = kept.model.layers[0].self_attn, kept.model.layers[1].mlp.experts
+        assert attn.q_a_proj.weight.dtype == torch.float8_e4m3fn  # stays fp8 in memory
+        assert attn.kv_b_proj.weight.dtype == torch.float32  # MLA reads it as a matrix
+        assert kept.model.layers[0].mlp.down_proj.weight.dtype == torch.float8_e4m3fn  # the dense MLP
+        assert experts.w13.dtype == experts.w2.dtype == torch.float8_e4m3fn
+        assert greedy_generate(kept, prompt, 8) == expected, expert_mode
+
+
+def test_fp8_experts_in_the_fused_moe_equal_the_dequantised_loop():
+    """The fused MoE reading FP8 expert stacks and their scales (gate and up scaled separately; D and I
+    not multiples of the blocks) against the loop over the same experts dequantised."""
+    from experts import triton_moe
+    from experts.shard import ExpertShard
+
+    slots, dim, inter, block = 4, 72, 40, (16, 32)
+    g = torch.Generator().manual_seed(0)
+    shard = ExpertShard(range(slots), dim, inter, "triton")
+    w13, s13, w2, s2 = [], [], [], []
+    for _ in range(slots):
+        gate, up = (quantize_fp8_blocks(torch.randn(inter, dim, generator=g) * dim**-0.5, block) for _ in "gu")
+        down = quantize_fp8_blocks(torch.randn(dim, inter, generator=g) * inter**-0.5, block)
+        w13.append(torch.cat([gate[0], up[0]]))
+        s13.append(torch.cat([gate[1], up[1]]))
+        w2.append(down[0])
+        s2.append(down[1])
+    scales = triton_moe.Fp8Scales(torch.stack(s13).to(DEVICE), torch.stack(s2).to(DEVICE), block)
+    shard.hold_fp8(torch.stack(w13).to(DEVICE), torch.stack(w2).to(DEVICE), scales)
+    x = torch.randn(9, dim, generator=g).to(DEVICE)
+    ids = torch.tensor([[0, 2], [2, 3], [0, 3]] * 3, device=DEVICE)  # expert 1 idle
+    weights = torch.rand(9, 2, generator=g).to(DEVICE)
+    want = shard.forward_loop(x, ids, weights)
+    got = shard.forward_fused(x, ids, weights)
+    assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+    counts = [3, 0, 5, 2]
+    rows = torch.randn(10, dim, generator=g).to(DEVICE)
+    shard.mode = "grouped"
+    want = shard.run_sorted(rows, counts)
+    shard.mode = "triton"
+    assert (shard.run_sorted(rows, counts) - want).abs().max().item() <= 1e-5 * want.abs().max().item()
 
 
 def test_keep_is_refused_at_start_where_it_cannot_run(monkeypatch, tmp_path):
