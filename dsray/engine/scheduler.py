@@ -20,6 +20,9 @@ Order. Both queues are kept sorted by ``(priority, deadline, arrival)`` (lower p
 first, then the earliest deadline, a request without one last, then arrival): admission takes
 the waiting queue in that order and the running list gets the token budget in that order, so the
 sequence preempted first (the last) is the lowest-priority, latest-deadline, latest arrival one.
+When all ``max_num_seqs`` slots are taken, a waiting request of higher priority than the last
+running one preempts it (as vLLM's priority policy does); an earlier deadline takes the next slot
+that frees.
 With ``deadline_aware`` off the order is ``(priority, arrival)``: deadlines are still enforced,
 they just do not reorder anything (the benchmark's baseline). With every priority 0 and no
 deadline, both are first come, first served, as above.
@@ -174,12 +177,29 @@ class Scheduler:
         this step's sequences and token counts, allocating their KV slots."""
         out = SchedulerOutput()
         self._expire(out, time.monotonic() if now is None else now)
+        self._displace(out)
+        displaced = len(out.preempted)
         budget = self.config.max_num_batched_tokens
         self._schedule_running(out, budget)
         budget -= out.num_batched_tokens
-        if not out.preempted:
+        if len(out.preempted) == displaced:  # no sequence ran out of KV blocks
             self._schedule_waiting(out, budget)
         return out
+
+    def _displace(self, out: SchedulerOutput) -> None:
+        """With every sequence slot taken, a waiting request of higher priority preempts the last
+        running sequence (of lower priority). An earlier deadline alone does not: the displaced
+        sequence would recompute its whole context, and those prefill tokens slow every step of
+        the batch, the deadlines in it too (benchmarks/serve.py --deadline); at a full batch a
+        slot frees every ``1/max_num_seqs`` of a request's run, and the earliest deadline gets it."""
+        while (
+            self.waiting
+            and len(self.running) >= self.config.max_num_seqs
+            and self.waiting[0].priority < self.running[-1].priority
+        ):
+            victim = self.running.pop()
+            self._preempt(victim)
+            out.preempted.append(victim)
 
     def _expire(self, out: SchedulerOutput, now: float) -> None:
         expired = [s for s in (*self.running, *self.waiting) if s.deadline is not None and s.deadline <= now]

@@ -43,10 +43,11 @@ def _idle(server) -> dict:
 
 @contextlib.contextmanager
 def _every_slot_taken(server):
-    """``max_num_seqs`` streaming requests that each want the whole context, all started (first chunk
-    read); closing them on exit aborts them. Meanwhile a new request can only wait."""
+    """``max_num_seqs`` streaming requests of priority -1 that each want the whole context, all
+    started (first chunk read); closing them on exit aborts them. Meanwhile a new request of
+    priority 0 can only wait."""
     body = {"model": server.model, "prompt": [5, 6, 7], "max_tokens": server.max_model_len - 4, "ignore_eos": True}
-    body["stream"] = True
+    body.update(stream=True, priority=-1)  # ahead of the requests under test: they cannot take a slot
     responses = []
     try:
         for _ in range(server.max_num_seqs):
@@ -88,7 +89,7 @@ def test_waiting_request_past_its_deadline_is_a_504_and_frees_everything(server,
                 messages=[{"role": "user", "content": "too late"}],
                 max_tokens=4,
                 stream=True,
-                extra_body={"deadline_s": 0.2, "priority": -1},
+                extra_body={"deadline_s": 0.2, "priority": 0},
             )
     for exc in (info.value, chat_info.value):
         assert exc.status_code == 504

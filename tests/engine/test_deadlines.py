@@ -151,7 +151,7 @@ def test_waiting_request_past_its_deadline_is_refused_and_holds_nothing():
     scheduler = scheduler_of(max_num_seqs=1)
     bm = scheduler.block_manager
     free = bm.num_free_blocks
-    scheduler.add(seq_of("busy", max_tokens=100))
+    scheduler.add(seq_of("busy", max_tokens=100, priority=-1))  # ahead in the order: not displaced
     step(scheduler, T0)
     waiting = seq_of("waiting", max_tokens=4, deadline_s=2)
     scheduler.add(waiting)
@@ -290,10 +290,11 @@ def test_engine_ends_a_started_request_at_its_deadline_with_its_tokens(tiny):
 
 
 def test_async_llm_deadlines_refuse_waiting_and_cut_running(tiny):
-    """Through AsyncLLM: with one sequence slot taken by a request that does not end, a second with
-    a deadline is refused with the typed error; the first, given a deadline, ends at it."""
+    """Through AsyncLLM: with the one sequence slot taken by a higher-priority request that does not
+    end, a second with a deadline is refused with the typed error; the first, given a deadline,
+    ends at it."""
     llm = AsyncLLM(EngineConfig(model=str(tiny), dtype="float32", max_num_seqs=1))
-    endless = SamplingParams(temperature=0, max_tokens=2000, ignore_eos=True)
+    endless = SamplingParams(temperature=0, max_tokens=2000, ignore_eos=True, priority=-1)
 
     async def main():
         blocker = llm.generate([5, 6, 7], endless)
@@ -318,3 +319,38 @@ def test_async_llm_deadlines_refuse_waiting_and_cut_running(tiny):
         assert not llm.engine.has_unfinished() and bm.num_free_blocks == bm.num_total_blocks
     finally:
         llm.shutdown()
+
+
+def test_a_waiting_request_of_higher_priority_takes_the_slot_of_the_last_running_one():
+    scheduler = scheduler_of(max_num_seqs=2)
+    for name in ("a", "b"):
+        scheduler.add(seq_of(name, max_tokens=50))
+    step(scheduler)
+    later = seq_of("later", max_tokens=50)  # no deadline: waits its turn
+    soon = seq_of("soon", max_tokens=50, deadline_s=5)  # an earlier deadline takes the next free slot
+    scheduler.add(later)
+    scheduler.add(soon)
+    out = step(scheduler)
+    assert out.preempted == [] and scheduler.waiting == [soon, later]
+    important = seq_of("important", max_tokens=50, priority=-1)
+    scheduler.add(important)
+    out = step(scheduler)
+    assert [s.request_id for s in out.preempted] == ["b"]
+    assert "important" in [s.seq.request_id for s in out.scheduled]  # admitted in the same step
+    assert [s.request_id for s in scheduler.running] == ["important", "a"]
+    assert [s.request_id for s in scheduler.waiting] == ["soon", "b", "later"]  # b ahead of later arrivals
+    scheduler.abort("a")
+    step(scheduler)
+    assert [s.request_id for s in scheduler.running] == ["important", "soon"]
+
+
+@pytest.mark.parametrize("deadline_aware", [True, False])
+def test_equal_priority_never_displaces(deadline_aware):
+    scheduler = scheduler_of(max_num_seqs=1, deadline_aware=deadline_aware)
+    scheduler.add(seq_of("a", max_tokens=50, priority=1))
+    step(scheduler)
+    scheduler.add(seq_of("urgent", max_tokens=50, deadline_s=5, priority=1))
+    assert step(scheduler).preempted == []
+    scheduler.add(seq_of("important", max_tokens=50, priority=0))
+    assert [s.request_id for s in step(scheduler).preempted] == ["a"]
+    assert [s.request_id for s in scheduler.running] == ["important"]
