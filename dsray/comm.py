@@ -172,7 +172,12 @@ def backend_for(device: torch.device) -> str:
 def init_group(
     address: str, port: int, rank: int, world_size: int, device: torch.device, timeout_s: float
 ) -> TorchDistTransport:
-    """Join the step group; collectives that wait longer than ``timeout_s`` raise instead of hanging."""
+    """Join the step group; collectives that wait longer than ``timeout_s`` raise instead of hanging.
+
+    A process is in one step group at a time: joining a new one (after a worker was lost, or to let
+    a new worker in) first abandons the current one, which cannot shrink or grow.
+    """
+    leave_group()
     dist.init_process_group(
         backend_for(device),
         init_method=f"tcp://{address}:{port}",
@@ -181,3 +186,18 @@ def init_group(
         timeout=datetime.timedelta(seconds=timeout_s),
     )
     return TorchDistTransport()
+
+
+def leave_group() -> None:
+    """Abandon this process's step group without waiting on its peers (some may be dead): gloo just
+    closes its sockets; NCCL communicators are aborted, not destroyed, as a dead peer can hang a destroy."""
+    if not dist.is_initialized():
+        return
+    abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+    try:
+        if dist.get_backend() == "nccl" and abort is not None:
+            abort()
+        else:
+            dist.destroy_process_group()
+    except Exception:  # a broken group may refuse a clean exit: it is dropped either way
+        pass

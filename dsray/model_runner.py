@@ -48,13 +48,20 @@ class ModelRunner:
             args.num_hidden_layers, num_blocks, block_size, args.kv_cache_dim, self.dtype, self.device
         )
         self.seqs: dict[str, SeqState] = {}
+        self._applied_step = 0
 
     @property
     def num_blocks(self) -> int:
         return self.kv_cache.shape[1] // self.block_size
 
     def apply(self, step: StepInput) -> None:
-        """Bring the sequences' state up to date with ``step``: forget, add, extend block tables."""
+        """Bring the sequences' state up to date with ``step``: forget, add, extend block tables.
+
+        Once per step: a step that failed part-way (a worker was lost) and runs again finds its changes
+        applied already (its KV writes are idempotent: the same values land in the same slots)."""
+        if step.step_id and step.step_id == self._applied_step:
+            return
+        self._applied_step = step.step_id
         for request_id in step.dropped:
             self.seqs.pop(request_id, None)
         for new in step.new:

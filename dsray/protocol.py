@@ -44,6 +44,7 @@ class StepInput:
     dropped: list[str] = field(default_factory=list)  # forget these before running the step
     num_micro_batches: int = 1  # the same on every rank of a step: each runs this many exchange rounds per layer
     expert_map: Any = None  # a router.expert_map.ExpertMap to switch to before this step (a rebalance), or None
+    step_id: int = 0  # the executor's step number: a step re-run after a lost worker is not applied twice (0: none)
 
     @property
     def num_tokens(self) -> int:

@@ -2,9 +2,17 @@
 
 Each step the engine hands one ``StepInput`` per attention rank; every attention worker runs its
 batch (or idles through the MoE exchanges) and every expert worker serves one round per MoE layer.
-A worker that dies or a step that outlives ``step_timeout_s`` fails the step with a ``WorkerError``
-naming the worker; the executor then kills the rest (they may sit in a collective) and reports
-itself dead, so nothing hangs.
+
+Losing an expert worker loses no request. When one dies (or a step outlives ``step_timeout_s``
+and it is the one stuck), its peers' collectives fail at once (gloo sees the closed sockets); the
+executor then builds a new step group from the survivors (a torch.distributed group cannot
+shrink), gives the lost slots to survivors that hold replicas of them — or loads the experts that
+had none onto the survivors from the checkpoint — and runs the failed step again (workers apply a
+step's changes once, and its KV writes land in the same slots). A replacement worker is started
+in the lost one's placement-group bundle; once it has loaded its slots it joins at a step
+boundary and the full placement returns. Anything else — a lost attention worker, an error that
+is not a lost worker, no expert worker left and no replacement within ``step_timeout_s`` — fails
+the executor with a ``WorkerError`` naming the worker; the rest are killed, so nothing hangs.
 """
 
 from __future__ import annotations
@@ -44,6 +52,16 @@ def _connect(config: EngineConfig, num_cpus_wanted: float) -> None:
         # Our own local cluster (never one another process started on this machine), offering at least
         # the logical CPUs the workers ask for (oversubscribed on a small box).
         ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(num_cpus_wanted + 0.999)))
+
+
+STUCK_GRACE_S = 5.0  # past step_timeout_s, a worker that has not answered a step is stuck, not slow
+
+
+def _kill(actor) -> None:
+    try:
+        ray.kill(actor)
+    except Exception:  # already gone
+        pass
 
 
 def _bundle(resources: dict[str, float]) -> dict[str, float]:
@@ -93,6 +111,20 @@ class _Held:
             self.pg = None
 
 
+MAX_LOSSES_PER_STEP = 3  # a step that loses more workers than this fails the executor
+MAX_REPLACEMENT_TRIES = 3  # starts of a replacement worker that failed before the executor gives up on it
+
+
+@dataclass
+class _Replacement:
+    """A new expert worker for the lost one of bundle ``index``: loading its slots, then joining."""
+
+    index: int  # expert index = placement-group bundle - A = its rank in the full placement
+    actor: object
+    loaded: object  # ObjectRef of its load()
+    tries: int
+
+
 @dataclass
 class _Rebalance:
     """A placement being loaded by the expert workers; every rank switches once all have it."""
@@ -123,10 +155,16 @@ class RayExecutor(Executor):
         self.pg = self._held.pg = placement_group(bundles, strategy=config.placement_strategy)
         self._wait_for_placement(bundles)
         world = A + E
-        self.attention = [self._spawn(AttentionWorker, i, world, config.attention_worker_resources) for i in range(A)]
-        self.experts = [self._spawn(ExpertWorker, A + i, world, config.expert_worker_resources) for i in range(E)]
-        self.workers = self._held.actors = self.attention + self.experts
-        self.names = [f"attention worker {i}" for i in range(A)] + [f"expert worker {i}" for i in range(E)]
+        self.attention = [self._spawn(AttentionWorker, i, i, world, self.map) for i in range(A)]
+        self.experts = [self._spawn(ExpertWorker, A + i, A + i, world, self.map) for i in range(E)]
+        self.expert_index = list(range(E))  # per live expert worker, its index (bundle A + index)
+        self.full_map = self.map  # the placement with every expert worker: a replacement brings it back
+        self.degraded: str | None = None  # why fewer expert workers than configured serve, while they do
+        self.losses = {"expert_workers_lost": 0, "steps_rerun": 0, "replacements_joined": 0}
+        self._replacements: list[_Replacement] = []
+        self._replacement_error: str | None = None
+        self._step_id = 0
+        self._sync_workers()
         start = time.perf_counter()
         address, port = ray.get(self.workers[0].rendezvous_address.remote())
         self._get([w.join_group.remote(address, port, config.step_timeout_s) for w in self.workers], "group rendezvous")
@@ -151,34 +189,57 @@ class RayExecutor(Executor):
                 "Add nodes with those resources or ask for fewer/smaller workers."
             ) from None
 
-    def _spawn(self, cls, rank: int, world: int, resources: dict[str, float]):
+    def _spawn(self, cls, bundle: int, rank: int, world: int, expert_map: ExpertMap):
+        """An actor of ``cls`` in placement-group bundle ``bundle`` (attention workers first, then experts)."""
+        c = self.config
+        resources = c.attention_worker_resources if cls is AttentionWorker else c.expert_worker_resources
         custom = {k: v for k, v in resources.items() if k not in ("CPU", "GPU", "memory")}
         actor = ray.remote(cls).options(
             num_cpus=resources.get("CPU", 0),
             num_gpus=resources.get("GPU", 0),
             resources=custom or None,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=rank),
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=bundle),
             max_concurrency=1,
         )
-        return actor.remote(self.config, rank, world, self.map, int(resources.get("CPU", 1)))
+        return actor.remote(c, rank, world, expert_map, int(resources.get("CPU", 1)))
 
-    def _get(self, refs: list, what: str, timeout: float | None = None) -> list:
-        """Wait for every ref; the first failure (or the deadline) fails the executor, naming the worker."""
-        deadline = time.monotonic() + (timeout or self.config.step_timeout_s)
+    def _sync_workers(self) -> None:
+        """Group-rank order of the live workers (attention first), their names, and what shutdown releases."""
+        A = self.num_attention_ranks
+        self.workers = self.attention + self.experts
+        self.names = [f"attention worker {i}" for i in range(A)] + [f"expert worker {i}" for i in self.expert_index]
+        self._held.actors = self.workers + [r.actor for r in self._replacements]
+
+    def _gather(self, refs: list, timeout: float) -> tuple[list, dict[int, BaseException]]:
+        """Wait up to ``timeout`` for every ref: results, and per failed (or unfinished) ref its error."""
+        deadline = time.monotonic() + timeout
         index = {ref: i for i, ref in enumerate(refs)}
         pending = list(refs)
         results: list = [None] * len(refs)
+        errors: dict[int, BaseException] = {}
         while pending:
-            remaining = deadline - time.monotonic()
-            ready, pending = ray.wait(pending, num_returns=1, timeout=max(remaining, 0))
+            ready, pending = ray.wait(pending, num_returns=1, timeout=max(deadline - time.monotonic(), 0))
             if not ready:
-                stuck = ", ".join(self.names[index[r]] for r in pending)
-                self._fail(f"{what} timed out after {timeout or self.config.step_timeout_s:.0f}s waiting for {stuck}")
+                for ref in pending:
+                    errors[index[ref]] = GetTimeoutError(f"no answer within {timeout:.0f}s")
+                break
             for ref in ready:
                 try:
                     results[index[ref]] = ray.get(ref)
-                except (RayActorError, RayError) as exc:
-                    self._fail(f"{self.names[index[ref]]} failed during {what}: {type(exc).__name__}: {exc}")
+                except RayError as exc:
+                    errors[index[ref]] = exc
+        return results, errors
+
+    def _get(self, refs: list, what: str, timeout: float | None = None, names: list[str] | None = None) -> list:
+        """Wait for every ref; the first failure (or the deadline) fails the executor, naming the worker."""
+        timeout = timeout or self.config.step_timeout_s
+        names = names or self.names
+        results, errors = self._gather(refs, timeout)
+        for i, exc in sorted(errors.items()):
+            if isinstance(exc, GetTimeoutError):
+                stuck = ", ".join(names[j] for j, e in sorted(errors.items()) if isinstance(e, GetTimeoutError))
+                self._fail(f"{what} timed out after {timeout:.0f}s waiting for {stuck}")
+            self._fail(f"{names[i]} failed during {what}: {type(exc).__name__}: {exc}")
         return results
 
     def _fail(self, reason: str) -> None:
@@ -188,19 +249,152 @@ class RayExecutor(Executor):
 
     def execute(self, steps: list[StepInput]) -> list[StepOutput]:
         self.check_health()
+        self._admit_replacements()
+        A = self.num_attention_ranks
         n = self._num_micro_batches(steps)
         switch = self._rebalance if self._rebalance is not None and self._rebalance.ready else None
+        self._step_id += 1
         for step in steps:
-            step.num_micro_batches = n
+            step.num_micro_batches, step.step_id = n, self._step_id
             step.expert_map = switch.expert_map if switch is not None else None
-        refs = [w.execute.remote(s) for w, s in zip(self.attention, steps)]
-        refs += [e.serve_step.remote(n, switch.version if switch is not None else None) for e in self.experts]
-        results = self._get(refs, "a step")
+        outputs: list[StepOutput | None] = [None] * A
+        for _ in range(MAX_LOSSES_PER_STEP + 1):
+            # A rank that finished its part before a loss takes part in the re-run with nothing to do.
+            todo = [s if outputs[i] is None else StepInput(num_micro_batches=n) for i, s in enumerate(steps)]
+            refs = [w.execute.remote(s) for w, s in zip(self.attention, todo)]
+            refs += [e.serve_step.remote(n, switch.version if switch is not None else None) for e in self.experts]
+            # Past the group's own timeout (peers of a stuck worker fail then), the ones still out are stuck.
+            results, errors = self._gather(refs, self.config.step_timeout_s + STUCK_GRACE_S)
+            for i in range(A):
+                if outputs[i] is None and i not in errors:
+                    outputs[i] = results[i]
+            if not errors:
+                break
+            self._recover(errors, "a step")
+            switch = None  # a rebalance in flight was dropped; the re-run keeps the survivors' placement
+            for step in steps:
+                step.expert_map = None
+            self.losses["steps_rerun"] += 1
+        else:
+            self._fail(f"a step lost workers {MAX_LOSSES_PER_STEP + 1} times in a row")
         if switch is not None:
             self._switched(switch)
         elif self._rebalance is not None:
-            self._poll_rebalance(results[self.num_attention_ranks :])
-        return results[: self.num_attention_ranks]
+            self._poll_rebalance(results[A:])
+        return outputs
+
+    # Losing and replacing workers ------------------------------------------------------------
+
+    def _recover(self, errors: dict[int, BaseException], what: str) -> None:
+        """After ``what`` failed with ``errors`` (per worker index): drop the lost expert workers, serve on
+        with the survivors in a new group, start replacements. Fails the executor when the failure is not
+        a lost expert worker, or nothing is left to serve with."""
+        lost = sorted(i for i, exc in errors.items() if isinstance(exc, (RayActorError, GetTimeoutError)))
+        if not lost:  # every worker answered, some with an error: a bug, not a loss
+            i, exc = min(errors.items())
+            self._fail(f"{self.names[i]} failed during {what}: {type(exc).__name__}: {exc}")
+        A = self.num_attention_ranks
+        names = [self.names[i] for i in lost]
+        detail = "; ".join(f"{self.names[i]}: {type(errors[i]).__name__}: {errors[i]}" for i in lost)
+        if any(i < A for i in lost):
+            self._fail(f"{', '.join(names)} lost during {what} (attention workers are not recovered yet): {detail}")
+        logger.warning("dsray: %s lost during %s; serving on without: %s", ", ".join(names), what, detail)
+        for i in lost:
+            _kill(self.workers[i])  # a stuck one is still running: it must not rejoin anything
+        if self._rebalance is not None:
+            self._drop_rebalance(f"{', '.join(names)} lost while it loaded")
+        gone = {i - A for i in lost}
+        self.losses["expert_workers_lost"] += len(gone)
+        for j in sorted(gone):
+            self._replace(self.expert_index[j])
+        self.experts = [e for j, e in enumerate(self.experts) if j not in gone]
+        self.expert_index = [k for j, k in enumerate(self.expert_index) if j not in gone]
+        self._sync_workers()
+        E = self.config.num_expert_workers
+        self.degraded = f"serving with {len(self.experts)} of {E} expert workers ({', '.join(names)} lost)"
+        if not self.experts:
+            self._await_replacements()  # nothing to serve with until one is in
+            return
+        held = self._get([e.held.remote() for e in self.experts], "a regroup", names=self.names[A:])
+        self._regroup(ExpertMap.covering(self.map.num_experts, held, first_rank=A))
+
+    def _replace(self, index: int, tries: int = 1) -> None:
+        """Start a new expert worker in bundle ``A + index``, loading its slots of the full placement."""
+        A, E = self.num_attention_ranks, self.config.num_expert_workers
+        actor = self._spawn(ExpertWorker, A + index, A + index, A + E, self.full_map)
+        self._replacements.append(_Replacement(index, actor, actor.load.remote(index), tries))
+        self._held.actors.append(actor)
+
+    def _admit_replacements(self, block: bool = False) -> None:
+        """At a step boundary: once every replacement has loaded its slots, all workers regroup under the
+        full placement (survivors give back the slots they took over). ``block``: wait for them, up to
+        ``step_timeout_s``. A replacement that fails to start is retried, then given up on."""
+        deadline = time.monotonic() + (self.config.step_timeout_s if block else 0)
+        while self._replacements:
+            refs = [r.loaded for r in self._replacements]
+            ready, waiting = ray.wait(refs, num_returns=len(refs), timeout=max(0, deadline - time.monotonic()))
+            for r in [r for r in self._replacements if r.loaded in ready]:
+                try:
+                    ray.get(r.loaded)
+                except RayError as exc:  # it could not start or load: try again, a few times
+                    self._replacement_error = f"{type(exc).__name__}: {exc}"
+                    self._replacements.remove(r)
+                    _kill(r.actor)
+                    if r.tries < MAX_REPLACEMENT_TRIES:
+                        self._replace(r.index, r.tries + 1)
+                    else:
+                        logger.warning("dsray: giving up on replacing expert worker %d: %r", r.index, exc)
+                        self.degraded = f"{self.degraded}; expert worker {r.index} could not be replaced: {exc}"
+            if not waiting and all(r.loaded in ready for r in self._replacements):
+                break
+            if time.monotonic() >= deadline:
+                return
+        if not self._replacements:
+            return
+        joining, self._replacements = self._replacements, []
+        by_index = dict(zip(self.expert_index, self.experts)) | {r.index: r.actor for r in joining}
+        self.expert_index = sorted(by_index)
+        self.experts = [by_index[k] for k in self.expert_index]
+        self._sync_workers()
+        full = len(self.experts) == self.config.num_expert_workers
+        target = self.full_map if full else self._partial_full_map()
+        self._regroup(target)
+        self.losses["replacements_joined"] += len(joining)
+        logger.info("dsray: %d replacement expert worker(s) joined", len(joining))
+        if full:
+            self.degraded = None
+
+    def _await_replacements(self) -> None:
+        """No expert worker is left: wait (up to ``step_timeout_s``) for the replacements to join."""
+        self._admit_replacements(block=True)
+        if not self.experts:
+            why = (
+                f"the last replacement failed: {self._replacement_error}"
+                if self._replacement_error
+                else "the cluster has no room for one, or it is slow to start"
+            )
+            self._fail(
+                f"{self.degraded}; no expert worker left and no replacement joined within "
+                f"{self.config.step_timeout_s:.0f}s (step_timeout_s): {why}"
+            )
+
+    def _partial_full_map(self) -> ExpertMap:
+        """The full placement's slots of the live workers, plus the experts only lost ones held."""
+        held = [self.full_map.rank_slots(k) for k in self.expert_index]
+        return ExpertMap.covering(self.map.num_experts, held, first_rank=self.num_attention_ranks)
+
+    def _regroup(self, expert_map: ExpertMap) -> None:
+        """Every live worker joins a new step group and serves under ``expert_map`` (expert workers first
+        load the slots it gives them that they lack)."""
+        A, world = self.num_attention_ranks, len(self.workers)
+        address, port = ray.get(self.attention[0].rendezvous_address.remote())
+        timeout = self.config.step_timeout_s
+        refs = [w.regroup.remote(address, port, i, world, timeout, expert_map) for i, w in enumerate(self.attention)]
+        refs += [
+            e.regroup.remote(address, port, A + j, world, timeout, expert_map, j) for j, e in enumerate(self.experts)
+        ]
+        self._get(refs, "a regroup", timeout=max(600.0, timeout))
+        self.map = expert_map
 
     # Rebalancing -----------------------------------------------------------------------------
 
@@ -212,6 +406,8 @@ class RayExecutor(Executor):
         new placement's version."""
         if self._rebalance is not None:
             raise RuntimeError(f"a rebalance (placement {self._rebalance.version}) is still in progress")
+        if self.degraded is not None:
+            raise RuntimeError(f"not while {self.degraded}: the placement returns once replacements join")
         m = self.map
         if (expert_map.num_experts, expert_map.num_ranks, expert_map.first_rank, expert_map.num_layers) != (
             m.num_experts,
@@ -242,8 +438,16 @@ class RayExecutor(Executor):
             self._abandon(f"the expert workers did not load it within {r.deadline - r.started:.0f}s")
 
     def _abandon(self, reason: str) -> None:
+        r = self._rebalance
+        self._get(
+            [e.cancel.remote(r.version) for e in self.experts],
+            "cancelling a rebalance",
+            names=self.names[self.num_attention_ranks :],
+        )
+        self._drop_rebalance(reason)
+
+    def _drop_rebalance(self, reason: str) -> None:
         r, self._rebalance = self._rebalance, None
-        self._get([e.cancel.remote(r.version) for e in self.experts], "cancelling a rebalance")
         self.rebalance_stats["failed"] += 1
         self.rebalance_stats["last_error"] = f"placement {r.version}: {reason}"
         logger.warning("dsray: rebalance to placement %d abandoned, serving on the old one: %s", r.version, reason)
@@ -255,6 +459,7 @@ class RayExecutor(Executor):
             for new, old in zip(new_layer, old_layer)
         )
         self.map, self.map_version, self._rebalance = r.expert_map, r.version, None
+        self.full_map = r.expert_map
         stats = self.rebalance_stats
         stats["ok"] += 1
         stats["seconds"] += time.monotonic() - r.started
@@ -263,7 +468,8 @@ class RayExecutor(Executor):
 
     @property
     def rebalancing(self) -> bool:
-        return self._rebalance is not None
+        """A placement change is under way (a rebalance, or serving short of expert workers)."""
+        return self._rebalance is not None or self.degraded is not None
 
     def _num_micro_batches(self, steps: list[StepInput]) -> int:
         """Two when some rank has a batch worth splitting (every rank must run the same number of rounds)."""

@@ -84,6 +84,12 @@ class _Worker:
     def join_group(self, address: str, port: int, timeout_s: float) -> None:
         self.comm = init_group(address, port, self.rank, self.world_size, self.device, timeout_s)
 
+    def _rejoin(self, address: str, port: int, rank: int, world_size: int, timeout_s: float) -> None:
+        """Join a new step group as ``rank`` of ``world_size`` (the old one is abandoned: a worker was
+        lost, or one joins); the exchange keeps its state and talks over the new group."""
+        self.rank, self.world_size = rank, world_size
+        self.comm = self.exchange.transport = init_group(address, port, rank, world_size, self.device, timeout_s)
+
     def location(self) -> dict[str, str | int]:
         import ray
 
@@ -112,6 +118,12 @@ class AttentionWorker(_Worker):
         model.set_exchange(self.exchange, overlap_shared=c.overlap_shared_experts)
         self.runner = ModelRunner(model, c.kv_cache_memory_bytes, c.scheduler.block_size, c.max_num_blocks)
         return self.runner.num_blocks
+
+    def regroup(self, address: str, port: int, rank: int, world_size: int, timeout_s: float, expert_map: ExpertMap):
+        """Serve on in a new step group under ``expert_map`` (expert ranks gone or added); the KV cache
+        and the sequences' state stay."""
+        self._rejoin(address, port, rank, world_size, timeout_s)
+        self.map = self.exchange.map = expert_map
 
     def execute(self, step: StepInput) -> StepOutput:
         start = time.perf_counter()
@@ -172,6 +184,42 @@ class ExpertWorker(_Worker):
         fill_expert_slots(shard, tensors, layer_id, previous, check=previous is not None)
         return shard.to(self.device)
 
+    def held(self) -> list[list[int]]:
+        """The experts in this rank's slots, per MoE layer (what a new map built after a loss keeps)."""
+        return [list(shard.expert_ids) for shard in self.shards]
+
+    def regroup(
+        self,
+        address: str,
+        port: int,
+        rank: int,
+        world_size: int,
+        timeout_s: float,
+        expert_map: ExpertMap,
+        expert_rank: int,
+    ) -> None:
+        """Serve as expert rank ``expert_rank`` of ``expert_map`` in a new step group: first bring the slots
+        to what the map gives this rank (copying experts it holds, reading the others from the checkpoint;
+        nothing when they are the same), then join. A rebalance being loaded is dropped."""
+        self._prepared = self._preparing = self._prepare_failed = None
+        targets = expert_map.rank_slots(expert_rank)
+        changed = [i for i, ids in enumerate(targets) if ids != self.shards[i].expert_ids]
+        with torch.inference_mode():
+            layer_ids = self.args.moe_layer_ids
+            self._apply_staged([self._stage_layer(layer_ids[i], targets[i], self.shards[i]) for i in changed], changed)
+        self.expert_rank = expert_rank
+        self._rejoin(address, port, rank, world_size, timeout_s)
+        self.map = self.exchange.map = expert_map
+
+    def _apply_staged(self, staged: list, layers: list[int]) -> None:
+        """Write staged changes (``_stage_layer``'s) of MoE layers ``layers`` into the live shards."""
+        for i, change in zip(layers, staged, strict=True):
+            if isinstance(change, ExpertShard):
+                self.shards[i] = change
+            else:
+                self.shards[i].write_slots(*change)
+        self.exchange.compute = [s.run_sorted for s in self.shards]
+
     def prepare(self, version: int, expert_map: ExpertMap) -> None:
         """Start loading ``expert_map``'s slots for this rank on a background thread; returns at once."""
         self._prepared, self._prepare_failed, self._preparing = None, None, version
@@ -229,13 +277,8 @@ class ExpertWorker(_Worker):
         if switch_to is not None:
             version, expert_map, staged = self._prepared
             assert version == switch_to, (version, switch_to)
-            for i, change in enumerate(staged):
-                if isinstance(change, ExpertShard):
-                    self.shards[i] = change
-                else:
-                    self.shards[i].write_slots(*change)
+            self._apply_staged(staged, list(range(len(staged))))
             self.map = self.exchange.map = expert_map
-            self.exchange.compute = [s.run_sorted for s in self.shards]
             self._prepared = self._preparing = None
         start = time.perf_counter()
         before = self.exchange.rows_computed

@@ -82,6 +82,31 @@ class ExpertMap:
 
         return Placement(slots=self.placement, num_experts=self.num_experts)
 
+    @classmethod
+    def covering(cls, num_experts: int, rank_slots: list[list[list[int]]], first_rank: int = 0) -> ExpertMap:
+        """A map from what each expert rank holds now (``rank_slots[rank][layer]`` = expert ids, in slot
+        order), with every expert no rank holds (its only replicas were on ranks that are gone) added
+        to the rank with the fewest slots in that layer. Held experts keep their slots, so a survivor
+        loads only the orphans it is given; with a replica left for every expert nothing moves."""
+        if not rank_slots:
+            raise ValueError("no expert rank is left to hold the experts")
+        num_layers = len(rank_slots[0])
+        placement = []
+        for layer in range(num_layers):
+            ranks = [list(held[layer]) for held in rank_slots]
+            orphans = sorted(set(range(num_experts)) - {e for slots in ranks for e in slots})
+            for expert in orphans:
+                min(ranks, key=len).append(expert)
+            placement.append(ranks)
+        return cls(num_experts, placement, first_rank)
+
+    def orphans(self, lost: set[int]) -> int:
+        """How many (layer, expert) pairs would have no slot left if expert ranks ``lost`` went away."""
+        return sum(
+            len(set(range(self.num_experts)) - {e for r, slots in enumerate(ranks) if r not in lost for e in slots})
+            for ranks in self.placement
+        )
+
     def aligned_to(self, previous: ExpertMap) -> ExpertMap:
         """This placement with each rank's slots ordered so that experts ``previous`` held on that rank
         keep their slot (the others fill the slots that changed). Same experts per rank, so the same

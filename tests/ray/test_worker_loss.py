@@ -1,0 +1,146 @@
+"""Losing an expert worker loses no request: SIGKILL one mid-stream, every request finishes with the
+local executor's tokens, and a replacement joins.
+
+Workers are found as an operator would find them: live actors of class ``ExpertWorker`` in Ray's
+actor table, and their processes killed with SIGKILL (a crash, the OOM killer).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import threading
+
+import pytest
+import ray
+
+from dsray import LLM, SamplingParams
+from dsray.make_model import make_model
+
+GREEDY = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+PROMPTS = [[5, 6, 7, 8, 9], list(range(10, 47)), [100, 200], list(range(300, 321))]
+
+
+@pytest.fixture(scope="module")
+def cluster(fresh_ray):
+    ray.init(address="local", num_cpus=8, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return make_model("tiny", tmp_path_factory.mktemp("models") / "tiny", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def local_outputs(model):
+    return [o.token_ids for o in LLM(model, dtype="float32").generate(PROMPTS, GREEDY)]
+
+
+def _live(class_name: str) -> dict[str, int]:
+    """Live actors of ``class_name``: actor id -> pid (from the GCS actor table)."""
+    import ray._private.state
+
+    return {
+        actor_id: info["Pid"]
+        for actor_id, info in ray._private.state.actors().items()
+        if info["ActorClassName"] == class_name and info["State"] == "ALIVE"
+    }
+
+
+def _pid_of(executor, expert: int) -> int:
+    return ray.get(executor.experts[expert].location.remote())["pid"]
+
+
+def _generate(llm: LLM, kills: dict[int, list[int]], mid_step: bool = True) -> list[list[int]]:
+    """Run PROMPTS step by step; before step ``n`` in ``kills``, SIGKILL those pids (with ``mid_step``,
+    from a thread a moment after the step started, so the kill lands inside its exchanges)."""
+    engine = llm.engine
+    ids = [engine.add_request(p, GREEDY) for p in PROMPTS]
+    finished: dict[str, list[int]] = {}
+    n = 0
+    while engine.has_unfinished():
+        for pid in kills.get(n, []):
+            if mid_step:
+                threading.Timer(0.005, os.kill, (pid, signal.SIGKILL)).start()
+            else:
+                os.kill(pid, signal.SIGKILL)
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out.token_ids
+        n += 1
+    return [finished[i] for i in ids]
+
+
+@pytest.mark.parametrize(
+    ("E", "redundant", "placement"),
+    [
+        (2, 0, None),  # no replicas: the survivor reads the lost experts from the checkpoint
+        (2, None, [list(range(16)), list(range(16))]),  # every expert on both: nothing to load
+        (3, 5, None),  # some replicas, some experts reloaded
+        (1, 0, None),  # the only expert worker: requests wait for the replacement
+    ],
+)
+def test_an_expert_worker_killed_mid_stream_loses_no_request(cluster, model, local_outputs, E, redundant, placement):
+    options = {"expert_placement": placement} if placement else {"num_redundant_experts": redundant}
+    with LLM(model, dtype="float32", executor="ray", num_expert_workers=E, step_timeout_s=30, **options) as llm:
+        executor = llm.engine.executor
+        victim = _pid_of(executor, E - 1)
+        before = set(_live("ExpertWorker"))
+        assert _generate(llm, {5: [victim]}) == local_outputs
+        assert executor.losses["expert_workers_lost"] == 1 and executor.losses["steps_rerun"] >= 1
+        # The replacement joins at a step boundary; the full placement is back and serves the same tokens.
+        executor._admit_replacements(block=True)
+        assert executor.degraded is None and executor.losses["replacements_joined"] == 1
+        assert len(executor.experts) == E and executor.map.placement == executor.full_map.placement
+        now = set(_live("ExpertWorker"))
+        assert len(now - before) == 1 and len(before - now) == 1  # one new process, the killed one gone
+        assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == local_outputs
+
+
+def test_two_kills_in_a_row(cluster, model, local_outputs):
+    with LLM(model, dtype="float32", executor="ray", num_expert_workers=3, step_timeout_s=30) as llm:
+        executor = llm.engine.executor
+        first, second = _pid_of(executor, 2), _pid_of(executor, 0)
+        # The second dies while the first's replacement may still be loading.
+        assert _generate(llm, {3: [first], 6: [second]}) == local_outputs
+        assert executor.losses["expert_workers_lost"] == 2
+        executor._admit_replacements(block=True)
+        assert executor.degraded is None and len(executor.experts) == 3
+        assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == local_outputs
+
+
+def test_a_kill_during_a_rebalance_drops_it_and_serves_on(cluster, model, local_outputs):
+    from router.expert_map import ExpertMap
+
+    with LLM(model, dtype="float32", executor="ray", num_expert_workers=2, step_timeout_s=30) as llm:
+        executor = llm.engine.executor
+        swapped = ExpertMap(16, [list(reversed(ranks)) for ranks in executor.map.placement], executor.map.first_rank)
+        executor.rebalance(swapped)  # every expert moves: the workers are loading when one dies
+        assert executor.rebalancing
+        assert _generate(llm, {1: [_pid_of(executor, 1)]}) == local_outputs
+        assert executor.rebalance_stats["failed"] == 1 and "lost" in executor.rebalance_stats["last_error"]
+        executor._admit_replacements(block=True)
+        assert executor.degraded is None
+        assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == local_outputs
+
+
+def test_no_expert_worker_left_and_none_can_load_fails_cleanly(cluster, model, tmp_path):
+    """Limits: the only expert worker dies and its replacement cannot load (the checkpoint is gone):
+    the step waits for it, bounded, then fails with a message that says what happened."""
+    copy = tmp_path / "model"
+    shutil.copytree(model, copy)
+    llm = LLM(copy, dtype="float32", executor="ray", num_expert_workers=1, step_timeout_s=15)
+    try:
+        executor = llm.engine.executor
+        victim = _pid_of(executor, 0)
+        shutil.rmtree(copy)
+        with pytest.raises(RuntimeError, match="no expert worker left"):
+            _generate(llm, {2: [victim]}, mid_step=False)
+        assert executor.dead and "expert worker 0 lost" in executor.dead and "config.json" in executor.dead, (
+            executor.dead
+        )
+    finally:
+        llm.shutdown()
