@@ -146,13 +146,37 @@ def _moe_rows(tokens: int, top_k: int, num_slots: int, dim: int, dtype, device, 
     return rows, counts, ids.to(device)
 
 
+def _fp8_shard(shard, block: tuple[int, int]):
+    """``shard``'s experts block-quantised to FP8 and held as such (what ``fp8_weights="keep"`` loads)."""
+    import torch
+
+    from dsray.fp8 import quantize_fp8_blocks
+    from experts import triton_moe
+    from experts.shard import ExpertShard
+
+    inter = shard.inter_dim
+    w13, s13, w2, s2 = [], [], [], []
+    for e in range(shard.num_local_experts):
+        gate, up = quantize_fp8_blocks(shard.w13[e, :inter], block), quantize_fp8_blocks(shard.w13[e, inter:], block)
+        down = quantize_fp8_blocks(shard.w2[e], block)
+        w13.append(torch.cat([gate[0], up[0]]))
+        s13.append(torch.cat([gate[1], up[1]]))
+        w2.append(down[0])
+        s2.append(down[1])
+    fp8 = ExpertShard(range(shard.num_local_experts), shard.w13.shape[2], inter, "triton")
+    fp8.hold_fp8(torch.stack(w13), torch.stack(w2), triton_moe.Fp8Scales(torch.stack(s13), torch.stack(s2), block))
+    return fp8
+
+
 def bench_moe(device, interpret: bool) -> dict:
     """TFLOP/s of the Triton fused MoE against the torch grouped path, on one expert rank's slots.
 
     DeepSeek-V3 shapes (D = 7168, I = 2048, top-8 of 256 experts) with 32 local slots (256 experts over
     8 expert ranks) in bf16: for each token count, ``ExpertShard.run_sorted`` on the rows sorted by
     slot — the exchange's entry point — in ``triton`` mode and in ``grouped`` mode (one matmul pair per
-    slot), and ``fused_moe`` (sort, both kernels, routing weights, sum over k) on the tokens.
+    slot), the same in ``triton`` mode with the experts in FP8 (128×128 block scales, as
+    ``fp8_weights="keep"`` holds them), and ``fused_moe`` (sort, both kernels, routing weights, sum
+    over k) on the tokens.
     FLOPs: 6·rows·D·I (gate and up, 2·D·2I per row; down, 2·I·D).
     """
     import torch
@@ -174,6 +198,8 @@ def bench_moe(device, interpret: bool) -> dict:
     grouped = grouped.to(device)
     fused = ExpertShard(range(slots), dim, inter, "triton")
     fused.w13, fused.w2 = grouped.w13, grouped.w2  # the same weights
+    with torch.inference_mode():
+        fp8 = _fp8_shard(grouped, (16, 32) if interpret else (128, 128))
     timer, rows_out = _timer(device), []
     for tokens in token_counts:
         rows, counts, ids = _moe_rows(tokens, top_k, slots, dim, dtype, device, seed=tokens)
@@ -186,6 +212,8 @@ def bench_moe(device, interpret: bool) -> dict:
             t_grouped = timer(lambda rows=rows, counts=counts: grouped.run_sorted(rows, counts), iters)
             x = rows[:tokens]
             t_fused = timer(lambda x=x, ids=ids, w=weights: triton_moe.fused_moe(x, ids, w, fused.w13, fused.w2), iters)
+            fp8_err = (fp8.run_sorted(rows, counts).float() - grouped.run_sorted(rows, counts).float()).abs().max()
+            t_fp8 = timer(lambda rows=rows, counts=counts: fp8.run_sorted(rows, counts), iters)
         rows_out.append(
             {
                 "tokens": tokens,
@@ -193,11 +221,14 @@ def bench_moe(device, interpret: bool) -> dict:
                 "triton_us": t_triton * 1e6,
                 "grouped_us": t_grouped * 1e6,
                 "fused_moe_us": t_fused * 1e6,
+                "triton_fp8_us": t_fp8 * 1e6,
                 "triton_tflops": flops / t_triton / 1e12,
                 "grouped_tflops": flops / t_grouped / 1e12,
                 "fused_moe_tflops": flops / t_fused / 1e12,
+                "triton_fp8_tflops": flops / t_fp8 / 1e12,
                 "speedup": t_grouped / t_triton,
                 "max_rel_err_vs_grouped": (err / scale).item(),
+                "fp8_max_rel_err_vs_grouped": (fp8_err / scale).item(),  # quantisation error included
             }
         )
     return {
