@@ -257,12 +257,16 @@ class OpenAIIngress:
 
     @app.get("/health")
     async def health(self) -> Response:
-        """200 when a model instance answers its health check; 503 while none can serve (dead, starting)."""
+        """200 when a model instance answers its health check — ``{"status": "ok"}``, or ``"degraded"``
+        with the reason while it serves with fewer workers than configured; 503 while none can serve
+        (dead, starting)."""
         try:
-            await control(self.server.check_health.remote())
+            degraded = await control(self.server.check_health.remote())
         except Exception as exc:
             return error_response(unhealthy(exc))
-        return Response(status_code=200)
+        if degraded:
+            return JSONResponse({"status": "degraded", "message": degraded})
+        return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
     async def metrics(self, request: Request) -> Response:

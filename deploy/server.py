@@ -349,9 +349,11 @@ class LLMServer:
 
     # Control ----------------------------------------------------------------------------------
 
-    def check_health(self) -> None:
-        """Raise when this instance cannot serve (Serve then replaces the replica)."""
+    def check_health(self) -> str | None:
+        """Raise when this instance cannot serve (Serve then replaces the replica); else why it serves
+        with fewer workers than configured (a lost worker not yet replaced), or None."""
         self.llm.check_health()
+        return self.llm.stats().get("degraded")
 
     def rebalance(self) -> bool:
         """Start an expert rebalance of this instance (see ``AsyncLLM.request_rebalance``)."""
@@ -381,6 +383,7 @@ class LLMServer:
             "model_name": self.model_name,
             "replica": self.replica_id,
             "healthy": self.llm.is_healthy,
+            "degraded": engine.get("degraded"),
             "num_requests_running": engine["num_running"],
             "num_requests_waiting": engine["num_waiting"],
             "num_requests_admitted": self.num_admitted,

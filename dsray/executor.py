@@ -28,9 +28,16 @@ class Executor(ABC):
     num_attention_ranks: int = 1
 
     @abstractmethod
-    def execute(self, steps: list[StepInput]) -> list[StepOutput]:
+    def execute(self, steps: list[StepInput]) -> list[StepOutput | None]:
         """Run one step on every attention rank (``steps[r]`` may be empty); results align with
-        each rank's ``seqs``. Raises ``WorkerError`` naming the worker if one fails."""
+        each rank's ``seqs``. None for a rank whose worker was lost in the step: its KV cache is gone,
+        the rank is removed (``num_attention_ranks`` drops) and the engine recomputes its sequences
+        elsewhere. Raises ``WorkerError`` naming the worker when it cannot serve on."""
+
+    def admit_workers(self) -> None:
+        """At a step boundary, let in workers that are ready to join (replacements of lost ones); new
+        attention ranks come last (``num_attention_ranks`` grows). In-process: nothing to admit."""
+        return None
 
     def expert_load(self) -> list[list[int]]:
         """Tokens routed to each (MoE layer, expert) since start: ``[num_moe_layers][n_routed_experts]``."""

@@ -117,9 +117,10 @@ MAX_REPLACEMENT_TRIES = 3  # starts of a replacement worker that failed before t
 
 @dataclass
 class _Replacement:
-    """A new expert worker for the lost one of bundle ``index``: loading its slots, then joining."""
+    """A new worker for a lost one, in its bundle: loading (weights, KV cache), then joining."""
 
-    index: int  # expert index = placement-group bundle - A = its rank in the full placement
+    cls: type  # AttentionWorker or ExpertWorker
+    index: int  # attention index (= bundle), or expert index (= bundle - A = its rank in the full placement)
     actor: object
     loaded: object  # ObjectRef of its load()
     tries: int
@@ -157,10 +158,16 @@ class RayExecutor(Executor):
         world = A + E
         self.attention = [self._spawn(AttentionWorker, i, i, world, self.map) for i in range(A)]
         self.experts = [self._spawn(ExpertWorker, A + i, A + i, world, self.map) for i in range(E)]
+        self.attention_index = list(range(A))  # per live attention worker, its bundle
         self.expert_index = list(range(E))  # per live expert worker, its index (bundle A + index)
         self.full_map = self.map  # the placement with every expert worker: a replacement brings it back
-        self.degraded: str | None = None  # why fewer expert workers than configured serve, while they do
-        self.losses = {"expert_workers_lost": 0, "steps_rerun": 0, "replacements_joined": 0}
+        self.degraded: str | None = None  # why fewer workers than configured serve, while they do
+        self.losses = {
+            "attention_workers_lost": 0,
+            "expert_workers_lost": 0,
+            "steps_rerun": 0,
+            "replacements_joined": 0,
+        }
         self._replacements: list[_Replacement] = []
         self._replacement_error: str | None = None
         self._step_id = 0
@@ -205,9 +212,9 @@ class RayExecutor(Executor):
 
     def _sync_workers(self) -> None:
         """Group-rank order of the live workers (attention first), their names, and what shutdown releases."""
-        A = self.num_attention_ranks
         self.workers = self.attention + self.experts
-        self.names = [f"attention worker {i}" for i in range(A)] + [f"expert worker {i}" for i in self.expert_index]
+        self.names = [f"attention worker {i}" for i in self.attention_index]
+        self.names += [f"expert worker {i}" for i in self.expert_index]
         self._held.actors = self.workers + [r.actor for r in self._replacements]
 
     def _gather(self, refs: list, timeout: float) -> tuple[list, dict[int, BaseException]]:
@@ -247,30 +254,35 @@ class RayExecutor(Executor):
         self.shutdown()
         raise WorkerError(reason)
 
-    def execute(self, steps: list[StepInput]) -> list[StepOutput]:
+    def execute(self, steps: list[StepInput]) -> list[StepOutput | None]:
         self.check_health()
-        self._admit_replacements()
-        A = self.num_attention_ranks
         n = self._num_micro_batches(steps)
         switch = self._rebalance if self._rebalance is not None and self._rebalance.ready else None
         self._step_id += 1
         for step in steps:
             step.num_micro_batches, step.step_id = n, self._step_id
             step.expert_map = switch.expert_map if switch is not None else None
-        outputs: list[StepOutput | None] = [None] * A
+        # ranks[p]: the engine's rank that attention worker p serves in this step (None: joined during it).
+        ranks: list[int | None] = list(range(len(steps)))
+        outputs: list[StepOutput | None] = [None] * len(steps)
         for _ in range(MAX_LOSSES_PER_STEP + 1):
             # A rank that finished its part before a loss takes part in the re-run with nothing to do.
-            todo = [s if outputs[i] is None else StepInput(num_micro_batches=n) for i, s in enumerate(steps)]
+            todo = [steps[r] if r is not None and outputs[r] is None else StepInput(num_micro_batches=n) for r in ranks]
             refs = [w.execute.remote(s) for w, s in zip(self.attention, todo)]
             refs += [e.serve_step.remote(n, switch.version if switch is not None else None) for e in self.experts]
             # Past the group's own timeout (peers of a stuck worker fail then), the ones still out are stuck.
             results, errors = self._gather(refs, self.config.step_timeout_s + STUCK_GRACE_S)
-            for i in range(A):
-                if outputs[i] is None and i not in errors:
-                    outputs[i] = results[i]
+            for p, r in enumerate(ranks):
+                if r is not None and outputs[r] is None and p not in errors:
+                    outputs[r] = results[p]
             if not errors:
                 break
-            self._recover(errors, "a step")
+            lost = self._recover(errors, "a step")
+            for p in lost:
+                if ranks[p] is not None:
+                    outputs[ranks[p]] = None  # its KV cache went with it: the engine recomputes its sequences
+            ranks = [r for p, r in enumerate(ranks) if p not in lost]
+            ranks += [None] * (len(self.attention) - len(ranks))  # replacements that joined meanwhile
             switch = None  # a rebalance in flight was dropped; the re-run keeps the survivors' placement
             for step in steps:
                 step.expert_map = None
@@ -280,55 +292,73 @@ class RayExecutor(Executor):
         if switch is not None:
             self._switched(switch)
         elif self._rebalance is not None:
-            self._poll_rebalance(results[A:])
-        return outputs
+            self._poll_rebalance(results[len(self.attention) :])
+        return [out if r in ranks else None for r, out in enumerate(outputs)]
 
     # Losing and replacing workers ------------------------------------------------------------
 
-    def _recover(self, errors: dict[int, BaseException], what: str) -> None:
-        """After ``what`` failed with ``errors`` (per worker index): drop the lost expert workers, serve on
-        with the survivors in a new group, start replacements. Fails the executor when the failure is not
-        a lost expert worker, or nothing is left to serve with."""
+    def _recover(self, errors: dict[int, BaseException], what: str) -> set[int]:
+        """After ``what`` failed with ``errors`` (per worker index): drop the lost workers, serve on with
+        the survivors in a new group, start replacements. Returns the positions of the attention workers
+        lost. Fails the executor when the failure is not a lost worker, or nothing is left to serve with."""
         lost = sorted(i for i, exc in errors.items() if isinstance(exc, (RayActorError, GetTimeoutError)))
         if not lost:  # every worker answered, some with an error: a bug, not a loss
             i, exc = min(errors.items())
             self._fail(f"{self.names[i]} failed during {what}: {type(exc).__name__}: {exc}")
-        A = self.num_attention_ranks
+        A = len(self.attention)
         names = [self.names[i] for i in lost]
         detail = "; ".join(f"{self.names[i]}: {type(errors[i]).__name__}: {errors[i]}" for i in lost)
-        if any(i < A for i in lost):
-            self._fail(f"{', '.join(names)} lost during {what} (attention workers are not recovered yet): {detail}")
         logger.warning("dsray: %s lost during %s; serving on without: %s", ", ".join(names), what, detail)
         for i in lost:
             _kill(self.workers[i])  # a stuck one is still running: it must not rejoin anything
         if self._rebalance is not None:
             self._drop_rebalance(f"{', '.join(names)} lost while it loaded")
-        gone = {i - A for i in lost}
-        self.losses["expert_workers_lost"] += len(gone)
-        for j in sorted(gone):
-            self._replace(self.expert_index[j])
-        self.experts = [e for j, e in enumerate(self.experts) if j not in gone]
-        self.expert_index = [k for j, k in enumerate(self.expert_index) if j not in gone]
+        lost_attention, lost_experts = {i for i in lost if i < A}, {i - A for i in lost if i >= A}
+        self.losses["attention_workers_lost"] += len(lost_attention)
+        self.losses["expert_workers_lost"] += len(lost_experts)
+        for p in sorted(lost_attention):
+            self._replace(AttentionWorker, self.attention_index[p])
+        for j in sorted(lost_experts):
+            self._replace(ExpertWorker, self.expert_index[j])
+        self.attention = [w for p, w in enumerate(self.attention) if p not in lost_attention]
+        self.attention_index = [k for p, k in enumerate(self.attention_index) if p not in lost_attention]
+        self.experts = [e for j, e in enumerate(self.experts) if j not in lost_experts]
+        self.expert_index = [k for j, k in enumerate(self.expert_index) if j not in lost_experts]
         self._sync_workers()
-        E = self.config.num_expert_workers
-        self.degraded = f"serving with {len(self.experts)} of {E} expert workers ({', '.join(names)} lost)"
-        if not self.experts:
+        self._set_degraded(f"{', '.join(names)} lost")
+        if not self.attention or not self.experts:
             self._await_replacements()  # nothing to serve with until one is in
-            return
-        held = self._get([e.held.remote() for e in self.experts], "a regroup", names=self.names[A:])
-        self._regroup(ExpertMap.covering(self.map.num_experts, held, first_rank=A))
+        else:
+            self._regroup(self._survivors_map())
+        return lost_attention
 
-    def _replace(self, index: int, tries: int = 1) -> None:
-        """Start a new expert worker in bundle ``A + index``, loading its slots of the full placement."""
-        A, E = self.num_attention_ranks, self.config.num_expert_workers
-        actor = self._spawn(ExpertWorker, A + index, A + index, A + E, self.full_map)
-        self._replacements.append(_Replacement(index, actor, actor.load.remote(index), tries))
+    def _set_degraded(self, why: str) -> None:
+        c = self.config
+        self.degraded = (
+            f"serving with {len(self.attention)} of {c.num_attention_workers} attention and {len(self.experts)} of "
+            f"{c.num_expert_workers} expert workers ({why}; replacements are starting)"
+        )
+
+    def _survivors_map(self) -> ExpertMap:
+        """What the live expert workers hold, plus the experts no one holds any more (read from the checkpoint)."""
+        held = self._get([e.held.remote() for e in self.experts], "a regroup", names=self.names[len(self.attention) :])
+        return ExpertMap.covering(self.map.num_experts, held, first_rank=len(self.attention))
+
+    def _replace(self, cls, index: int, tries: int = 1) -> None:
+        """Start a new worker in the lost one's bundle (``index``: its attention index, or its expert index =
+        its rank in the full placement, whose slots it loads)."""
+        A, E = self.config.num_attention_workers, self.config.num_expert_workers
+        bundle = index if cls is AttentionWorker else A + index
+        actor = self._spawn(cls, bundle, bundle, A + E, self.full_map)
+        loaded = actor.load.remote() if cls is AttentionWorker else actor.load.remote(index)
+        self._replacements.append(_Replacement(cls, index, actor, loaded, tries))
         self._held.actors.append(actor)
 
-    def _admit_replacements(self, block: bool = False) -> None:
-        """At a step boundary: once every replacement has loaded its slots, all workers regroup under the
-        full placement (survivors give back the slots they took over). ``block``: wait for them, up to
-        ``step_timeout_s``. A replacement that fails to start is retried, then given up on."""
+    def admit_workers(self, block: bool = False) -> None:
+        """At a step boundary: once every replacement has loaded, all workers regroup — the expert workers
+        under the full placement (survivors give back the slots they took over), new attention workers as
+        the last ranks. ``block``: wait for them, up to ``step_timeout_s``. A replacement that fails to
+        start is retried, then given up on."""
         deadline = time.monotonic() + (self.config.step_timeout_s if block else 0)
         while self._replacements:
             refs = [r.loaded for r in self._replacements]
@@ -341,10 +371,9 @@ class RayExecutor(Executor):
                     self._replacements.remove(r)
                     _kill(r.actor)
                     if r.tries < MAX_REPLACEMENT_TRIES:
-                        self._replace(r.index, r.tries + 1)
+                        self._replace(r.cls, r.index, r.tries + 1)
                     else:
-                        logger.warning("dsray: giving up on replacing expert worker %d: %r", r.index, exc)
-                        self.degraded = f"{self.degraded}; expert worker {r.index} could not be replaced: {exc}"
+                        logger.warning("dsray: giving up on replacing %s %d: %r", r.cls.__name__, r.index, exc)
             if not waiting and all(r.loaded in ready for r in self._replacements):
                 break
             if time.monotonic() >= deadline:
@@ -352,41 +381,45 @@ class RayExecutor(Executor):
         if not self._replacements:
             return
         joining, self._replacements = self._replacements, []
-        by_index = dict(zip(self.expert_index, self.experts)) | {r.index: r.actor for r in joining}
+        for r in joining:
+            if r.cls is AttentionWorker:  # a new rank, after the others: the engine adds a scheduler for it
+                self.attention.append(r.actor)
+                self.attention_index.append(r.index)
+        by_index = dict(zip(self.expert_index, self.experts))
+        by_index |= {r.index: r.actor for r in joining if r.cls is ExpertWorker}
         self.expert_index = sorted(by_index)
         self.experts = [by_index[k] for k in self.expert_index]
+        self.num_attention_ranks = len(self.attention)
         self._sync_workers()
-        full = len(self.experts) == self.config.num_expert_workers
-        target = self.full_map if full else self._partial_full_map()
-        self._regroup(target)
+        held = [self.full_map.rank_slots(k) for k in self.expert_index]  # lost ones' experts: to the others
+        self._regroup(ExpertMap.covering(self.map.num_experts, held, first_rank=len(self.attention)))
         self.losses["replacements_joined"] += len(joining)
-        logger.info("dsray: %d replacement expert worker(s) joined", len(joining))
-        if full:
+        logger.info("dsray: %d replacement worker(s) joined", len(joining))
+        c = self.config
+        if (len(self.attention), len(self.experts)) == (c.num_attention_workers, c.num_expert_workers):
             self.degraded = None
+        else:
+            self._set_degraded("some could not be replaced")
 
     def _await_replacements(self) -> None:
-        """No expert worker is left: wait (up to ``step_timeout_s``) for the replacements to join."""
-        self._admit_replacements(block=True)
-        if not self.experts:
+        """No attention or no expert worker is left: wait (up to ``step_timeout_s``) for replacements."""
+        self.admit_workers(block=True)
+        if not self.attention or not self.experts:
             why = (
                 f"the last replacement failed: {self._replacement_error}"
                 if self._replacement_error
                 else "the cluster has no room for one, or it is slow to start"
             )
             self._fail(
-                f"{self.degraded}; no expert worker left and no replacement joined within "
+                f"{self.degraded}: nothing left to serve with, and no replacement joined within "
                 f"{self.config.step_timeout_s:.0f}s (step_timeout_s): {why}"
             )
-
-    def _partial_full_map(self) -> ExpertMap:
-        """The full placement's slots of the live workers, plus the experts only lost ones held."""
-        held = [self.full_map.rank_slots(k) for k in self.expert_index]
-        return ExpertMap.covering(self.map.num_experts, held, first_rank=self.num_attention_ranks)
 
     def _regroup(self, expert_map: ExpertMap) -> None:
         """Every live worker joins a new step group and serves under ``expert_map`` (expert workers first
         load the slots it gives them that they lack)."""
-        A, world = self.num_attention_ranks, len(self.workers)
+        A, world = len(self.attention), len(self.workers)
+        self.num_attention_ranks = A
         address, port = ray.get(self.attention[0].rendezvous_address.remote())
         timeout = self.config.step_timeout_s
         refs = [w.regroup.remote(address, port, i, world, timeout, expert_map) for i, w in enumerate(self.attention)]

@@ -173,6 +173,8 @@ class LLMEngine(RequestChecks):
             "prefix_cache_queries": sum(b.num_prefix_queries for b in bms),
             "prefix_cache_hits": sum(b.num_prefix_hits for b in bms),
             **({"eplb": self.balancer.stats()} if self.balancer is not None else {}),
+            # Why fewer workers than configured serve (a lost worker not yet replaced), else None.
+            "degraded": getattr(self.executor, "degraded", None),
         }
 
     # Requests ---------------------------------------------------------------------------------
@@ -232,6 +234,8 @@ class LLMEngine(RequestChecks):
         Every attention rank steps together (ranks with nothing to run still take part in the
         MoE all-to-all), so a step schedules all ranks, then runs them as one.
         """
+        self.executor.admit_workers()  # replacements of lost workers join between steps
+        self._add_ranks()
         outs = [s.schedule() for s in self.schedulers]
         updates = self._expired(outs)
         if all(o.is_empty for o in outs):
@@ -240,6 +244,8 @@ class LLMEngine(RequestChecks):
         results = self.executor.execute(steps)
         now = time.monotonic()
         for sched, view, out, result in zip(self.schedulers, self._views, outs, results):
+            if result is None:
+                continue  # this rank's worker was lost: its sequences move below
             sampled = [r.token_id if r is not None else None for r in result.results]
             by_id = {s.seq.request_id: r for s, r in zip(out.scheduled, result.results)}
             for seq in sched.postprocess(out, sampled):
@@ -254,10 +260,37 @@ class LLMEngine(RequestChecks):
             for s in out.scheduled:
                 if s.seq.is_finished:
                     view.forget(s.seq.request_id)
+        if any(result is None for result in results):
+            self._move_lost_ranks([r for r, result in enumerate(results) if result is None])
         self._refresh_expert_load(now)
         if self.balancer is not None and self.balancer.active:
             self.balancer.after_step()
         return updates
+
+    def _add_ranks(self) -> None:
+        """A scheduler (with an empty KV cache) for each attention rank the executor added, after the others."""
+        c = self.config.scheduler
+        eos = self.args.eos_token_ids[0] if self.args.eos_token_ids else None
+        while len(self.schedulers) < self.executor.num_attention_ranks:
+            block_manager = BlockManager(self.executor.num_blocks, c.block_size, c.enable_prefix_caching)
+            self.schedulers.append(Scheduler(c, block_manager, eos))
+            self._views.append(_WorkerView())
+
+    def _move_lost_ranks(self, lost: list[int]) -> None:
+        """Attention ranks ``lost`` are gone with their KV cache: their sequences go, in scheduling order, to
+        the least-loaded remaining ranks (or the replacements), to be recomputed from their tokens — a
+        stream goes on where it was, as after a preemption."""
+        moved = []
+        for rank in sorted(lost, reverse=True):
+            del self._views[rank]
+            moved += self.schedulers.pop(rank).release_all()
+        self._add_ranks()
+        for seq in moved:
+            if seq.request_id not in self.requests:
+                continue
+            rank = min(range(len(self.schedulers)), key=lambda r: self.schedulers[r].num_unfinished)
+            self.schedulers[rank].add(seq)
+        self._rank_of = {rid: r for r, sched in enumerate(self.schedulers) for rid in sched.request_ids}
 
     def _expired(self, outs: list[SchedulerOutput]) -> list[RequestOutput]:
         """Outputs of the requests the schedulers ended by deadline: started ones finish with "length"

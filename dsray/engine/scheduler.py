@@ -153,6 +153,15 @@ class Scheduler:
     def num_waiting(self) -> int:
         return len(self.waiting)
 
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.running) + len(self.waiting)
+
+    @property
+    def request_ids(self) -> list[str]:
+        """The requests this scheduler holds, running or waiting."""
+        return list(self._requests)
+
     def has_unfinished(self) -> bool:
         return bool(self.running or self.waiting)
 
@@ -252,6 +261,18 @@ class Scheduler:
             num_computed_tokens=seq.num_computed_tokens,
             needs_sample=seq.num_computed_tokens + num_new_tokens == seq.num_tokens,
         )
+
+    def release_all(self) -> list[Sequence]:
+        """Hand over every unfinished sequence, each freed of its blocks and reset to be recomputed from
+        its tokens (prompt and output so far), in scheduling order: this rank's worker, and its KV
+        cache, are gone. The scheduler is empty afterwards."""
+        for seq in self.running:
+            self.block_manager.free(seq)
+            seq.status = SequenceStatus.WAITING
+            seq.num_computed_tokens = seq.num_cached_tokens = 0
+        seqs = sorted(self.running + self.waiting, key=self._order)
+        self.running, self.waiting, self._requests = [], [], {}
+        return seqs
 
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free(seq)

@@ -1,5 +1,5 @@
-"""Losing an expert worker loses no request: SIGKILL one mid-stream, every request finishes with the
-local executor's tokens, and a replacement joins.
+"""Losing a worker loses no request: SIGKILL an expert or attention worker mid-stream, every request
+finishes with the local executor's tokens, and a replacement joins.
 
 Workers are found as an operator would find them: live actors of class ``ExpertWorker`` in Ray's
 actor table, and their processes killed with SIGKILL (a crash, the OOM killer).
@@ -50,8 +50,8 @@ def _live(class_name: str) -> dict[str, int]:
     }
 
 
-def _pid_of(executor, expert: int) -> int:
-    return ray.get(executor.experts[expert].location.remote())["pid"]
+def _pid_of(executor, expert: int, role: str = "experts") -> int:
+    return ray.get(getattr(executor, role)[expert].location.remote())["pid"]
 
 
 def _generate(llm: LLM, kills: dict[int, list[int]], mid_step: bool = True) -> list[list[int]]:
@@ -91,13 +91,35 @@ def test_an_expert_worker_killed_mid_stream_loses_no_request(cluster, model, loc
         before = set(_live("ExpertWorker"))
         assert _generate(llm, {5: [victim]}) == local_outputs
         assert executor.losses["expert_workers_lost"] == 1 and executor.losses["steps_rerun"] >= 1
+        assert executor.degraded is None or "expert worker" in executor.degraded
         # The replacement joins at a step boundary; the full placement is back and serves the same tokens.
-        executor._admit_replacements(block=True)
+        executor.admit_workers(block=True)
         assert executor.degraded is None and executor.losses["replacements_joined"] == 1
         assert len(executor.experts) == E and executor.map.placement == executor.full_map.placement
         now = set(_live("ExpertWorker"))
         assert len(now - before) == 1 and len(before - now) == 1  # one new process, the killed one gone
         assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == local_outputs
+
+
+@pytest.mark.parametrize("A", [2, 1])
+def test_an_attention_worker_killed_mid_stream_loses_no_request(cluster, model, local_outputs, A):
+    """Its sequences are recomputed from their tokens on the surviving attention rank (A=2) or, with no
+    survivor, on its replacement (A=1): every stream goes on where it was, nothing repeated or skipped."""
+    with LLM(model, dtype="float32", executor="ray", num_attention_workers=A, step_timeout_s=30) as llm:
+        executor, engine = llm.engine.executor, llm.engine
+        before = set(_live("AttentionWorker"))
+        assert _generate(llm, {5: [_pid_of(executor, A - 1, "attention")]}) == local_outputs
+        assert executor.losses["attention_workers_lost"] == 1
+        assert len(engine.schedulers) == executor.num_attention_ranks == len(executor.attention)
+        if A == 2:
+            assert executor.num_attention_ranks == 1 and "attention worker 1 lost" in executor.degraded
+        engine.executor.admit_workers(block=True)
+        engine.step()  # the engine adds a scheduler for the rank that joined
+        assert executor.degraded is None and len(engine.schedulers) == executor.num_attention_ranks == A
+        assert len(set(_live("AttentionWorker")) - before) == 1
+        assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == local_outputs
+        # Nothing leaked: every rank's KV blocks are free again.
+        assert all(s.block_manager.num_free_blocks == s.block_manager.num_total_blocks for s in engine.schedulers)
 
 
 def test_two_kills_in_a_row(cluster, model, local_outputs):
@@ -107,7 +129,7 @@ def test_two_kills_in_a_row(cluster, model, local_outputs):
         # The second dies while the first's replacement may still be loading.
         assert _generate(llm, {3: [first], 6: [second]}) == local_outputs
         assert executor.losses["expert_workers_lost"] == 2
-        executor._admit_replacements(block=True)
+        executor.admit_workers(block=True)
         assert executor.degraded is None and len(executor.experts) == 3
         assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == local_outputs
 
@@ -122,13 +144,13 @@ def test_a_kill_during_a_rebalance_drops_it_and_serves_on(cluster, model, local_
         assert executor.rebalancing
         assert _generate(llm, {1: [_pid_of(executor, 1)]}) == local_outputs
         assert executor.rebalance_stats["failed"] == 1 and "lost" in executor.rebalance_stats["last_error"]
-        executor._admit_replacements(block=True)
+        executor.admit_workers(block=True)
         assert executor.degraded is None
         assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == local_outputs
 
 
 def test_no_expert_worker_left_and_none_can_load_fails_cleanly(cluster, model, tmp_path):
-    """Limits: the only expert worker dies and its replacement cannot load (the checkpoint is gone):
+    """Limits: the only expert worker dies and its replacement cannot start (the checkpoint is gone):
     the step waits for it, bounded, then fails with a message that says what happened."""
     copy = tmp_path / "model"
     shutil.copytree(model, copy)
@@ -137,7 +159,7 @@ def test_no_expert_worker_left_and_none_can_load_fails_cleanly(cluster, model, t
         executor = llm.engine.executor
         victim = _pid_of(executor, 0)
         shutil.rmtree(copy)
-        with pytest.raises(RuntimeError, match="no expert worker left"):
+        with pytest.raises(RuntimeError, match="nothing left to serve with"):
             _generate(llm, {2: [victim]}, mid_step=False)
         assert executor.dead and "expert worker 0 lost" in executor.dead and "config.json" in executor.dead, (
             executor.dead

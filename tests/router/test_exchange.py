@@ -188,3 +188,19 @@ def test_an_aligned_map_keeps_held_experts_in_their_slots():
     assert [sorted(r) for r in aligned.placement[0]] == [sorted(r) for r in new.placement[0]]
     # a rank whose slot count changes keeps the new order
     assert ExpertMap(6, [[[0, 1, 2], [3, 4, 5]]]).aligned_to(old).placement == [[[0, 1, 2], [3, 4, 5]]]
+
+
+def test_a_covering_map_keeps_what_survivors_hold_and_gives_orphans_to_the_emptiest():
+    # 8 experts, 3 ranks with a replica each of 0 and 5; rank 1 is lost: 3 and 4 had no other replica.
+    full = ExpertMap(8, [[[0, 1, 2, 5], [3, 4, 0], [5, 6, 7]]])
+    assert full.orphans({1}) == 2 and full.orphans({0}) == 2 and full.orphans(set()) == 0
+    survivors = [full.rank_slots(0), full.rank_slots(2)]
+    m = ExpertMap.covering(8, survivors, first_rank=1)
+    assert m.first_rank == 1 and m.num_ranks == 2
+    assert m.placement[0][0][:4] == [0, 1, 2, 5] and m.placement[0][1][:3] == [5, 6, 7]  # held slots unchanged
+    assert sorted(m.placement[0][0][4:] + m.placement[0][1][3:]) == [3, 4]  # orphans, one to each (the emptiest)
+    assert m.placement[0][1][3:] == [3] and m.placement[0][0][4:] == [4]
+    # With a replica of everything left, nothing moves.
+    assert ExpertMap.covering(2, [[[0, 1]]]).placement == [[[0, 1]]]
+    with pytest.raises(ValueError, match="no expert rank is left"):
+        ExpertMap.covering(8, [])
