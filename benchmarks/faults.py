@@ -8,8 +8,11 @@ class, as an operator would). Per stream every token's arrival time is kept, and
 * ``pause_s`` — the longest gap between two tokens of any stream from the kill on (the issue's
   figure: how long output stopped);
 * ``steady_max_gap_s`` / ``steady_median_itl_s`` — the same before the kill, for scale;
-* ``failed`` — streams that ended with an error (target 0), ``wrong`` — finished streams whose
-  tokens differ from the same prompt's tokens in a run without the fault;
+* ``failed`` — streams that ended with an error (target 0) or whose tokens, as streamed, repeat or
+  skip one; ``wrong`` (``--check-tokens``) — finished streams whose tokens differ from the same
+  prompt's greedy tokens in a run without the fault (after an attention worker's loss its sequences
+  are recomputed: in bf16 a batched prefill may round differently from the decode steps it
+  replaces and flip a near-tie, as after any preemption; float32 gives identical tokens);
 * ``replacement_join_s`` — from the kill until the executor serves with every worker again.
 
     python benchmarks/faults.py --model small --streams 64 --output-len 96
@@ -53,11 +56,15 @@ def _victim(class_name: str) -> int:
 
 
 async def _stream(llm: AsyncLLM, prompt: list[int], params: SamplingParams, times: list[float]) -> list[int]:
-    token_ids: list[int] = []
+    """The stream's tokens as a client sees them (the deltas, in order); ValueError if they do not add
+    up to the request's final tokens (a token repeated or skipped)."""
+    seen: list[int] = []
     async for out in llm.generate(prompt, params):
         times.extend([time.perf_counter()] * len(out.new_token_ids))
-        token_ids = out.token_ids
-    return token_ids
+        seen += out.new_token_ids
+    if seen != out.token_ids or len(seen) != params.max_tokens:
+        raise ValueError(f"stream not continuous: {len(seen)} tokens seen, final {len(out.token_ids)}")
+    return seen
 
 
 def run_scenario(name: str, args, prompts: list[list[int]], expected: list[list[int]] | None) -> dict:

@@ -157,7 +157,12 @@ class EngineCore:
                 self._apply(command, refused)
             if until_idle and not commands and not engine.has_unfinished():
                 return
-            report = self._step(refused, bool(commands))
+            changed = bool(commands)
+            if not busy:  # replacements of lost workers join an idle engine too (and the stats say so)
+                degraded = engine.stats()["degraded"]
+                engine.admit_workers()
+                changed = changed or engine.stats()["degraded"] != degraded
+            report = self._step(refused, changed)
             if report is not None:
                 send(report)
 

@@ -234,8 +234,7 @@ class LLMEngine(RequestChecks):
         Every attention rank steps together (ranks with nothing to run still take part in the
         MoE all-to-all), so a step schedules all ranks, then runs them as one.
         """
-        self.executor.admit_workers()  # replacements of lost workers join between steps
-        self._add_ranks()
+        self.admit_workers()
         outs = [s.schedule() for s in self.schedulers]
         updates = self._expired(outs)
         if all(o.is_empty for o in outs):
@@ -266,6 +265,11 @@ class LLMEngine(RequestChecks):
         if self.balancer is not None and self.balancer.active:
             self.balancer.after_step()
         return updates
+
+    def admit_workers(self) -> None:
+        """Let in the workers ready to join (replacements of lost ones), between steps."""
+        self.executor.admit_workers()
+        self._add_ranks()
 
     def _add_ranks(self) -> None:
         """A scheduler (with an empty KV cache) for each attention rank the executor added, after the others."""

@@ -1,10 +1,16 @@
-"""Killing a real expert worker behind the server: clean errors, 503s, no hang, and a replica that heals.
+"""Killing real workers behind the server: streams go on; and when nothing can replace them, clean 503s
+and a replica that heals.
 
 A second app, ``/ep``, runs the Ray executor (one attention worker and two expert workers, real
-actors). With long streams in flight one expert worker's process gets SIGKILL, as a crash or the
-OOM killer would do it. Then: every stream ends with an error event and ``[DONE]`` within a
-bound, ``/ep/health`` is 503, a new request is refused with 503 and ``Retry-After``, the main
-app at ``/`` serves on, and Serve replaces the failed replica with one that serves again.
+actors) on its own copy of the checkpoint. With streams in flight, a worker's process gets SIGKILL,
+as a crash or the OOM killer would do it:
+
+* an expert worker: every stream finishes with all its tokens and no error, ``/ep/health`` says
+  "degraded" until the replacement has joined, then "ok";
+* the only attention worker, with its checkpoint gone so no replacement can start: every stream
+  ends with an error event and ``[DONE]`` within a bound, ``/ep/health`` is 503, a new request is
+  refused with 503 and ``Retry-After``, the main app at ``/`` serves on, and once the checkpoint is
+  back Serve replaces the failed replica with one that serves again.
 """
 
 from __future__ import annotations
@@ -12,10 +18,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -24,6 +32,7 @@ import requests
 from dsray.client import Client, ServiceUnavailableError
 
 MAX_TOKENS = 1500  # minutes of decoding on the Ray executor: the streams are surely in flight at the kill
+SURVIVING_TOKENS = 120  # streams that outlive an expert worker's loss: long enough to span the kill
 ERROR_BOUND_S = 60.0  # every in-flight stream must have ended by then
 HEALTH_CHECK_PERIOD_S = 5.0  # Serve replaces a replica after 3 failed checks in a row: 10-15 s of 503s to observe
 RECOVERY_BOUND_S = 180.0
@@ -32,8 +41,8 @@ WORKER_NAMED = re.compile(r"(attention|expert) worker \d")
 WORKER_RESOURCES = {"CPU": 0.25}
 
 
-def _expert_workers() -> dict[str, int]:
-    """Live ExpertWorker actors of this Ray session: actor id -> pid.
+def _workers(class_name: str = "ExpertWorker") -> dict[str, int]:
+    """Live actors of ``class_name`` in this Ray session: actor id -> pid.
 
     From the GCS actor table: the state API needs the dashboard, which this session runs without.
     """
@@ -43,8 +52,12 @@ def _expert_workers() -> dict[str, int]:
     return {
         actor_id: info["Pid"]
         for actor_id, info in actors.items()
-        if info["ActorClassName"] == "ExpertWorker" and info["State"] == "ALIVE"
+        if info["ActorClassName"] == class_name and info["State"] == "ALIVE"
     }
+
+
+def _expert_workers() -> dict[str, int]:
+    return _workers("ExpertWorker")
 
 
 def _wait_for(fetch, check, timeout_s: float, what: str):
@@ -62,16 +75,24 @@ def _health(url: str) -> int:
     return requests.get(f"{url}/health", timeout=30).status_code
 
 
+@dataclass
+class EP:
+    url: str
+    model_dir: Path  # the /ep app's own copy of the checkpoint
+
+
 @pytest.fixture(scope="module")
-def ep(server):
-    """URL of the ``/ep`` app (expert parallelism on Ray actors, no API key)."""
+def ep(server, tmp_path_factory):
+    """The ``/ep`` app (expert parallelism on Ray actors, no API key), serving its own checkpoint copy."""
     from ray import serve
 
     from deploy.app import build_app
 
-    before = set(_expert_workers())
+    model_dir = tmp_path_factory.mktemp("ep") / "model"
+    shutil.copytree(server.model_dir, model_dir)
+    before = set(_workers("ExpertWorker")) | set(_workers("AttentionWorker"))
     args = {
-        "model": str(server.model_dir),
+        "model": str(model_dir),
         "api_key": "",
         "attention_workers": 1,
         "expert_workers": 2,
@@ -87,16 +108,19 @@ def ep(server):
     }
     serve.run(build_app(args), name="ep", route_prefix="/ep")
     try:
-        yield f"{server.url}/ep"
+        yield EP(f"{server.url}/ep", model_dir)
     finally:
         serve.delete("ep")
         # The replica owns its workers: they go with it, and their CPUs with them.
-        _wait_for(lambda: set(_expert_workers()) - before, lambda left: not left, 60, "the workers to go")
+        live = lambda: (set(_workers("ExpertWorker")) | set(_workers("AttentionWorker"))) - before  # noqa: E731
+        _wait_for(live, lambda left: not left, 60, "the workers to go")
 
 
-def _sse_stream(url: str, i: int, started) -> dict:
+def _sse_stream(url: str, i: int, started, max_tokens: int = MAX_TOKENS) -> dict:
     """One long stream over raw HTTP: its data payloads in order, and when it ended."""
-    body = {"prompt": f"request {i}", "max_tokens": MAX_TOKENS, "ignore_eos": True, "stream": True}
+    body = {"prompt": f"request {i}", "max_tokens": max_tokens, "ignore_eos": True, "stream": True}
+    if max_tokens != MAX_TOKENS:
+        body["stream_options"] = {"include_usage": True}
     payloads = []
     with requests.post(f"{url}/v1/completions", json=body, stream=True, timeout=(10, 120)) as response:
         assert response.status_code == 200
@@ -121,9 +145,44 @@ def _client_stream(url: str, started) -> dict:
     return {"error": None, "ended": time.monotonic()}
 
 
-def test_killing_an_expert_worker_fails_streams_cleanly_then_the_replica_heals(ep, server):
+def _health_status(url: str) -> str:
+    response = requests.get(f"{url}/health", timeout=30)
+    return response.json()["status"] if response.status_code == 200 else str(response.status_code)
+
+
+def test_killing_an_expert_worker_loses_no_stream(ep, server):
+    ep = ep.url
     workers = _expert_workers()
     assert len(workers) == 2, workers
+    assert _health_status(ep) == "ok"
+    started = threading.Semaphore(0)
+    with ThreadPoolExecutor(3) as pool:
+        streams = [pool.submit(_sse_stream, ep, i, started, SURVIVING_TOKENS) for i in range(3)]
+        for _ in streams:
+            assert started.acquire(timeout=120), "a stream never started"
+        os.kill(max(workers.values()), signal.SIGKILL)
+        seen = {_health_status(ep) for _ in range(10) if not time.sleep(0.2)}  # while the replacement starts
+        results = [f.result(timeout=180) for f in streams]
+    for result in results:  # every token, the finish, usage, [DONE]: no error event anywhere
+        payloads = result["payloads"]
+        assert payloads[-1] == "[DONE]", payloads[-3:]
+        events = [json.loads(p) for p in payloads[:-1]]
+        assert not any("error" in e for e in events), [e for e in events if "error" in e]
+        assert [e["choices"][0]["finish_reason"] for e in events if e["choices"]][-1] == "length"
+        assert events[-1]["usage"]["completion_tokens"] == SURVIVING_TOKENS
+    assert "degraded" in seen, seen
+    _wait_for(lambda: _health_status(ep), lambda status: status == "ok", 120, "the replacement to join")
+    assert server.stats("ep")["degraded"] is None
+    new_workers = _expert_workers()
+    assert len(new_workers) == 2 and len(set(new_workers) - set(workers)) == 1, (workers, new_workers)
+
+
+def test_killing_the_only_attention_worker_without_a_replacement_fails_streams_cleanly_then_the_replica_heals(
+    ep, server
+):
+    ep, model_dir = ep.url, ep.model_dir
+    workers = _workers("AttentionWorker")
+    assert len(workers) == 1, workers
     assert _health(ep) == 200
     engine_pid = server.stats("ep")["engine_pid"]  # the serving loop runs in a process of its own with Ray too
     assert "ExpertWorker" not in Path(f"/proc/{engine_pid}/cmdline").read_text(errors="replace")
@@ -135,7 +194,9 @@ def test_killing_an_expert_worker_fails_streams_cleanly_then_the_replica_heals(e
             assert started.acquire(timeout=120), "a stream never started"
 
         victim = max(workers.values())
-        assert "ExpertWorker" in Path(f"/proc/{victim}/cmdline").read_text(errors="replace")
+        assert "AttentionWorker" in Path(f"/proc/{victim}/cmdline").read_text(errors="replace")
+        hidden = model_dir.with_name("hidden")
+        model_dir.rename(hidden)  # a replacement cannot load: nothing is left to serve with
         killed = time.monotonic()
         os.kill(victim, signal.SIGKILL)
 
@@ -163,7 +224,8 @@ def test_killing_an_expert_worker_fails_streams_cleanly_then_the_replica_heals(e
         assert not c.health()
     noticed = time.monotonic() - killed
     # The executor killed the surviving workers too: nothing of the old group holds resources.
-    _wait_for(lambda: set(_expert_workers()) & set(workers), lambda alive: not alive, 30, "the survivors to go")
+    _wait_for(lambda: set(_expert_workers()), lambda alive: not alive, 30, "the survivors to go")
+    hidden.rename(model_dir)  # the checkpoint is back: the next replica can start
 
     with Client(server.url, api_key=server.api_key) as main:  # the other app never noticed
         assert (
@@ -175,8 +237,8 @@ def test_killing_an_expert_worker_fails_streams_cleanly_then_the_replica_heals(e
     healed = time.monotonic() - killed
     with Client(ep) as c:
         assert c.completions("after recovery", max_tokens=4, ignore_eos=True).usage.completion_tokens == 4
-    new_workers = _expert_workers()
-    assert len(new_workers) == 2 and not set(new_workers) & set(workers), (workers, new_workers)
+    new_workers = _workers("AttentionWorker")
+    assert len(new_workers) == 1 and not set(new_workers) & set(workers), (workers, new_workers)
     print(
         f"streams ended {max(elapsed):.1f}s after the kill; 503s seen by {noticed:.1f}s; healthy again at {healed:.1f}s"
     )
