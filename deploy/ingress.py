@@ -255,6 +255,36 @@ class OpenAIIngress:
             return error_response(ErrorInfo(message, status=409, type="ConflictError"))
         return JSONResponse({"status": "rebalancing"}, status_code=202)
 
+    @app.post("/admin/scale")
+    async def scale(self, request: Request) -> Response:
+        """Grow or shrink the model instance's attention and expert worker pools while it serves: a JSON
+        body ``{"attention": A, "experts": E}`` (either may be left out). 202 once asked; new workers
+        join when loaded (``/metrics`` and the server's stats show the counts). An admin route: refused
+        unless the server has an API key and the request carries it."""
+        if not self.api_key:
+            return error_response(
+                ErrorInfo("admin routes need an API key: start the server with --api-key", status=403)
+            )
+        if (refusal := self._auth_error(request)) is not None:
+            return error_response(refusal)
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict) or not body.keys() <= {"attention", "experts"} or not body:
+            return error_response(ErrorInfo('give a JSON object {"attention": A, "experts": E} (either or both)'))
+        for name, value in body.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                return error_response(ErrorInfo(f"{name} must be a whole number of workers >= 1", param=name))
+        try:
+            started = await control(self.server.scale.remote(body.get("attention"), body.get("experts")))
+        except Exception as exc:
+            return error_response(handle_failure(exc))
+        if not started:
+            message = "this model instance runs in one process: serve with --attention-workers/--expert-workers"
+            return error_response(ErrorInfo(message, status=409, type="ConflictError"))
+        return JSONResponse({"status": "scaling", **body}, status_code=202)
+
     @app.get("/health")
     async def health(self) -> Response:
         """200 when a model instance answers its health check — ``{"status": "ok"}``, or ``"degraded"``

@@ -359,6 +359,10 @@ class LLMServer:
         """Start an expert rebalance of this instance (see ``AsyncLLM.request_rebalance``)."""
         return self.llm.request_rebalance()
 
+    def scale(self, attention: int | None = None, experts: int | None = None) -> bool:
+        """Grow or shrink this instance's worker pools (see ``AsyncLLM.scale``)."""
+        return self.llm.scale(attention, experts)
+
     def models(self) -> list[dict[str, Any]]:
         return [
             {
@@ -384,6 +388,7 @@ class LLMServer:
             "replica": self.replica_id,
             "healthy": self.llm.is_healthy,
             "degraded": engine.get("degraded"),
+            "workers": engine.get("workers"),  # live attention and expert workers (Ray executor)
             "num_requests_running": engine["num_running"],
             "num_requests_waiting": engine["num_waiting"],
             "num_requests_admitted": self.num_admitted,

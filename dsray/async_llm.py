@@ -28,7 +28,7 @@ from dsray.engine.llm_engine import LLMEngine
 from dsray.engine_config import EngineConfig
 from dsray.engine_core_client import EngineCoreClient
 from dsray.engine_protocol import EngineProtocol, OutputStreamProtocol
-from dsray.errors import EngineDeadError, RequestIdInUseError
+from dsray.errors import EngineDeadError, InvalidRequestError, RequestIdInUseError
 from dsray.outputs import RequestOutput
 from dsray.sampling_params import SamplingParams
 from dsray.tokenizer import Tokenizer
@@ -225,6 +225,18 @@ class AsyncLLM(EngineProtocol):
         if self.config.executor != "ray":
             return False
         self.client.request_rebalance()
+        return True
+
+    def scale(self, attention: int | None = None, experts: int | None = None) -> bool:
+        """Grow or shrink the attention and expert worker pools while serving (from the next step; new
+        workers join once loaded); False when this engine has no worker pools (the local executor)."""
+        self.check_health()
+        if self.config.executor != "ray":
+            return False
+        for name, value in (("attention", attention), ("experts", experts)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise InvalidRequestError(f"{name} must be a whole number of workers >= 1, got {value!r}", param=name)
+        self.client.scale(attention, experts)
         return True
 
     def shutdown(self) -> None:

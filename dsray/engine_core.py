@@ -16,6 +16,7 @@ a dataclass. Everything here crosses a process boundary, so it is small and pick
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -24,6 +25,8 @@ from dsray.engine.llm_engine import LLMEngine
 from dsray.engine_config import EngineConfig
 from dsray.outputs import RequestOutput
 from dsray.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
 
 IDLE_WAIT_S = 1.0  # an idle loop sleeps at most this long between looks for a command
 
@@ -52,11 +55,19 @@ class Rebalance:
 
 
 @dataclass(frozen=True)
+class Scale:
+    """Grow or shrink the attention and expert pools (``LLMEngine.scale``); None keeps a pool's size."""
+
+    attention: int | None = None
+    experts: int | None = None
+
+
+@dataclass(frozen=True)
 class Shutdown:
     """Leave the loop; its host then releases the executor's workers."""
 
 
-Command = AddRequest | AbortRequest | Rebalance | Shutdown
+Command = AddRequest | AbortRequest | Rebalance | Scale | Shutdown
 
 
 # Outputs ----------------------------------------------------------------------------------------
@@ -178,6 +189,13 @@ class EngineCore:
             self.engine.abort(command.request_id)
         elif isinstance(command, Rebalance):
             self.engine.request_rebalance()
+        elif isinstance(command, Scale):
+            try:
+                self.engine.scale(command.attention, command.experts)
+            except (ValueError, RuntimeError) as exc:  # asked for what cannot be done now: serving goes on
+                logger.warning(
+                    "dsray: scale to attention=%s experts=%s refused: %s", command.attention, command.experts, exc
+                )
 
     def _step(self, refused: list[tuple[str, Exception]], got_commands: bool) -> EngineStep | None:
         """Step if there is work; the report, or None when nothing changed that a client could see."""

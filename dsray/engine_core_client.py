@@ -43,6 +43,7 @@ from dsray.engine_core import (
     EngineReady,
     EngineStep,
     Rebalance,
+    Scale,
     Shutdown,
     run_engine_process,
 )
@@ -272,6 +273,9 @@ class EngineCoreClient(RequestChecks):
 
     def request_rebalance(self) -> None:
         self.transport.send(Rebalance())
+
+    def scale(self, attention: int | None, experts: int | None) -> None:
+        self.transport.send(Scale(attention, experts))
 
     def run_until_idle(self) -> None:
         """Run the loop in this thread until every request has finished (in-thread, not started)."""

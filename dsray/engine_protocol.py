@@ -89,6 +89,11 @@ class EngineProtocol(ABC):
         """Start moving the expert placement to follow the load; False when experts do not live on
         expert workers."""
 
+    def scale(self, attention: int | None = None, experts: int | None = None) -> bool:
+        """Grow or shrink the attention and expert worker pools while serving; False when this engine has
+        no worker pools. Not every engine has them: by default, False."""
+        return False
+
     @abstractmethod
     def stats(self) -> dict[str, Any]:
         """Engine figures summed over attention ranks: ``num_running``, ``num_waiting``,

@@ -94,7 +94,7 @@ class _Held:
 
     def __init__(self):
         self.actors: list = []
-        self.pg = None
+        self.pgs: list = []  # the executor's, then one per worker a scale-up added
 
     def release(self) -> None:
         for actor in self.actors:
@@ -103,12 +103,12 @@ class _Held:
             except Exception:  # already gone
                 pass
         self.actors = []
-        if self.pg is not None:
+        for pg in self.pgs:
             try:
-                remove_placement_group(self.pg)
+                remove_placement_group(pg)
             except Exception:
                 pass
-            self.pg = None
+        self.pgs = []
 
 
 MAX_LOSSES_PER_STEP = 3  # a step that loses more workers than this fails the executor
@@ -153,11 +153,17 @@ class RayExecutor(Executor):
         self._held = _Held()
         # An executor dropped without shutdown() (a deleted LLM) still frees the cluster for the next one.
         self._finalizer = weakref.finalize(self, self._held.release)
-        self.pg = self._held.pg = placement_group(bundles, strategy=config.placement_strategy)
+        self.pg = placement_group(bundles, strategy=config.placement_strategy)
+        self._held.pgs.append(self.pg)
         self._wait_for_placement(bundles)
         world = A + E
+        # Where each worker lives — (placement group, bundle) by ("attention", index) / ("expert", index) —
+        # so a replacement starts in its place.
+        self._home = {("attention", i): (self.pg, i) for i in range(A)}
+        self._home |= {("expert", i): (self.pg, A + i) for i in range(E)}
+        self.num_workers_wanted = {"attention": A, "expert": E}  # what scale() last asked for
         self.attention = [self._spawn(AttentionWorker, i, i, world, self.map) for i in range(A)]
-        self.experts = [self._spawn(ExpertWorker, A + i, A + i, world, self.map) for i in range(E)]
+        self.experts = [self._spawn(ExpertWorker, i, A + i, world, self.map) for i in range(E)]
         self.attention_index = list(range(A))  # per live attention worker, its bundle
         self.expert_index = list(range(E))  # per live expert worker, its index (bundle A + index)
         self.full_map = self.map  # the placement with every expert worker: a replacement brings it back
@@ -196,16 +202,17 @@ class RayExecutor(Executor):
                 "Add nodes with those resources or ask for fewer/smaller workers."
             ) from None
 
-    def _spawn(self, cls, bundle: int, rank: int, world: int, expert_map: ExpertMap):
-        """An actor of ``cls`` in placement-group bundle ``bundle`` (attention workers first, then experts)."""
+    def _spawn(self, cls, index: int, rank: int, world: int, expert_map: ExpertMap):
+        """An actor of ``cls`` (the attention or expert worker ``index``) in its home bundle."""
         c = self.config
         resources = c.attention_worker_resources if cls is AttentionWorker else c.expert_worker_resources
         custom = {k: v for k, v in resources.items() if k not in ("CPU", "GPU", "memory")}
+        pg, bundle = self._home[("attention" if cls is AttentionWorker else "expert", index)]
         actor = ray.remote(cls).options(
             num_cpus=resources.get("CPU", 0),
             num_gpus=resources.get("GPU", 0),
             resources=custom or None,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=bundle),
+            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundle),
             max_concurrency=1,
         )
         return actor.remote(c, rank, world, expert_map, int(resources.get("CPU", 1)))
@@ -333,10 +340,10 @@ class RayExecutor(Executor):
         return lost_attention
 
     def _set_degraded(self, why: str) -> None:
-        c = self.config
+        want = self.num_workers_wanted
         self.degraded = (
-            f"serving with {len(self.attention)} of {c.num_attention_workers} attention and {len(self.experts)} of "
-            f"{c.num_expert_workers} expert workers ({why}; replacements are starting)"
+            f"serving with {len(self.attention)} of {want['attention']} attention and {len(self.experts)} of "
+            f"{want['expert']} expert workers ({why}; replacements are starting)"
         )
 
     def _survivors_map(self) -> ExpertMap:
@@ -347,9 +354,7 @@ class RayExecutor(Executor):
     def _replace(self, cls, index: int, tries: int = 1) -> None:
         """Start a new worker in the lost one's bundle (``index``: its attention index, or its expert index =
         its rank in the full placement, whose slots it loads)."""
-        A, E = self.config.num_attention_workers, self.config.num_expert_workers
-        bundle = index if cls is AttentionWorker else A + index
-        actor = self._spawn(cls, bundle, bundle, A + E, self.full_map)
+        actor = self._spawn(cls, index, 0, len(self.workers), self.full_map)
         loaded = actor.load.remote() if cls is AttentionWorker else actor.load.remote(index)
         self._replacements.append(_Replacement(cls, index, actor, loaded, tries))
         self._held.actors.append(actor)
@@ -395,8 +400,7 @@ class RayExecutor(Executor):
         self._regroup(ExpertMap.covering(self.map.num_experts, held, first_rank=len(self.attention)))
         self.losses["replacements_joined"] += len(joining)
         logger.info("dsray: %d replacement worker(s) joined", len(joining))
-        c = self.config
-        if (len(self.attention), len(self.experts)) == (c.num_attention_workers, c.num_expert_workers):
+        if (len(self.attention), len(self.experts)) == tuple(self.num_workers_wanted.values()):
             self.degraded = None
         else:
             self._set_degraded("some could not be replaced")
@@ -501,8 +505,75 @@ class RayExecutor(Executor):
 
     @property
     def rebalancing(self) -> bool:
-        """A placement change is under way (a rebalance, or serving short of expert workers)."""
-        return self._rebalance is not None or self.degraded is not None
+        """A placement change is under way (a rebalance, serving short of workers, workers joining)."""
+        return self._rebalance is not None or self.degraded is not None or bool(self._replacements)
+
+    # Scaling ---------------------------------------------------------------------------------
+
+    def scale(self, attention: int | None = None, experts: int | None = None) -> list[int]:
+        """Grow or shrink the attention and expert pools while serving (call between steps).
+
+        New workers start in a placement group of their own, load in the background (their weights; an
+        expert worker the slots a placement for the new count gives it, which takes experts from the
+        fullest ranks) and join at a step boundary (``admit_workers``), as replacements do. Removed
+        workers — the newest first — go at once: the remaining expert workers take over their experts
+        (reading them from the checkpoint during the regroup), and the removed attention ranks are
+        returned so that the engine moves their sequences (recomputed, as after a lost worker).
+        Refused while workers are still joining or replacing lost ones."""
+        A, E = len(self.attention), len(self.experts)
+        A2, E2 = attention or A, experts or E
+        n = self.map.num_experts
+        if A2 < 1 or not 1 <= E2 <= n:
+            raise ValueError(f"scale: attention must be >= 1 and experts in [1, {n}]; got {A2} and {E2}")
+        if self._replacements or self.degraded is not None:
+            raise RuntimeError("scale: workers are still joining or being replaced; try again when they are in")
+        if self._rebalance is not None:
+            self._abandon("the pools are being scaled")
+        self.num_workers_wanted = {"attention": A2, "expert": E2}
+        if E2 != E:
+            layers = self.map.num_layers
+            held = [self.full_map.rank_slots(k) for k in self.expert_index[:E2]] + [[[]] * layers] * (E2 - E)
+            self.full_map = ExpertMap.covering(n, held, first_rank=A2, balance=True)
+        removed = self._remove_workers(A - A2 if A2 < A else 0, E - E2 if E2 < E else 0)
+        self._add_workers(A2 - A if A2 > A else 0, E2 - E if E2 > E else 0)
+        logger.info("dsray: scaling to %d attention and %d expert workers", A2, E2)
+        return removed
+
+    def _add_workers(self, num_attention: int, num_experts: int) -> None:
+        """Start new workers, each in a new placement group; they join once loaded (``admit_workers``)."""
+        c = self.config
+        new = [("attention", c.attention_worker_resources)] * num_attention
+        new += [("expert", c.expert_worker_resources)] * num_experts
+        for role, resources in new:
+            cls = AttentionWorker if role == "attention" else ExpertWorker
+            live = self.attention_index if role == "attention" else self.expert_index
+            taken = set(live) | {r.index for r in self._replacements if r.cls is cls}
+            index = min(set(range(len(taken) + 1)) - taken)  # an expert's index is its rank in the placement
+            if (role, index) not in self._home:  # else the bundle a removed worker left
+                pg = placement_group([_bundle(resources)], strategy=c.placement_strategy)
+                self._held.pgs.append(pg)
+                self._home[(role, index)] = (pg, 0)
+            self._replace(cls, index)
+
+    def _remove_workers(self, num_attention: int, num_experts: int) -> list[int]:
+        """Let the last ``num_attention`` attention and ``num_experts`` expert workers go; the others regroup
+        under the full placement (taking over the removed ranks' experts). Returns the removed attention ranks."""
+        if not (num_attention or num_experts):
+            return []
+        A, E = len(self.attention), len(self.experts)
+        gone = self.attention[A - num_attention :] + self.experts[E - num_experts :]
+        removed = list(range(A - num_attention, A))
+        self.attention, self.attention_index = (
+            self.attention[: A - num_attention],
+            self.attention_index[: A - num_attention],
+        )
+        self.experts, self.expert_index = self.experts[: E - num_experts], self.expert_index[: E - num_experts]
+        self._sync_workers()
+        held = [self.full_map.rank_slots(k) for k in self.expert_index]
+        self._regroup(ExpertMap.covering(self.map.num_experts, held, first_rank=len(self.attention)))
+        for actor in gone:
+            _kill(actor)
+        return removed
 
     def _num_micro_batches(self, steps: list[StepInput]) -> int:
         """Two when some rank has a batch worth splitting (every rank must run the same number of rounds)."""

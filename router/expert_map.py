@@ -83,11 +83,16 @@ class ExpertMap:
         return Placement(slots=self.placement, num_experts=self.num_experts)
 
     @classmethod
-    def covering(cls, num_experts: int, rank_slots: list[list[list[int]]], first_rank: int = 0) -> ExpertMap:
+    def covering(
+        cls, num_experts: int, rank_slots: list[list[list[int]]], first_rank: int = 0, balance: bool = False
+    ) -> ExpertMap:
         """A map from what each expert rank holds now (``rank_slots[rank][layer]`` = expert ids, in slot
         order), with every expert no rank holds (its only replicas were on ranks that are gone) added
         to the rank with the fewest slots in that layer. Held experts keep their slots, so a survivor
-        loads only the orphans it is given; with a replica left for every expert nothing moves."""
+        loads only the orphans it is given; with a replica left for every expert nothing moves.
+
+        ``balance`` then evens out slot counts (new, empty ranks included): experts move one at a time
+        from the rank with the most slots to the one with the fewest, until they differ by at most one."""
         if not rank_slots:
             raise ValueError("no expert rank is left to hold the experts")
         num_layers = len(rank_slots[0])
@@ -97,6 +102,13 @@ class ExpertMap:
             orphans = sorted(set(range(num_experts)) - {e for slots in ranks for e in slots})
             for expert in orphans:
                 min(ranks, key=len).append(expert)
+            while balance:
+                small, big = min(ranks, key=len), max(ranks, key=len)
+                movable = [e for e in reversed(big) if e not in small]
+                if len(big) - len(small) <= 1 or not movable:
+                    break
+                big.remove(movable[0])
+                small.append(movable[0])
             placement.append(ranks)
         return cls(num_experts, placement, first_rank)
 

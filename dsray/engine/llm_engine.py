@@ -175,6 +175,7 @@ class LLMEngine(RequestChecks):
             **({"eplb": self.balancer.stats()} if self.balancer is not None else {}),
             # Why fewer workers than configured serve (a lost worker not yet replaced), else None.
             "degraded": getattr(self.executor, "degraded", None),
+            "workers": {"attention": len(self.schedulers), "expert": len(getattr(self.executor, "experts", []))},
         }
 
     # Requests ---------------------------------------------------------------------------------
@@ -281,9 +282,9 @@ class LLMEngine(RequestChecks):
             self._views.append(_WorkerView())
 
     def _move_lost_ranks(self, lost: list[int]) -> None:
-        """Attention ranks ``lost`` are gone with their KV cache: their sequences go, in scheduling order, to
-        the least-loaded remaining ranks (or the replacements), to be recomputed from their tokens — a
-        stream goes on where it was, as after a preemption."""
+        """Attention ranks ``lost`` are gone (lost, or scaled down) with their KV cache: their sequences
+        go, in scheduling order, to the least-loaded remaining ranks (or the replacements), to be
+        recomputed from their tokens — a stream goes on where it was, as after a preemption."""
         moved = []
         for rank in sorted(lost, reverse=True):
             del self._views[rank]
@@ -323,6 +324,13 @@ class LLMEngine(RequestChecks):
                 output.finish_reason, output.stop_reason = seq.finish_reason, seq.stop_reason
                 updates.append(output)
         return updates
+
+    def scale(self, attention: int | None = None, experts: int | None = None) -> None:
+        """Grow or shrink the attention and expert worker pools while serving (``RayExecutor.scale``): new
+        workers join between steps once loaded; removed attention ranks' sequences move to the others."""
+        if not hasattr(self.executor, "scale"):
+            raise ValueError("scaling needs the Ray executor (executor='ray'): the local one is one process")
+        self._move_lost_ranks(self.executor.scale(attention, experts))
 
     def request_rebalance(self) -> bool:
         """Re-plan the expert placement from the load seen so far and move to it without stopping

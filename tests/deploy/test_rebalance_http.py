@@ -1,8 +1,10 @@
-"""Expert rebalancing of a served model instance: the admin route, the metrics, and no request lost.
+"""Expert rebalancing and scaling of a served model instance: the admin routes, the metrics, and no
+request lost.
 
-An app with expert workers serves the skewed tiny model (gates biased to two experts); streams run
-while ``POST /admin/rebalance`` moves the experts; every stream finishes with the tokens it would
-have had anyway, and ``/metrics`` counts the rebalance.
+An app with expert workers serves the skewed tiny model (gates biased to two experts); requests run
+while ``POST /admin/rebalance`` moves the experts, or ``POST /admin/scale`` grows and shrinks the
+worker pools; every request finishes with the tokens it would have had anyway, and ``/metrics``
+counts the rebalance.
 """
 
 from __future__ import annotations
@@ -91,3 +93,29 @@ def test_eplb_plot_reads_a_running_servers_metrics(eplb, tmp_path):
     argv = ["eplb", "plot", "--url", eplb, "--api-key", KEY, "--ranks", "2", "--redundant", "2", "-o", str(png)]
     assert main(argv) == 0
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def _workers(server, app: str = "eplb") -> dict:
+    return server.stats(app)["workers"]
+
+
+def test_admin_scale_grows_and_shrinks_the_pools_while_requests_finish_unchanged(eplb, server):
+    assert requests.post(f"{eplb}/admin/scale", json={"experts": 3}, timeout=30).status_code == 401
+    for bad in ({}, {"experts": 0}, {"experts": "3"}, {"gpus": 2}, [3]):
+        response = requests.post(f"{eplb}/admin/scale", json=bad, headers=HEADERS, timeout=30)
+        assert response.status_code == 400, (bad, response.text)
+    local = requests.post(f"{server.url}/admin/scale", json={"experts": 2}, headers=server.auth, timeout=30)
+    assert local.status_code == 409 and "one process" in local.json()["error"]["message"]
+
+    expected = [_complete(eplb, i) for i in range(4)]
+    assert _workers(server) == {"attention": 1, "expert": 2}
+    with ThreadPoolExecutor(4) as pool:
+        for want in ({"attention": 2, "experts": 3}, {"attention": 1, "experts": 1}):
+            response = requests.post(f"{eplb}/admin/scale", json=want, headers=HEADERS, timeout=30)
+            assert response.status_code == 202 and response.json() == {"status": "scaling", **want}
+            deadline = time.monotonic() + 120
+            while _workers(server) != {"attention": want["attention"], "expert": want["experts"]}:
+                assert time.monotonic() < deadline, f"never scaled to {want}: {_workers(server)}"
+                assert list(pool.map(lambda i: _complete(eplb, i), range(4))) == expected  # drives steps
+    assert [_complete(eplb, i) for i in range(4)] == expected
+    assert server.stats("eplb")["degraded"] is None

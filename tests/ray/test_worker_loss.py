@@ -166,3 +166,54 @@ def test_no_expert_worker_left_and_none_can_load_fails_cleanly(cluster, model, t
         )
     finally:
         llm.shutdown()
+
+
+def _generate_with(llm: LLM, actions: dict[int, object]) -> list[list[int]]:
+    """Run PROMPTS (LONG) step by step, calling ``actions[n]()`` before step ``n``."""
+    engine = llm.engine
+    ids = [engine.add_request(p, LONG) for p in PROMPTS]
+    finished: dict[str, list[int]] = {}
+    n = 0
+    while engine.has_unfinished():
+        if n in actions:
+            actions[n]()
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out.token_ids
+        n += 1
+    return [finished[i] for i in ids]
+
+
+LONG = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def long_outputs(model):
+    return [o.token_ids for o in LLM(model, dtype="float32").generate(PROMPTS, LONG)]
+
+
+def test_scaling_both_pools_up_and_down_under_load_fails_no_request(cluster, model, long_outputs):
+    with LLM(model, dtype="float32", executor="ray", num_expert_workers=2, step_timeout_s=30) as llm:
+        engine, executor = llm.engine, llm.engine.executor
+        joined = {}
+
+        def up():
+            engine.scale(attention=2, experts=3)
+            assert executor.rebalancing  # new workers are loading: the balancer waits
+
+        def wait_and_down():
+            executor.admit_workers(block=True)  # they joined at this step boundary
+            engine.admit_workers()
+            joined["A"], joined["E"] = executor.num_attention_ranks, len(executor.experts)
+            joined["ranks"], joined["schedulers"] = executor.map.num_ranks, len(engine.schedulers)
+            engine.scale(attention=1, experts=1)  # rank 1's sequences move; 2 expert workers hand theirs over
+
+        assert _generate_with(llm, {3: up, 30: wait_and_down}) == long_outputs
+        assert joined == {"A": 2, "E": 3, "ranks": 3, "schedulers": 2}
+        assert executor.num_attention_ranks == len(engine.schedulers) == 1 and len(executor.experts) == 1
+        assert executor.map.num_ranks == 1 and sorted(executor.map.placement[0][0]) == list(range(16))
+        assert executor.degraded is None and executor.losses["attention_workers_lost"] == 0
+        assert len(_live("ExpertWorker")) >= 1 and len(_live("AttentionWorker")) >= 1
+        assert all(s.block_manager.num_free_blocks == s.block_manager.num_total_blocks for s in engine.schedulers)
+        with pytest.raises(ValueError, match="experts in"):
+            engine.scale(experts=17)
