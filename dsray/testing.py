@@ -139,3 +139,29 @@ def make_skewed_model(out_dir: str | Path, hot_experts: int = 2, bias: float = 1
             t[:hot_experts] += bias  # noaux_tc: the bias steers the choice only
     save_file(tensors, weights, metadata={"format": "pt"})
     return path
+
+
+def make_fp8_checkpoint(src: str | Path, dst: str | Path, block: tuple[int, int] = (128, 128)) -> Path:
+    """DeepSeek-V3's FP8 layout of checkpoint ``src`` (one ``model.safetensors``) in ``dst``: every 2-D
+    ``*proj.weight`` float8_e4m3fn with its ``weight_scale_inv`` (one fp32 per ``block``), and the
+    ``quantization_config`` that names the block size."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from dsray.fp8 import quantize_fp8_blocks
+    from dsray.weights import keep_fp32
+
+    src, dst = Path(src), Path(dst)
+    out = {}
+    for name, t in load_file(src / "model.safetensors").items():
+        if t.dim() == 2 and name.endswith("proj.weight") and not keep_fp32(name):
+            out[name], out[name + "_scale_inv"] = quantize_fp8_blocks(t, block)
+        else:
+            out[name] = t
+    dst.mkdir(parents=True)
+    save_file(out, dst / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": list(block)}
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst

@@ -14,6 +14,7 @@ import torch
 from attention.mla import resolve_mode as resolve_mla_mode
 from dsray.checkpoint import SCALE_SUFFIX, Checkpoint
 from dsray.config import ModelArgs
+from dsray.fp8 import scale_shape
 from dsray.fp8_gemm import resolve_fp8_weights
 from dsray.model import Transformer
 from experts import triton_moe
@@ -101,6 +102,57 @@ def load_expert_shard_fp8(
     gate_up, down, scale = ("gate_proj", "up_proj"), ("down_proj",), "weight" + SCALE_SUFFIX
     scales = triton_moe.Fp8Scales(stack(gate_up, scale), stack(down, scale), block_size)
     shard.hold_fp8(stack(gate_up, "weight"), stack(down, "weight"), scales)
+
+
+def fill_expert_slots_fp8(
+    shard: ExpertShard,
+    tensors: dict[str, torch.Tensor],
+    layer_id: int,
+    block_size: tuple[int, int],
+    previous: ExpertShard | None = None,
+    check: bool = True,
+) -> list[int]:
+    """``fill_expert_slots`` for FP8 experts kept FP8 (an expert worker with ``fp8_weights="keep"``):
+    ``shard`` comes to hold float8_e4m3fn stacks with their block scales (``hold_fp8``, the layout of
+    ``load_expert_shard_fp8``). Experts ``previous`` holds are copied from it, scales with weights;
+    the others come from ``tensors`` (read with ``keep_fp8``: weights as stored, scales beside them)
+    and, with ``check``, are compared bit for bit with them after stacking. Returns the experts taken
+    from the checkpoint."""
+    num, inter, dim = shard.num_local_experts, shard.inter_dim, shard.w13.shape[2]
+    if previous is not None and previous.num_local_experts and previous.fp8_scales is None:
+        raise ValueError(f"layer {layer_id}: FP8 slots cannot be copied from a shard holding {previous.w13.dtype}")
+    gate_rows = scale_shape((inter, dim), block_size)[0]
+    w13 = torch.empty(num, 2 * inter, dim, dtype=torch.float8_e4m3fn)
+    w2 = torch.empty(num, dim, inter, dtype=torch.float8_e4m3fn)
+    s13 = torch.empty(num, 2 * gate_rows, scale_shape((inter, dim), block_size)[1])
+    s2 = torch.empty(num, *scale_shape((dim, inter), block_size))
+    parts = ((w13, s13, "gate_proj", slice(0, inter), slice(0, gate_rows)),)
+    parts += ((w13, s13, "up_proj", slice(inter, None), slice(gate_rows, None)),)
+    parts += ((w2, s2, "down_proj", slice(None), slice(None)),)
+    loaded = []
+    for local, e in enumerate(shard.expert_ids):
+        if previous is not None and e in previous.local_of:
+            held, scales = previous.local_of[e], previous.fp8_scales
+            w13[local].copy_(previous.w13.data[held])
+            w2[local].copy_(previous.w2.data[held])
+            s13[local].copy_(scales.w13[held])
+            s2[local].copy_(scales.w2[held])
+            continue
+        p = f"model.layers.{layer_id}.mlp.experts.{e}."
+        for weight, scale, name, rows, scale_rows in parts:
+            want, want_scale = tensors[p + name + ".weight"], tensors[p + name + ".weight" + SCALE_SUFFIX]
+            if want.dtype != torch.float8_e4m3fn:
+                raise ValueError(f"expert {e} of layer {layer_id}: {name} was read as {want.dtype}, not FP8")
+            weight[local, rows].copy_(want)
+            scale[local, scale_rows].copy_(want_scale)
+            if check and not (
+                torch.equal(weight[local, rows].view(torch.uint8), want.view(torch.uint8))
+                and torch.equal(scale[local, scale_rows], want_scale.float())
+            ):
+                raise ValueError(f"expert {e} of layer {layer_id}: {name} in its new slot differs from the checkpoint")
+        loaded.append(e)
+    shard.hold_fp8(w13, w2, triton_moe.Fp8Scales(s13, s2, tuple(block_size)))
+    return loaded
 
 
 def load_expert_shard(shard: ExpertShard, tensors: dict[str, torch.Tensor], layer_id: int) -> None:

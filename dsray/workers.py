@@ -20,13 +20,21 @@ import time
 
 import torch
 
-from dsray.checkpoint import Checkpoint
+from dsray.checkpoint import SCALE_SUFFIX, Checkpoint
 from dsray.comm import Transport, free_address, init_group
 from dsray.config import ModelArgs
 from dsray.engine_config import EngineConfig
+from dsray.fp8_gemm import resolve_fp8_weights
 from dsray.model_runner import ModelRunner
 from dsray.protocol import StepInput, StepOutput
-from dsray.weights import expert_tensor_specs, fill_expert_slots, keep_fp32, load_transformer
+from dsray.weights import (
+    expert_tensor_specs,
+    fill_expert_slots,
+    fill_expert_slots_fp8,
+    keep_fp8,
+    keep_fp32,
+    load_transformer,
+)
 from experts import triton_moe
 from experts.shard import ExpertShard
 from router.exchange import MoEExchange
@@ -147,12 +155,17 @@ class AttentionWorker(_Worker):
 
 class ExpertWorker(_Worker):
     """Serves its slots; a rebalance loads the next placement's slots in the background (``prepare``),
-    and the executor switches every rank to it at one step boundary (``serve_step(switch_to=…)``)."""
+    and the executor switches every rank to it at one step boundary (``serve_step(switch_to=…)``).
+
+    With ``fp8_weights="keep"`` (``auto`` on a GPU with FP8) and an FP8 checkpoint, its slots hold the
+    experts as stored, float8_e4m3fn with their block scales (as the local model's ``hold_fp8``), in
+    every shard it builds or changes: the first load, a rebalance's staged slots, a regroup."""
 
     def load(self, expert_rank: int) -> list[list[int]]:
         """Read only the experts of this rank's slots from the checkpoint; returns them per MoE layer."""
         self.expert_rank = expert_rank
         self.expert_mode = triton_moe.resolve_mode(self.config.expert_mode, self.device)  # auto; triton checked
+        self.fp8_block_size = self._fp8_experts()
         self.shards = self._build_shards(self.map)
         self.exchange = MoEExchange(self.comm, self.map, compute=[s.run_sorted for s in self.shards])
         self._prepared: tuple[int, ExpertMap, list] | None = None
@@ -166,23 +179,53 @@ class ExpertWorker(_Worker):
         tensors = self._read_experts(slots)
         return [self._layer_shard(layer_id, ids, tensors, None) for layer_id, ids in slots.items()]
 
+    def _fp8_experts(self) -> tuple[int, int] | None:
+        """The checkpoint's FP8 block size if the experts stay FP8 here (``fp8_weights`` keeps them and
+        the checkpoint stores them so), else None: they are dequantised at load."""
+        if resolve_fp8_weights(self.config.fp8_weights, self.device) != "keep" or not self.args.moe_layer_ids:
+            return None  # auto → keep on a GPU with FP8; keep where the kernels cannot run fails here
+        checkpoint = Checkpoint(self.config.model)
+        first = f"model.layers.{self.args.moe_layer_ids[0]}.mlp.experts.0.gate_proj.weight{SCALE_SUFFIX}"
+        return tuple(checkpoint.block_size) if first in checkpoint.weight_map else None
+
     def _read_experts(self, experts: dict[int, list[int]]) -> dict[str, torch.Tensor]:
         if not any(experts.values()):
             return {}
         c = self.config
         specs = expert_tensor_specs(self.args, experts)
-        return Checkpoint(c.model).load(specs, dtype=c.torch_dtype, keep_fp32=keep_fp32, progress=False)
+        keep = keep_fp8 if self.fp8_block_size is not None else None  # FP8 weights as stored, scales beside
+        return Checkpoint(c.model).load(specs, dtype=c.torch_dtype, keep_fp32=keep_fp32, progress=False, keep_fp8=keep)
 
     def _layer_shard(
         self, layer_id: int, ids: list[int], tensors: dict[str, torch.Tensor], previous: ExpertShard | None
     ) -> ExpertShard:
         """One MoE layer's shard: experts ``previous`` holds are copied from it, the rest come from
-        ``tensors`` and (in a rebalance) are checked against the checkpoint."""
+        ``tensors`` and (in a rebalance) are checked against the checkpoint; FP8 experts stay FP8, their
+        block scales copied and checked with them."""
         args = self.args
         mode = "triton" if self.expert_mode == "triton" else "grouped"
-        shard = ExpertShard(ids, args.hidden_size, args.moe_intermediate_size, mode).to(self.config.torch_dtype)
-        fill_expert_slots(shard, tensors, layer_id, previous, check=previous is not None)
+        shard = ExpertShard(ids, args.hidden_size, args.moe_intermediate_size, mode)
+        if self.fp8_block_size is not None:  # hold_fp8 replaces the (untouched) empty stacks
+            fill_expert_slots_fp8(shard, tensors, layer_id, self.fp8_block_size, previous, check=previous is not None)
+        else:
+            shard = shard.to(self.config.torch_dtype)
+            fill_expert_slots(shard, tensors, layer_id, previous, check=previous is not None)
         return shard.to(self.device)
+
+    def held_dtypes(self) -> list[dict[str, str | None]]:
+        """Per MoE layer, the dtypes of this rank's slots: ``w13``, ``w2`` and their block scales (None
+        unless the slots hold FP8). Read-only: for tests and checks."""
+        out = []
+        for shard in self.shards:
+            scales = shard.fp8_scales
+            out.append(
+                {
+                    "w13": str(shard.w13.dtype),
+                    "w2": str(shard.w2.dtype),
+                    "scales": None if scales is None else str(scales.w13.dtype),
+                }
+            )
+        return out
 
     def held(self) -> list[list[int]]:
         """The experts in this rank's slots, per MoE layer (what a new map built after a loss keeps)."""

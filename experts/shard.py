@@ -45,9 +45,13 @@ class ExpertShard(nn.Module):
 
     def write_slots(self, slots: list[int], staged: ExpertShard) -> None:
         """Overwrite ``slots`` (local indices) with ``staged``'s experts, in order, in place: a rebalance's
-        switch rewrites only the slots whose expert changes."""
+        switch rewrites only the slots whose expert changes. FP8 slots take ``staged``'s block scales
+        with its weights (both shards FP8, with one block size)."""
         if not slots:
             return
+        scales, staged_scales = self.fp8_scales, staged.fp8_scales
+        if self._held_format() != staged._held_format():
+            raise ValueError(f"slots holding {self._held_format()} cannot take experts in {staged._held_format()}")
         ids = list(self.expert_ids)
         for slot, expert in zip(slots, staged.expert_ids, strict=True):
             ids[slot] = expert
@@ -56,8 +60,13 @@ class ExpertShard(nn.Module):
                 f"a shard holds each expert once; writing {staged.expert_ids} to slots {slots} gives {ids}"
             )
         index = torch.tensor(slots, device=self.w13.device)
-        self.w13.data.index_copy_(0, index, staged.w13.data.to(self.w13.device))
-        self.w2.data.index_copy_(0, index, staged.w2.data.to(self.w2.device))
+        pairs = [(self.w13.data, staged.w13.data), (self.w2.data, staged.w2.data)]
+        if scales is not None:
+            pairs += [(scales.w13, staged_scales.w13), (scales.w2, staged_scales.w2)]
+        for live, new in pairs:
+            if live.dtype == torch.float8_e4m3fn:  # index_copy_ has no fp8 kernel: copy the bytes
+                live, new = live.view(torch.uint8), new.view(torch.uint8)
+            live.index_copy_(0, index, new.to(live.device))
         self.expert_ids, self.local_of = ids, {e: s for s, e in enumerate(ids)}
 
     def hold_fp8(self, w13: torch.Tensor, w2: torch.Tensor, scales: triton_moe.Fp8Scales) -> None:
@@ -66,6 +75,10 @@ class ExpertShard(nn.Module):
         self.register_buffer("w13_scale_inv", scales.w13, persistent=False)
         self.register_buffer("w2_scale_inv", scales.w2, persistent=False)
         self.fp8_block_size = tuple(scales.block_size)
+
+    def _held_format(self) -> str:
+        scales = self.fp8_scales
+        return str(self.w13.dtype) + ("" if scales is None else f" with block size {scales.block_size}")
 
     @property
     def fp8_scales(self) -> triton_moe.Fp8Scales | None:

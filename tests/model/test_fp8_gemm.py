@@ -10,18 +10,15 @@ rounding noise, bf16/fp16 to a step of the output's dtype.
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from dsray import fp8_gemm
 from dsray.fp8 import quantize_fp8_blocks
 from dsray.layers import Linear
 from dsray.simple_generate import greedy_generate
-from dsray.testing import make_hf_checkpoint
-from dsray.weights import keep_fp32, load_transformer
+from dsray.testing import make_fp8_checkpoint, make_hf_checkpoint
+from dsray.weights import load_transformer
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -92,27 +89,12 @@ def test_a_block_size_the_kernel_cannot_tile_falls_back_to_the_reference():
     assert torch.equal(fp8_gemm.fp8_linear(x, weight, scale_inv, block), want)
 
 
-def _fp8_checkpoint(src, dst, block):
-    """The V3 FP8 layout: every ``*proj.weight`` e4m3 plus its ``weight_scale_inv``."""
-    out = {}
-    for name, t in load_file(src / "model.safetensors").items():
-        if t.dim() == 2 and name.endswith("proj.weight") and not keep_fp32(name):
-            out[name], out[name + "_scale_inv"] = quantize_fp8_blocks(t, block)
-        else:
-            out[name] = t
-    dst.mkdir()
-    save_file(out, dst / "model.safetensors", metadata={"format": "pt"})
-    config = json.loads((src / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": list(block)}
-    (dst / "config.json").write_text(json.dumps(config))
-
-
 @pytest.mark.parametrize("block", [(128, 128), (16, 32)])
 def test_keep_gives_the_greedy_tokens_of_dequantize(tmp_path, block):
     """Linear layers and routed experts kept FP8; the experts both in the fused Triton MoE (weights as
     stored) and on the torch grouped path (each slot dequantised when used)."""
     make_hf_checkpoint("v3", tmp_path / "v3")
-    _fp8_checkpoint(tmp_path / "v3", tmp_path / "fp8", block)
+    make_fp8_checkpoint(tmp_path / "v3", tmp_path / "fp8", block)
     dequantized = load_transformer(tmp_path / "fp8", torch.float32, DEVICE, fp8_weights="dequantize", progress=False)
     assert dequantized.model.layers[0].self_attn.q_a_proj.weight.dtype == torch.float32
     prompt = torch.randint(2, 512, (8,), generator=torch.Generator().manual_seed(1)).tolist()
