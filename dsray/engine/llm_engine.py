@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field, replace
 
+from dsray.autoscaler import PoolAutoscaler
 from dsray.balancer import ExpertBalancer
 from dsray.config import ModelArgs
 from dsray.engine.block_manager import BlockManager
@@ -134,6 +135,8 @@ class LLMEngine(RequestChecks):
         self._views = [_WorkerView() for _ in self.schedulers]
         # Expert placement that follows the load: only where experts live on expert workers.
         self.balancer = ExpertBalancer(self.executor, config) if hasattr(self.executor, "rebalance") else None
+        # Worker pools that follow the load (Ray executor, when configured).
+        self.autoscaler = PoolAutoscaler(self, config.autoscaling) if config.autoscaling is not None else None
         self._next_id = 0
         self._expert_load: list[list[int]] = []
         self._expert_load_time = 0.0
@@ -268,9 +271,11 @@ class LLMEngine(RequestChecks):
         return updates
 
     def admit_workers(self) -> None:
-        """Let in the workers ready to join (replacements of lost ones), between steps."""
+        """Between steps: let in the workers ready to join (replacements, a scale-up's), and autoscale."""
         self.executor.admit_workers()
         self._add_ranks()
+        if self.autoscaler is not None:
+            self.autoscaler.tick()
 
     def _add_ranks(self) -> None:
         """A scheduler (with an empty KV cache) for each attention rank the executor added, after the others."""

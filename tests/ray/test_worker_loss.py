@@ -217,3 +217,16 @@ def test_scaling_both_pools_up_and_down_under_load_fails_no_request(cluster, mod
         assert all(s.block_manager.num_free_blocks == s.block_manager.num_total_blocks for s in engine.schedulers)
         with pytest.raises(ValueError, match="experts in"):
             engine.scale(experts=17)
+
+
+def test_the_expert_pool_autoscales_on_its_compute_share(cluster, model, long_outputs):
+    """With experts_busy_high at 0 any expert compute counts as busy: the pool grows to experts_max while
+    requests run, and their tokens do not change."""
+    autoscaling = {"experts_min": 1, "experts_max": 2, "interval_s": 0.5, "cooldown_s": 0, "experts_busy_high": 0.0}
+    with LLM(model, dtype="float32", executor="ray", num_expert_workers=1, autoscaling=autoscaling) as llm:
+        engine, executor = llm.engine, llm.engine.executor
+        assert _generate_with(llm, {}) == long_outputs
+        assert [d[1:] for d in engine.autoscaler.decisions] == [("experts", 2)]
+        executor.admit_workers(block=True)  # the new worker joins once it has loaded
+        engine.admit_workers()
+        assert len(executor.experts) == 2 and executor.map.num_ranks == 2 and executor.degraded is None
