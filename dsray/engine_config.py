@@ -8,6 +8,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from dsray import envs
+from dsray.autoscaler import AutoscalingConfig
 from dsray.engine.scheduler import SchedulerConfig
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -97,6 +98,11 @@ class EngineConfig(BaseModel):
         description="Rebalance when the placement's imbalance on the newest load window (hottest expert worker "
         "over the mean) passes this; None: never on imbalance.",
     )
+    autoscaling: AutoscalingConfig | None = Field(
+        None,
+        description="Ray executor: grow and shrink the attention and expert worker pools with the load, within "
+        "min/max per pool (dsray/autoscaler.py); None: the pools keep their size unless scale() is called.",
+    )
     ray_address: str | None = Field(
         None, description="Ray cluster to join; default RAY_ADDRESS, else a local cluster is started."
     )
@@ -163,6 +169,21 @@ class EngineConfig(BaseModel):
             # Ray shows an actor only the GPUs it reserved: device='cuda' means each worker reserves one.
             for resources in (self.attention_worker_resources, self.expert_worker_resources):
                 resources.setdefault("GPU", 1.0)
+        return self
+
+    @model_validator(mode="after")
+    def _autoscaling_bounds_hold_the_start(self) -> EngineConfig:
+        a = self.autoscaling
+        if a is None:
+            return self
+        if self.executor != "ray":
+            raise ValueError("autoscaling grows and shrinks worker pools: it needs executor='ray'")
+        for pool, n in (("attention", self.num_attention_workers), ("experts", self.num_expert_workers)):
+            low, high = getattr(a, f"{pool}_min"), getattr(a, f"{pool}_max")
+            if not low <= n <= high:
+                raise ValueError(
+                    f"autoscaling: start with {pool} workers within [{pool}_min, {pool}_max] = [{low}, {high}]; got {n}"
+                )
         return self
 
     @property
