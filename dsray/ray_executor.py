@@ -173,6 +173,8 @@ class RayExecutor(Executor):
             "expert_workers_lost": 0,
             "steps_rerun": 0,
             "replacements_joined": 0,
+            "last_recovery_s": None,  # from seeing a loss to serving on (regroup, experts loaded)
+            "last_join_s": None,  # the step-boundary pause of new workers joining
         }
         self._replacements: list[_Replacement] = []
         self._replacement_error: str | None = None
@@ -308,6 +310,7 @@ class RayExecutor(Executor):
         """After ``what`` failed with ``errors`` (per worker index): drop the lost workers, serve on with
         the survivors in a new group, start replacements. Returns the positions of the attention workers
         lost. Fails the executor when the failure is not a lost worker, or nothing is left to serve with."""
+        start = time.perf_counter()
         lost = sorted(i for i, exc in errors.items() if isinstance(exc, (RayActorError, GetTimeoutError)))
         if not lost:  # every worker answered, some with an error: a bug, not a loss
             i, exc = min(errors.items())
@@ -337,6 +340,8 @@ class RayExecutor(Executor):
             self._await_replacements()  # nothing to serve with until one is in
         else:
             self._regroup(self._survivors_map())
+        self.losses["last_recovery_s"] = round(time.perf_counter() - start, 3)
+        logger.warning("dsray: serving on after %.2fs: %s", self.losses["last_recovery_s"], self.degraded)
         return lost_attention
 
     def _set_degraded(self, why: str) -> None:
@@ -385,6 +390,7 @@ class RayExecutor(Executor):
                 return
         if not self._replacements:
             return
+        start = time.perf_counter()
         joining, self._replacements = self._replacements, []
         for r in joining:
             if r.cls is AttentionWorker:  # a new rank, after the others: the engine adds a scheduler for it
@@ -399,7 +405,8 @@ class RayExecutor(Executor):
         held = [self.full_map.rank_slots(k) for k in self.expert_index]  # lost ones' experts: to the others
         self._regroup(ExpertMap.covering(self.map.num_experts, held, first_rank=len(self.attention)))
         self.losses["replacements_joined"] += len(joining)
-        logger.info("dsray: %d replacement worker(s) joined", len(joining))
+        self.losses["last_join_s"] = round(time.perf_counter() - start, 3)
+        logger.info("dsray: %d new worker(s) joined in %.2fs", len(joining), self.losses["last_join_s"])
         if (len(self.attention), len(self.experts)) == tuple(self.num_workers_wanted.values()):
             self.degraded = None
         else:

@@ -197,19 +197,25 @@ class ExpertWorker(_Worker):
         return Checkpoint(c.model).load(specs, dtype=c.torch_dtype, keep_fp32=keep_fp32, progress=False, keep_fp8=keep)
 
     def _layer_shard(
-        self, layer_id: int, ids: list[int], tensors: dict[str, torch.Tensor], previous: ExpertShard | None
+        self,
+        layer_id: int,
+        ids: list[int],
+        tensors: dict[str, torch.Tensor],
+        previous: ExpertShard | None,
+        check: bool = True,
     ) -> ExpertShard:
         """One MoE layer's shard: experts ``previous`` holds are copied from it, the rest come from
         ``tensors`` and (in a rebalance) are checked against the checkpoint; FP8 experts stay FP8, their
         block scales copied and checked with them."""
         args = self.args
         mode = "triton" if self.expert_mode == "triton" else "grouped"
-        shard = ExpertShard(ids, args.hidden_size, args.moe_intermediate_size, mode)
         if self.fp8_block_size is not None:  # hold_fp8 replaces the (untouched) empty stacks
-            fill_expert_slots_fp8(shard, tensors, layer_id, self.fp8_block_size, previous, check=previous is not None)
-        else:
-            shard = shard.to(self.config.torch_dtype)
-            fill_expert_slots(shard, tensors, layer_id, previous, check=previous is not None)
+            shard = ExpertShard(ids, args.hidden_size, args.moe_intermediate_size, mode)
+            check = check and previous is not None
+            fill_expert_slots_fp8(shard, tensors, layer_id, self.fp8_block_size, previous, check=check)
+            return shard.to(self.device)
+        shard = ExpertShard(ids, args.hidden_size, args.moe_intermediate_size, mode, self.config.torch_dtype)
+        fill_expert_slots(shard, tensors, layer_id, previous, check=check and previous is not None)
         return shard.to(self.device)
 
     def held_dtypes(self) -> list[dict[str, str | None]]:
@@ -247,9 +253,10 @@ class ExpertWorker(_Worker):
         self._prepared = self._preparing = self._prepare_failed = None
         targets = expert_map.rank_slots(expert_rank)
         changed = [i for i, ids in enumerate(targets) if ids != self.shards[i].expert_ids]
-        with torch.inference_mode():
+        with torch.inference_mode():  # the steps wait: no second read of what was just read (check=False)
             layer_ids = self.args.moe_layer_ids
-            self._apply_staged([self._stage_layer(layer_ids[i], targets[i], self.shards[i]) for i in changed], changed)
+            staged = [self._stage_layer(layer_ids[i], targets[i], self.shards[i], check=False) for i in changed]
+            self._apply_staged(staged, changed)
         self.expert_rank = expert_rank
         self._rejoin(address, port, rank, world_size, timeout_s)
         self.map = self.exchange.map = expert_map
@@ -259,6 +266,8 @@ class ExpertWorker(_Worker):
         for i, change in zip(layers, staged, strict=True):
             if isinstance(change, ExpertShard):
                 self.shards[i] = change
+            elif isinstance(change, int):
+                self.shards[i].keep_first(change)
             else:
                 self.shards[i].write_slots(*change)
         self.exchange.compute = [s.run_sorted for s in self.shards]
@@ -295,18 +304,21 @@ class ExpertWorker(_Worker):
             self._prepared = (version, expert_map, staged)
 
     def _stage_layer(
-        self, layer_id: int, ids: list[int], held: ExpertShard
-    ) -> tuple[list[int], ExpertShard] | ExpertShard:
+        self, layer_id: int, ids: list[int], held: ExpertShard, check: bool = True
+    ) -> tuple[list[int], ExpertShard] | ExpertShard | int:
         """One layer's change: ``(slots, staged)`` — the slots to overwrite and a small shard holding their
-        new experts (copied from ``held`` or read from the checkpoint and checked) — or, if the number of
-        slots changes, the whole new shard."""
+        new experts (copied from ``held`` or read from the checkpoint and, with ``check``, checked) — or,
+        if the number of slots changes, the whole new shard; or, when ``ids`` are ``held``'s first slots,
+        just how many to keep (no copy)."""
+        if len(ids) < held.num_local_experts and ids == held.expert_ids[: len(ids)]:
+            return len(ids)
         if len(ids) != held.num_local_experts:
             missing = [e for e in ids if e not in held.local_of]
-            return self._layer_shard(layer_id, ids, self._read_experts({layer_id: missing}), held)
+            return self._layer_shard(layer_id, ids, self._read_experts({layer_id: missing}), held, check)
         positions = [i for i, e in enumerate(ids) if held.expert_ids[i] != e]
         incoming = [ids[i] for i in positions]
         tensors = self._read_experts({layer_id: [e for e in incoming if e not in held.local_of]})
-        return positions, self._layer_shard(layer_id, incoming, tensors, held)
+        return positions, self._layer_shard(layer_id, incoming, tensors, held, check)
 
     def cancel(self, version: int) -> None:
         """Drop a prepared (or still loading) placement: the executor keeps the current one."""

@@ -30,7 +30,15 @@ GROUPED_MAX_ROWS = 16  # a slot with more rows is a matrix product, where oneDNN
 
 
 class ExpertShard(nn.Module):
-    def __init__(self, expert_ids: list[int] | range, dim: int, inter_dim: int, mode: str = "grouped"):
+    def __init__(
+        self,
+        expert_ids: list[int] | range,
+        dim: int,
+        inter_dim: int,
+        mode: str = "grouped",
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ):
         super().__init__()
         self.mode = mode  # "grouped" (torch, CPU kernels) or "triton" (the fused Triton MoE)
         self.expert_ids = list(expert_ids)
@@ -40,8 +48,11 @@ class ExpertShard(nn.Module):
             raise ValueError(f"a shard holds each expert once; got {self.expert_ids}")
         num_local_experts = self.num_local_experts
         self.inter_dim = inter_dim
-        self.w13 = nn.Parameter(torch.empty(num_local_experts, 2 * inter_dim, dim), requires_grad=False)
-        self.w2 = nn.Parameter(torch.empty(num_local_experts, dim, inter_dim), requires_grad=False)
+        # Allocated in their final dtype and place (default: torch's): a shard built while serving (a
+        # rebalance, a lost worker's experts) never converts a whole stack of uninitialised memory.
+        empty = {"dtype": dtype, "device": device}
+        self.w13 = nn.Parameter(torch.empty(num_local_experts, 2 * inter_dim, dim, **empty), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(num_local_experts, dim, inter_dim, **empty), requires_grad=False)
 
     def write_slots(self, slots: list[int], staged: ExpertShard) -> None:
         """Overwrite ``slots`` (local indices) with ``staged``'s experts, in order, in place: a rebalance's
@@ -68,6 +79,16 @@ class ExpertShard(nn.Module):
                 live, new = live.view(torch.uint8), new.view(torch.uint8)
             live.index_copy_(0, index, new.to(live.device))
         self.expert_ids, self.local_of = ids, {e: s for s, e in enumerate(ids)}
+
+    def keep_first(self, num_slots: int) -> None:
+        """Keep only the first ``num_slots`` slots, as views of the stacks (no copy, no new memory): a
+        worker giving back experts it took over after a loss, which it had appended, drops them at once."""
+        self.w13.data, self.w2.data = self.w13.data[:num_slots], self.w2.data[:num_slots]
+        if self.fp8_scales is not None:
+            self.w13_scale_inv, self.w2_scale_inv = self.w13_scale_inv[:num_slots], self.w2_scale_inv[:num_slots]
+        self.expert_ids = self.expert_ids[:num_slots]
+        self.num_local_experts = num_slots
+        self.local_of = {e: s for s, e in enumerate(self.expert_ids)}
 
     def hold_fp8(self, w13: torch.Tensor, w2: torch.Tensor, scales: triton_moe.Fp8Scales) -> None:
         """Keep float8_e4m3fn stacks ``w13``/``w2`` and their block scales as they were stored."""

@@ -40,3 +40,18 @@ def test_writing_an_expert_the_shard_already_holds_elsewhere_is_refused():
     with pytest.raises(ValueError, match="each expert once"):
         live.write_slots([0], _shard([2], w13, w2))
     assert live.expert_ids == [0, 1, 2, 3]
+
+
+def test_keeping_the_first_slots_drops_the_rest_without_a_copy():
+    """A worker giving back the experts it took over after a loss (appended after its own) narrows its stacks."""
+    w13, w2 = _expert_weights(8, 16, 8)
+    live = _shard([4, 5, 6, 1, 7], w13, w2)
+    storage = live.w13.data_ptr()
+    live.keep_first(3)
+    want = _shard([4, 5, 6], w13, w2)
+    assert live.expert_ids == [4, 5, 6] and live.local_of == {4: 0, 5: 1, 6: 2} and live.num_local_experts == 3
+    assert torch.equal(live.w13, want.w13) and torch.equal(live.w2, want.w2) and live.w13.data_ptr() == storage
+    x, ids, weights = torch.randn(4, 16), torch.tensor([[4, 6], [5, 4], [6, 5], [4, 5]]), torch.rand(4, 2)
+    assert torch.equal(live.forward_loop(x, ids, weights), want.forward_loop(x, ids, weights))
+    rows = torch.randn(6, 16)
+    assert torch.equal(live.run_sorted(rows, [2, 1, 3]), want.run_sorted(rows, [2, 1, 3]))
