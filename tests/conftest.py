@@ -1,0 +1,31 @@
+"""Set-up for the whole test session.
+
+Triton decorates its own standard library (``tl.zeros``, ``tl.cdiv``, …) when it is first imported,
+in the mode ``TRITON_INTERPRET`` says then. torch imports Triton as a side effect (``torch._dynamo``)
+long before a test module switches the interpreter on for its kernels, and an interpreted kernel
+calling a compiled standard-library function fails ("Cannot call @triton.jit'd outside of the scope
+of a kernel") — so whether the interpreter tests passed depended on which tests ran first. Without
+a GPU the interpreter is the only way Triton runs here: import it in that mode before anything else
+does. The variable itself is left unset; the modules that test kernels set it, and the ones that
+test refusals without it unset it. On a GPU machine Triton is imported normally (compiled kernels).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+if not torch.cuda.is_available() and "triton" not in sys.modules:
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton  # noqa: F401
+    except ImportError:  # no Triton: its tests say so themselves
+        pass
+    finally:
+        if previous is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
