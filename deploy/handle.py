@@ -58,12 +58,21 @@ def generate_request(
     if isinstance(messages, str):
         fields = {"messages": [chat_message("user", messages)]}
     elif messages is not None:
-        fields = {"messages": list(messages)}
+        try:  # the roles every protocol takes, normalised as the HTTP and gRPC front ends do
+            fields = {"messages": [_message(m, i) for i, m in enumerate(messages)]}
+        except ValueError as exc:
+            raise _error(ErrorInfo(str(exc), param="messages"), request_id) from None
     elif isinstance(prompt, str):
         fields = {"prompt": prompt}
     else:
         fields = {"prompt_token_ids": list(prompt)}
     return GenerateRequest(request_id=request_id, sampling=sampling, **fields)
+
+
+def _message(message: Any, index: int) -> dict[str, str]:
+    if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+        raise ValueError(f"messages[{index}] must be a dict with a 'role' and a string 'content'; got {message!r:.80}")
+    return chat_message(message.get("role"), message["content"], index)
 
 
 def _checked(item: StreamChunk | ErrorInfo, request_id: str) -> StreamChunk:

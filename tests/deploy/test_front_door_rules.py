@@ -135,3 +135,13 @@ def test_handle_requests_follow_the_rules():
     assert generate_request(messages="hi", request_id="r1").messages == [{"role": "user", "content": "hi"}]
     with pytest.raises(BadRequestError, match="request_id must be printable"):
         generate_request("hi", request_id="bad\nid")
+    # Message dicts take the roles HTTP and gRPC take, normalised the same way ("developer" is a system message).
+    chat = [{"role": "developer", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    assert generate_request(messages=chat).messages == [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "hi"},
+    ]
+    with pytest.raises(BadRequestError, match=r"messages\[1\].role must be one of"):
+        generate_request(messages=[{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}])
+    with pytest.raises(BadRequestError, match=r"messages\[0\] must be a dict"):
+        generate_request(messages=[{"role": "user", "content": 3}])
