@@ -15,6 +15,11 @@ class, as an operator would). Per stream every token's arrival time is kept, and
   replaces and flip a near-tie, as after any preemption; float32 gives identical tokens);
 * ``replacement_join_s`` — from the kill until the executor serves with every worker again.
 
+The ``scale`` scenario kills nothing: under the same load it grows and shrinks each pool in turn
+(``AsyncLLM.scale``; experts 2 → 3 → 2, then attention 1 → 2 → 1) and reports, per change, the
+seconds until it has taken effect (new workers started, loaded and joined; removed ones gone) and
+the longest gap of any stream meanwhile.
+
     python benchmarks/faults.py --model small --streams 64 --output-len 96
 """
 
@@ -40,7 +45,9 @@ SCENARIOS = {
     "expert": (1, 2, 0, "ExpertWorker"),
     "expert_with_replicas": (1, 2, None, "ExpertWorker"),  # every expert on both workers
     "attention": (2, 2, 0, "AttentionWorker"),
+    "scale": (1, 2, 0, None),  # no kill: each pool grows by one and shrinks back under load
 }
+SCALE_STEPS = [("experts", 3), ("experts", 2), ("attention", 2), ("attention", 1)]
 
 
 def _victim(class_name: str) -> int:
@@ -97,6 +104,8 @@ def run_scenario(name: str, args, prompts: list[list[int]], expected: list[list[
             if all(task.done() for task in tasks):
                 raise RuntimeError("the streams finished before the kill: raise --output-len")
             await asyncio.sleep(0.01)
+        if victim_class is None:
+            return await _scale_steps(llm, executor, tasks, times)
         killed = time.perf_counter()
         os.kill(_victim(victim_class), signal.SIGKILL)
         joined = None
@@ -115,6 +124,9 @@ def run_scenario(name: str, args, prompts: list[list[int]], expected: list[list[
         return results, killed, joined
 
     try:
+        if victim_class is None:
+            report = asyncio.run(main())
+            return {"attention_workers": A, "expert_workers": E, **report}
         results, killed, joined = asyncio.run(main())
         losses = dict(executor.losses)
     finally:
@@ -136,6 +148,26 @@ def run_scenario(name: str, args, prompts: list[list[int]], expected: list[list[
         "replacement_join_s": joined,
         "losses": losses,
     }
+
+
+async def _scale_steps(llm: AsyncLLM, executor, tasks: list, times: list[list[float]]) -> dict:
+    """Each pool up by one and back, in turn, while the streams run: seconds until each change holds."""
+    steps = []
+    for pool, size in SCALE_STEPS:
+        start = time.perf_counter()
+        llm.scale(**{pool: size})
+        while (executor.num_attention_ranks if pool == "attention" else len(executor.experts)) != size or (
+            executor.rebalancing
+        ):
+            if all(task.done() for task in tasks):
+                raise RuntimeError("the streams finished before the pools were scaled: raise --output-len")
+            await asyncio.sleep(0.02)
+        took = time.perf_counter() - start
+        gaps = [b - a for t in times for a, b in zip(t, t[1:]) if b > start]
+        steps.append({"pool": pool, "to": size, "took_s": round(took, 3), "max_gap_s": max(gaps, default=None)})
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    failed = [r for r in results if isinstance(r, BaseException)]
+    return {"steps": steps, "failed": len(failed), "failure_examples": [repr(e)[:200] for e in failed[:3]]}
 
 
 def main() -> None:
