@@ -98,6 +98,13 @@ class EngineConfig(BaseModel):
         description="Rebalance when the placement's imbalance on the newest load window (hottest expert worker "
         "over the mean) passes this; None: never on imbalance.",
     )
+    expert_worker_memory_gb: float | None = Field(
+        None,
+        gt=0,
+        description="Ray executor: most memory one expert worker's slots may take, in GiB. A lost worker's experts "
+        "go to survivors only while they fit (else the step waits for its replacement), and a scale-down only "
+        "removes workers whose experts fit on the rest. None: what the worker's device has free.",
+    )
     autoscaling: AutoscalingConfig | None = Field(
         None,
         description="Ray executor: grow and shrink the attention and expert worker pools with the load, within "

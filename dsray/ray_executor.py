@@ -338,8 +338,11 @@ class RayExecutor(Executor):
         self._set_degraded(f"{', '.join(names)} lost")
         if not self.attention or not self.experts:
             self._await_replacements()  # nothing to serve with until one is in
+        elif (no_room := self._no_room(survivors := self._survivors_map())) is not None:
+            self.degraded += f"; the survivors cannot hold the lost experts ({no_room})"
+            self._await_replacements()
         else:
-            self._regroup(self._survivors_map())
+            self._regroup(survivors)
         self.losses["last_recovery_s"] = round(time.perf_counter() - start, 3)
         logger.warning("dsray: serving on after %.2fs: %s", self.losses["last_recovery_s"], self.degraded)
         return lost_attention
@@ -350,6 +353,12 @@ class RayExecutor(Executor):
             f"serving with {len(self.attention)} of {want['attention']} attention and {len(self.experts)} of "
             f"{want['expert']} expert workers ({why}; replacements are starting)"
         )
+
+    def _no_room(self, expert_map: ExpertMap) -> str | None:
+        """Why some live expert worker (of the map's first ranks) cannot hold what ``expert_map`` gives it, or None."""
+        refs = [e.room_for.remote(expert_map, j) for j, e in enumerate(self.experts[: expert_map.num_ranks])]
+        why = [w for w in self._get(refs, "a regroup", names=self.names[len(self.attention) :]) if w is not None]
+        return "; ".join(why) if why else None
 
     def _survivors_map(self) -> ExpertMap:
         """What the live expert workers hold, plus the experts no one holds any more (read from the checkpoint)."""
@@ -413,9 +422,10 @@ class RayExecutor(Executor):
             self._set_degraded("some could not be replaced")
 
     def _await_replacements(self) -> None:
-        """No attention or no expert worker is left: wait (up to ``step_timeout_s``) for replacements."""
+        """Nothing to serve with until the replacements are in (no attention or no expert worker left, or
+        the survivors cannot hold the lost experts): wait for them, up to ``step_timeout_s``."""
         self.admit_workers(block=True)
-        if not self.attention or not self.experts:
+        if self._replacements or not self.attention or not self.experts:
             why = (
                 f"the last replacement failed: {self._replacement_error}"
                 if self._replacement_error
@@ -540,7 +550,12 @@ class RayExecutor(Executor):
         if E2 != E:
             layers = self.map.num_layers
             held = [self.full_map.rank_slots(k) for k in self.expert_index[:E2]] + [[[]] * layers] * (E2 - E)
-            self.full_map = ExpertMap.covering(n, held, first_rank=A2, balance=True)
+            full = ExpertMap.covering(n, held, first_rank=A2, balance=True)
+            if E2 < E and (no_room := self._no_room(full)) is not None:
+                raise ValueError(
+                    f"scale: the remaining expert workers cannot hold the removed ones' experts: {no_room}"
+                )
+            self.full_map = full
         removed = self._remove_workers(A - A2 if A2 < A else 0, E - E2 if E2 < E else 0)
         self._add_workers(A2 - A if A2 > A else 0, E2 - E if E2 > E else 0)
         logger.info("dsray: scaling to %d attention and %d expert workers", A2, E2)

@@ -63,6 +63,18 @@ def worker_device(device: str = "auto") -> torch.device:
     return torch.device("cuda", 0)
 
 
+def _free_bytes(device: torch.device) -> float:
+    """Memory the device has free: the GPU's, or the machine's available memory (``/proc/meminfo``)."""
+    if device.type == "cuda":
+        return float(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return float(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return float("inf")  # unknown: not a reason to refuse
+
+
 def _lowest_thread_priority() -> None:
     """Nice 19 for the calling thread only (Linux schedules threads separately); a no-op elsewhere."""
     try:
@@ -260,6 +272,30 @@ class ExpertWorker(_Worker):
         self.expert_rank = expert_rank
         self._rejoin(address, port, rank, world_size, timeout_s)
         self.map = self.exchange.map = expert_map
+
+    def room_for(self, expert_map: ExpertMap, expert_rank: int) -> str | None:
+        """None when this worker can hold the slots ``expert_map`` gives expert rank ``expert_rank``; else
+        why not: more than ``expert_worker_memory_gb``, or (without it) more than its device has free —
+        counting the one layer's new shard that lives beside the old while it is built."""
+        targets = expert_map.rank_slots(expert_rank)
+        if targets == [s.expert_ids for s in self.shards]:
+            return None  # nothing changes here
+        slots = sum(s.num_local_experts for s in self.shards)
+        tensors = [t for s in self.shards for t in (*s.parameters(), *s.buffers())]  # FP8 scales too
+        per_slot = sum(t.numel() * t.element_size() for t in tensors) / slots
+        total = sum(len(ids) for ids in targets) * per_slot
+        cap = self.config.expert_worker_memory_gb
+        if cap is not None and total > cap * 2**30:
+            return (
+                f"expert rank {expert_rank} would hold {sum(map(len, targets))} slots ({total / 2**30:.3f} GiB), more "
+                f"than expert_worker_memory_gb={cap:g}"
+            )
+        extra = max(0.0, total - slots * per_slot) + max(len(ids) for ids in targets) * per_slot
+        if cap is None and extra > (free := _free_bytes(self.device)):
+            return (
+                f"expert rank {expert_rank} needs {extra / 2**30:.2f} GiB more, its device has {free / 2**30:.2f} free"
+            )
+        return None
 
     def _apply_staged(self, staged: list, layers: list[int]) -> None:
         """Write staged changes (``_stage_layer``'s) of MoE layers ``layers`` into the live shards."""

@@ -7,6 +7,8 @@ as a crash or the OOM killer would do it:
 
 * an expert worker: every stream finishes with all its tokens and no error, ``/ep/health`` says
   "degraded" until the replacement has joined, then "ok";
+* the only attention worker: the streams wait for its replacement, which recomputes their
+  sequences, and finish the same way;
 * the only attention worker, with its checkpoint gone so no replacement can start: every stream
   ends with an error event and ``[DONE]`` within a bound, ``/ep/health`` is 503, a new request is
   refused with 503 and ``Retry-After``, the main app at ``/`` serves on, and once the checkpoint is
@@ -150,10 +152,11 @@ def _health_status(url: str) -> str:
     return response.json()["status"] if response.status_code == 200 else str(response.status_code)
 
 
-def test_killing_an_expert_worker_loses_no_stream(ep, server):
-    ep = ep.url
-    workers = _expert_workers()
-    assert len(workers) == 2, workers
+def _kill_mid_stream_and_finish(ep: str, class_name: str) -> tuple[dict[str, int], set[str]]:
+    """Three streams; SIGKILL the newest worker of ``class_name`` once they all run; every stream must end
+    with all its tokens, its finish, usage and [DONE], and no error event. Returns the workers before
+    the kill and the /health statuses seen right after it."""
+    workers = _workers(class_name)
     assert _health_status(ep) == "ok"
     started = threading.Semaphore(0)
     with ThreadPoolExecutor(3) as pool:
@@ -163,18 +166,33 @@ def test_killing_an_expert_worker_loses_no_stream(ep, server):
         os.kill(max(workers.values()), signal.SIGKILL)
         seen = {_health_status(ep) for _ in range(10) if not time.sleep(0.2)}  # while the replacement starts
         results = [f.result(timeout=180) for f in streams]
-    for result in results:  # every token, the finish, usage, [DONE]: no error event anywhere
+    for result in results:
         payloads = result["payloads"]
         assert payloads[-1] == "[DONE]", payloads[-3:]
         events = [json.loads(p) for p in payloads[:-1]]
         assert not any("error" in e for e in events), [e for e in events if "error" in e]
         assert [e["choices"][0]["finish_reason"] for e in events if e["choices"]][-1] == "length"
         assert events[-1]["usage"]["completion_tokens"] == SURVIVING_TOKENS
+    return workers, seen
+
+
+def test_killing_an_expert_worker_loses_no_stream(ep, server):
+    workers, seen = _kill_mid_stream_and_finish(ep.url, "ExpertWorker")
+    assert len(workers) == 2, workers
     assert "degraded" in seen, seen
-    _wait_for(lambda: _health_status(ep), lambda status: status == "ok", 120, "the replacement to join")
+    _wait_for(lambda: _health_status(ep.url), lambda status: status == "ok", 120, "the replacement to join")
     assert server.stats("ep")["degraded"] is None
     new_workers = _expert_workers()
     assert len(new_workers) == 2 and len(set(new_workers) - set(workers)) == 1, (workers, new_workers)
+
+
+def test_killing_the_only_attention_worker_loses_no_stream(ep, server):
+    """Its replacement starts (the streams wait for it) and recomputes their sequences from their tokens."""
+    workers, _ = _kill_mid_stream_and_finish(ep.url, "AttentionWorker")
+    assert len(workers) == 1, workers
+    assert _health_status(ep.url) == "ok" and server.stats("ep")["workers"] == {"attention": 1, "expert": 2}
+    new_workers = _workers("AttentionWorker")
+    assert len(new_workers) == 1 and not set(new_workers) & set(workers), (workers, new_workers)
 
 
 def test_killing_the_only_attention_worker_without_a_replacement_fails_streams_cleanly_then_the_replica_heals(

@@ -230,3 +230,26 @@ def test_the_expert_pool_autoscales_on_its_compute_share(cluster, model, long_ou
         executor.admit_workers(block=True)  # the new worker joins once it has loaded
         engine.admit_workers()
         assert len(executor.experts) == 2 and executor.map.num_ranks == 2 and executor.degraded is None
+
+
+def _slot_bytes(model) -> int:
+    from dsray.config import ModelArgs
+
+    args = ModelArgs.from_pretrained(model)
+    return 3 * args.hidden_size * args.moe_intermediate_size * 4 * len(args.moe_layer_ids)  # float32, per expert
+
+
+def test_survivors_without_room_for_the_lost_experts_wait_for_the_replacement(cluster, model, local_outputs):
+    """expert_worker_memory_gb holds a worker's own 8 experts, not 16: the lost worker's experts cannot go to
+    the survivor, so the step waits for the replacement — and the requests still finish unchanged."""
+    cap = 10 * _slot_bytes(model) / 2**30
+    with LLM(
+        model, dtype="float32", executor="ray", num_expert_workers=2, step_timeout_s=60, expert_worker_memory_gb=cap
+    ) as llm:
+        executor = llm.engine.executor
+        assert _generate(llm, {5: [_pid_of(executor, 1)]}) == local_outputs
+        assert executor.losses["expert_workers_lost"] == 1 and executor.losses["replacements_joined"] == 1
+        assert executor.degraded is None and executor.map.placement == executor.full_map.placement
+        with pytest.raises(ValueError, match="cannot hold the removed ones' experts.*expert_worker_memory_gb"):
+            llm.engine.scale(experts=1)  # 16 experts do not fit on one worker either
+        assert len(executor.experts) == 2
