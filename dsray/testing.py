@@ -5,6 +5,9 @@ Importable by tests and benchmarks (``transformers`` is a test dependency, impor
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -165,3 +168,27 @@ def make_fp8_checkpoint(src: str | Path, dst: str | Path, block: tuple[int, int]
     config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": list(block)}
     (dst / "config.json").write_text(json.dumps(config))
     return dst
+
+
+@contextlib.contextmanager
+def triton_as_this_machine_runs_it(*kernel_caches) -> Iterator[None]:
+    """For a test module of Triton kernels: compiled kernels on a GPU (whatever another module set),
+    the interpreter on CPU (``TRITON_INTERPRET=1``, set before the kernels are built). ``kernel_caches``
+    (the modules' ``functools.cache``d kernel builders) are cleared on the way in and out, so the
+    kernels are rebuilt in the mode in force, and again for the modules after."""
+    previous = os.environ.get("TRITON_INTERPRET")
+    if torch.cuda.is_available():
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = "1"
+    for cache in kernel_caches:
+        cache.cache_clear()
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+        for cache in kernel_caches:
+            cache.cache_clear()

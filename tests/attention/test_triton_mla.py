@@ -19,7 +19,7 @@ from attention.metadata import AttentionMetadata
 from attention.mla import MLA, resolve_mode
 from attention.rope import RotaryEmbedding
 from dsray.config import ModelArgs
-from dsray.testing import hf_config
+from dsray.testing import hf_config, triton_as_this_machine_runs_it
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -27,17 +27,9 @@ DEVICE = torch.device("cuda" if CUDA else "cpu")
 
 @pytest.fixture(scope="module", autouse=True)
 def triton_runs_here():
-    """CPU: the interpreter, set before the kernels are built; GPU: compiled kernels, whatever another
-    module set. The kernels are rebuilt after, for other modules."""
-    mp = pytest.MonkeyPatch()
-    if CUDA:
-        mp.delenv("TRITON_INTERPRET", raising=False)
-    else:
-        mp.setenv("TRITON_INTERPRET", "1")
-    triton_mla._kernels.cache_clear()
-    yield
-    mp.undo()
-    triton_mla._kernels.cache_clear()
+    """CPU: the interpreter; GPU: compiled kernels, whatever another module set. Rebuilt after."""
+    with triton_as_this_machine_runs_it(triton_mla._kernels):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from dsray.fp8 import quantize_fp8_blocks
+from dsray.testing import triton_as_this_machine_runs_it
 from dsray.weights import fill_expert_slots_fp8, load_expert_shard_fp8
 from experts import triton_moe
 from experts.shard import ExpertShard
@@ -22,15 +23,8 @@ LAYER, DIM, INTER, BLOCK = 1, 72, 40, (16, 32)  # D and I not multiples of the b
 @pytest.fixture(scope="module", autouse=True)
 def triton_runs_here():
     """CPU: the interpreter; GPU: compiled kernels, whatever another module set. Rebuilt after."""
-    mp = pytest.MonkeyPatch()
-    if CUDA:
-        mp.delenv("TRITON_INTERPRET", raising=False)
-    else:
-        mp.setenv("TRITON_INTERPRET", "1")
-    triton_moe._kernels.cache_clear()
-    yield
-    mp.undo()
-    triton_moe._kernels.cache_clear()
+    with triton_as_this_machine_runs_it(triton_moe._kernels):
+        yield
 
 
 @pytest.fixture(scope="module")

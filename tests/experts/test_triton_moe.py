@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from dsray.simple_generate import greedy_generate
-from dsray.testing import make_hf_checkpoint
+from dsray.testing import make_hf_checkpoint, triton_as_this_machine_runs_it
 from dsray.weights import load_transformer
 from experts import triton_moe
 from experts.shard import ExpertShard
@@ -30,15 +30,8 @@ TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 4 * 2.0**-8, torch.float16: 4 
 @pytest.fixture(scope="module", autouse=True)
 def triton_runs_here():
     """CPU: the interpreter; GPU: compiled kernels, whatever another module set. Rebuilt after."""
-    mp = pytest.MonkeyPatch()
-    if CUDA:
-        mp.delenv("TRITON_INTERPRET", raising=False)
-    else:
-        mp.setenv("TRITON_INTERPRET", "1")
-    triton_moe._kernels.cache_clear()
-    yield
-    mp.undo()
-    triton_moe._kernels.cache_clear()
+    with triton_as_this_machine_runs_it(triton_moe._kernels):
+        yield
 
 
 def test_the_kernels_are_interpreted_on_cpu_and_compiled_on_gpu():

@@ -17,7 +17,7 @@ from dsray import fp8_gemm
 from dsray.fp8 import quantize_fp8_blocks
 from dsray.layers import Linear
 from dsray.simple_generate import greedy_generate
-from dsray.testing import make_fp8_checkpoint, make_hf_checkpoint
+from dsray.testing import make_fp8_checkpoint, make_hf_checkpoint, triton_as_this_machine_runs_it
 from dsray.weights import load_transformer
 
 CUDA = torch.cuda.is_available()
@@ -29,15 +29,8 @@ TOLERANCE = {torch.float32: 1e-6, torch.bfloat16: 2**-7, torch.float16: 2**-10} 
 @pytest.fixture(scope="module", autouse=True)
 def triton_runs_here():
     """CPU: the interpreter; GPU: compiled kernels, whatever another module set. Rebuilt after."""
-    mp = pytest.MonkeyPatch()
-    if CUDA:
-        mp.delenv("TRITON_INTERPRET", raising=False)
-    else:
-        mp.setenv("TRITON_INTERPRET", "1")
-    fp8_gemm._kernel.cache_clear()
-    yield
-    mp.undo()
-    fp8_gemm._kernel.cache_clear()
+    with triton_as_this_machine_runs_it(fp8_gemm._kernel):
+        yield
 
 
 def test_the_kernel_is_interpreted_on_cpu_and_compiled_on_gpu():
