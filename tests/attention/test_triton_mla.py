@@ -20,6 +20,7 @@ from attention.mla import MLA, resolve_mode
 from attention.rope import RotaryEmbedding
 from dsray.config import ModelArgs
 from dsray.testing import hf_config, triton_as_this_machine_runs_it
+from experts import triton_moe
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -28,7 +29,7 @@ DEVICE = torch.device("cuda" if CUDA else "cpu")
 @pytest.fixture(scope="module", autouse=True)
 def triton_runs_here():
     """CPU: the interpreter; GPU: compiled kernels, whatever another module set. Rebuilt after."""
-    with triton_as_this_machine_runs_it(triton_mla._kernels):
+    with triton_as_this_machine_runs_it(triton_mla._kernels, triton_moe._kernels):
         yield
 
 
@@ -206,3 +207,17 @@ def test_engine_batched_decode_with_triton_mla_matches_hf_generate(hf_v3):
             ids = torch.tensor([prompt])
             want = hf.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)[0, len(prompt) :].tolist()
         assert out.token_ids == want
+
+
+def test_whole_model_greedy_with_both_triton_modes_matches_hf_generate(hf_v3):
+    """The GPU path's two kernels at once — MLA decode and the fused MoE — still give HF's tokens."""
+    from dsray.simple_generate import greedy_generate
+    from dsray.weights import load_transformer
+
+    path, hf = hf_v3
+    model = load_transformer(path, torch.float32, DEVICE, mla_mode="triton", expert_mode="triton", progress=False)
+    assert {blk.mlp.expert_mode for blk in model.model.layers if hasattr(blk.mlp, "expert_mode")} == {"triton"}
+    prompt = torch.randint(2, hf.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        expected = hf.generate(prompt, max_new_tokens=10, min_new_tokens=10, do_sample=False)[0, 8:].tolist()
+    assert greedy_generate(model, prompt[0].tolist(), 10, block_size=4) == expected
