@@ -39,7 +39,8 @@ run() {  # run NAME TIMEOUT_S CMD...: one step, its rc kept in status[NAME]
 
 # 1. Each test file in a process of its own: a module that sets TRITON_INTERPRET for CPU runs
 #    cannot leak into the others.
-for test in tests/attention/test_triton_mla.py tests/experts/test_triton_moe.py tests/dsray/test_device.py \
+for test in tests/attention/test_triton_mla.py tests/experts/test_triton_moe.py tests/experts/test_fp8_slots.py \
+    tests/dsray/test_device.py \
     tests/model/test_fp8*.py tests/dsray/test_fp8*.py; do
     [ -f "$test" ] || continue
     name=pytest-$(basename "$test" .py)
