@@ -168,12 +168,9 @@ class EngineCore:
                 self._apply(command, refused)
             if until_idle and not commands and not engine.has_unfinished():
                 return
-            changed = bool(commands)
-            if not busy:  # replacements of lost workers join an idle engine too (and the stats say so)
-                degraded = engine.stats()["degraded"]
-                engine.admit_workers()
-                changed = changed or engine.stats()["degraded"] != degraded
-            report = self._step(refused, changed)
+            # Replacements of lost workers join an idle engine too (and the stats say so).
+            joined = not busy and engine.admit_workers()
+            report = self._step(refused, bool(commands) or joined)
             if report is not None:
                 send(report)
 

@@ -34,10 +34,11 @@ class Executor(ABC):
         the rank is removed (``num_attention_ranks`` drops) and the engine recomputes its sequences
         elsewhere. Raises ``WorkerError`` naming the worker when it cannot serve on."""
 
-    def admit_workers(self) -> None:
+    def admit_workers(self) -> bool:
         """At a step boundary, let in workers that are ready to join (replacements of lost ones); new
-        attention ranks come last (``num_attention_ranks`` grows). In-process: nothing to admit."""
-        return None
+        attention ranks come last (``num_attention_ranks`` grows). True when some joined. In-process:
+        nothing to admit."""
+        return False
 
     def expert_load(self) -> list[list[int]]:
         """Tokens routed to each (MoE layer, expert) since start: ``[num_moe_layers][n_routed_experts]``."""

@@ -270,12 +270,14 @@ class LLMEngine(RequestChecks):
             self.balancer.after_step()
         return updates
 
-    def admit_workers(self) -> None:
-        """Between steps: let in the workers ready to join (replacements, a scale-up's), and autoscale."""
-        self.executor.admit_workers()
+    def admit_workers(self) -> bool:
+        """Between steps: let in the workers ready to join (replacements, a scale-up's), and autoscale.
+        True when workers joined (the stats changed)."""
+        joined = self.executor.admit_workers()
         self._add_ranks()
         if self.autoscaler is not None:
             self.autoscaler.tick()
+        return joined
 
     def _add_ranks(self) -> None:
         """A scheduler (with an empty KV cache) for each attention rank the executor added, after the others."""
