@@ -40,9 +40,10 @@ from typing import Any
 import requests
 
 from deploy.launch import free_port
+from dsray.testing import descendants, listening
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_process import API_KEY, Server, descendants, listening  # noqa: E402
+from serve_process import API_KEY, Server  # noqa: E402
 
 PROBES = ("listeners", "reused_id", "slow_connections", "big_bodies", "dropped")
 

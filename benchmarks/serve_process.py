@@ -1,8 +1,8 @@
 """A ``dsray serve --api-key`` subprocess for probes and benchmarks, and what its processes listen on.
 
 ``Server`` starts ``dsray serve`` (output drained on a thread), waits for it, reads its request
-gauges and stops it with SIGINT; ``descendants`` and ``listening`` find every TCP socket the
-server and the Ray it started hold (``benchmarks/hostile.py``'s listener probe).
+gauges and stops it with SIGINT. (What its processes listen on: ``dsray.testing.descendants`` and
+``listening``, which the front-door tests use too.)
 """
 
 from __future__ import annotations
@@ -13,42 +13,10 @@ import signal
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
 import requests
 
 API_KEY = "probe-key"
-
-
-def descendants(pid: int) -> set[int]:
-    """``pid`` and every process below it (from /proc)."""
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            parents[int(entry)] = int(stat[stat.rindex(")") + 2 :].split()[1])
-    found, frontier = {pid}, {pid}
-    while frontier:
-        frontier = {p for p, parent in parents.items() if parent in frontier} - found
-        found |= frontier
-    return found
-
-
-def listening(pids: set[int]) -> set[tuple[str, int, str]]:
-    """(address, port, process name) of every listening TCP socket the processes ``pids`` hold."""
-    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout
-    found = set()
-    for line in out.splitlines():
-        fields = line.split()
-        owner = re.search(r'users:\(\("([^"]+)",pid=(\d+)', line)
-        if len(fields) < 4 or not owner or int(owner.group(2)) not in pids:
-            continue
-        addr, _, port = fields[3].rpartition(":")
-        found.add((addr.strip("[]"), int(port), owner.group(1)))
-    return found
 
 
 class Server:

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -192,3 +195,49 @@ def triton_as_this_machine_runs_it(*kernel_caches) -> Iterator[None]:
             os.environ["TRITON_INTERPRET"] = previous
         for cache in kernel_caches:
             cache.cache_clear()
+
+
+# Processes --------------------------------------------------------------------------------------
+
+
+def descendants(pid: int) -> set[int]:
+    """``pid`` and every process below it (from /proc)."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry)] = int(stat[stat.rindex(")") + 2 :].split()[1])
+    found, frontier = {pid}, {pid}
+    while frontier:
+        frontier = {p for p, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def listening(pids: set[int]) -> set[tuple[str, int, str]]:
+    """(address, port, process name) of every listening TCP socket the processes ``pids`` hold."""
+    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout
+    found = set()
+    for line in out.splitlines():
+        fields = line.split()
+        owner = re.search(r'users:\(\("([^"]+)",pid=(\d+)', line)
+        if len(fields) < 4 or not owner or int(owner.group(2)) not in pids:
+            continue
+        addr, _, port = fields[3].rpartition(":")
+        found.add((addr.strip("[]"), int(port), owner.group(1)))
+    return found
+
+
+def wait_for(fetch, check, timeout_s: float = 30.0, what: str = "condition", every_s: float = 0.1):
+    """Poll ``fetch()`` until ``check`` holds for its value (returned); AssertionError after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = fetch()
+        if check(value):
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what} (last: {value!r})")
+        time.sleep(every_s)

@@ -17,24 +17,14 @@ import requests
 
 from deploy.proto_gen import dsray_pb2 as pb
 from deploy.proto_gen import dsray_pb2_grpc
+from dsray.testing import wait_for
 
 APP = ("application", "dsray")
 
 
-def _wait_for(fetch, check, timeout_s: float = 30.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = fetch()
-        if check(value):
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}; last: {value}")
-        time.sleep(0.1)
-
-
 def _idle(server) -> dict:
     """The server once no request runs or waits and every KV block is free again."""
-    return _wait_for(
+    return wait_for(
         server.stats,
         lambda s: s["num_requests_admitted"] == 0 and s["num_requests_running"] == 0 and s["kv_cache_usage_perc"] == 0,
         what="an idle server with every KV block free",
@@ -56,7 +46,7 @@ def _every_slot_taken(server):
             responses.append((response, lines))  # dropping the line iterator would close the connection
             assert response.status_code == 200
             assert next(line for line in lines if line).startswith(b"data: ")
-        _wait_for(server.stats, lambda s: s["num_requests_running"] == server.max_num_seqs, 10, "every slot taken")
+        wait_for(server.stats, lambda s: s["num_requests_running"] == server.max_num_seqs, 10, "every slot taken")
         yield
     finally:
         for response, _ in responses:

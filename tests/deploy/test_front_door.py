@@ -26,6 +26,7 @@ import pytest
 import requests
 
 from deploy.launch import free_port
+from dsray.testing import descendants
 
 KEY = "door-key"
 PER_CLIENT = 40
@@ -75,25 +76,9 @@ class Serve:
         out = subprocess.run(["pgrep", "-a", "-f", "haproxy -db -f"], capture_output=True, text=True).stdout
         for line in out.splitlines():
             pid, path = int(line.split()[0]), re.search(r"-f (\S+)", line).group(1)
-            if pid in _descendants(self.proc.pid):
+            if pid in descendants(self.proc.pid):
                 return Path(path)
         raise AssertionError(f"no HAProxy under dsray serve: {out}")
-
-
-def _descendants(pid: int) -> set[int]:
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                text = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            parents[int(entry)] = int(text[text.rindex(")") + 2 :].split()[1])
-    found, frontier = {pid}, {pid}
-    while frontier:
-        frontier = {p for p, parent in parents.items() if parent in frontier} - found
-        found |= frontier
-    return found
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +181,7 @@ def test_nothing_but_health_answers_without_the_key(door):
 
 
 def test_every_listener_is_on_loopback_and_haproxy_keeps_its_files_private(door):
-    pids = _descendants(door.proc.pid)
+    pids = descendants(door.proc.pid)
     out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout
     ours = [line for line in out.splitlines() if any(f"pid={pid}," in line for pid in pids)]
     assert ours

@@ -32,6 +32,7 @@ import pytest
 import requests
 
 from dsray.client import Client, ServiceUnavailableError
+from dsray.testing import wait_for
 
 MAX_TOKENS = 1500  # minutes of decoding on the Ray executor: the streams are surely in flight at the kill
 SURVIVING_TOKENS = 120  # streams that outlive an expert worker's loss: long enough to span the kill
@@ -60,17 +61,6 @@ def _workers(class_name: str = "ExpertWorker") -> dict[str, int]:
 
 def _expert_workers() -> dict[str, int]:
     return _workers("ExpertWorker")
-
-
-def _wait_for(fetch, check, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = fetch()
-        if check(value):
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what} (last: {value!r})")
-        time.sleep(0.5)
 
 
 def _health(url: str) -> int:
@@ -115,7 +105,7 @@ def ep(server, tmp_path_factory):
         serve.delete("ep")
         # The replica owns its workers: they go with it, and their CPUs with them.
         live = lambda: (set(_workers("ExpertWorker")) | set(_workers("AttentionWorker"))) - before  # noqa: E731
-        _wait_for(live, lambda left: not left, 60, "the workers to go")
+        wait_for(live, lambda left: not left, 60, "the workers to go", every_s=0.5)
 
 
 def _sse_stream(url: str, i: int, started, max_tokens: int = MAX_TOKENS) -> dict:
@@ -180,7 +170,7 @@ def test_killing_an_expert_worker_loses_no_stream(ep, server):
     workers, seen = _kill_mid_stream_and_finish(ep.url, "ExpertWorker")
     assert len(workers) == 2, workers
     assert "degraded" in seen, seen
-    _wait_for(lambda: _health_status(ep.url), lambda status: status == "ok", 120, "the replacement to join")
+    wait_for(lambda: _health_status(ep.url), lambda status: status == "ok", 120, "the replacement to join", every_s=0.5)
     assert server.stats("ep")["degraded"] is None
     new_workers = _expert_workers()
     assert len(new_workers) == 2 and len(set(new_workers) - set(workers)) == 1, (workers, new_workers)
@@ -242,7 +232,7 @@ def test_killing_the_only_attention_worker_without_a_replacement_fails_streams_c
         assert not c.health()
     noticed = time.monotonic() - killed
     # The executor killed the surviving workers too: nothing of the old group holds resources.
-    _wait_for(lambda: set(_expert_workers()), lambda alive: not alive, 30, "the survivors to go")
+    wait_for(lambda: set(_expert_workers()), lambda alive: not alive, 30, "the survivors to go", every_s=0.5)
     hidden.rename(model_dir)  # the checkpoint is back: the next replica can start
 
     with Client(server.url, api_key=server.api_key) as main:  # the other app never noticed
@@ -251,7 +241,7 @@ def test_killing_the_only_attention_worker_without_a_replacement_fails_streams_c
         )
 
     # Serve's health check fails three times, it replaces the replica, the new one starts new workers.
-    _wait_for(lambda: _health(ep), lambda code: code == 200, RECOVERY_BOUND_S, "the replica to be replaced")
+    wait_for(lambda: _health(ep), lambda code: code == 200, RECOVERY_BOUND_S, "the replica to be replaced", every_s=0.5)
     healed = time.monotonic() - killed
     with Client(ep) as c:
         assert c.completions("after recovery", max_tokens=4, ignore_eos=True).usage.completion_tokens == 4
