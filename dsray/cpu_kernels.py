@@ -35,7 +35,8 @@ logger = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.c"
 # -ffp-contract=off: a fused multiply-add would round differently from torch's separate mul and add.
 CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mbmi2", "-ffp-contract=off", "-pthread"]
-MAX_ROWS = 4  # gemv: rows of x per call; wider batches are matrix products, where oneDNN wins
+MAX_ROWS = 4  # gemv: rows of x per call (one weight row at a time reads memory fastest)
+GEMM_MAX_ROWS = 64  # gemm: register tiles of 4x4 products, up to a wide decode batch; prefills go to oneDNN
 
 _bf16_p = ctypes.c_void_p
 _int = ctypes.c_int
@@ -95,6 +96,8 @@ def _library() -> ctypes.CDLL | None:
         return None
     lib.dsray_gemv_bf16.argtypes = [_bf16_p, _long, _bf16_p, _long, _bf16_p, _long, _int, _int, _int, _int]
     lib.dsray_gemv_bf16.restype = None
+    lib.dsray_gemm_bf16.argtypes = lib.dsray_gemv_bf16.argtypes
+    lib.dsray_gemm_bf16.restype = None
     # x, D, num_experts, num_routed, gate[], up[], down[], inter[], weights[], act, out, nthreads
     lib.dsray_swiglu_experts_bf16.argtypes = [_bf16_p, _int, _int, _int] + [_bf16_p] * 7 + [_int]
     lib.dsray_swiglu_experts_bf16.restype = None
@@ -138,17 +141,27 @@ def usable(x: torch.Tensor, max_rows: int = MAX_ROWS) -> bool:
 
 def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``F.linear(x, weight)`` for bf16 ``x [..., K]`` of at most ``MAX_ROWS`` rows, ``weight [N, K]``."""
+    return _product(_library().dsray_gemv_bf16, x, weight)
+
+
+def gemm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, weight)`` for bf16 ``x [..., K]`` of a decode batch's rows (meant for
+    ``MAX_ROWS`` < rows <= ``GEMM_MAX_ROWS``), ``weight [N, K]``: register-tiled dot products."""
+    return _product(_library().dsray_gemm_bf16, x, weight)
+
+
+def _product(kernel, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     K = x.shape[-1]
     N = weight.shape[0]
     if weight.shape[1] != K:
-        raise ValueError(f"gemv: x has {K} features but weight is {tuple(weight.shape)}")
+        raise ValueError(f"x has {K} features but weight is {tuple(weight.shape)}")
     rows = x.reshape(-1, K)
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     if weight.stride(-1) != 1:
         weight = weight.contiguous()
     out = torch.empty(rows.shape[0], N, dtype=torch.bfloat16)
-    _library().dsray_gemv_bf16(
+    kernel(
         rows.data_ptr(),
         rows.stride(0),
         weight.data_ptr(),

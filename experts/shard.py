@@ -26,7 +26,7 @@ from dsray.fp8 import dequantize_fp8_blocks
 from dsray.layers import linear
 from experts import triton_moe
 
-GROUPED_MAX_ROWS = 16  # a slot with more rows is a matrix product, where oneDNN is faster than the kernel
+GROUPED_MAX_ROWS = 64  # a slot with more rows (a prefill) goes to oneDNN, faster from ~100 rows on
 
 
 class ExpertShard(nn.Module):

@@ -221,6 +221,91 @@ void dsray_gemv_bf16(const bf16* X, long ldx, const bf16* W, long ldw, bf16* Y, 
     parallel_chunks(gemv_chunk, &a, num_chunks(N, per), nthreads);
 }
 
+// ---- Small matrix products: 5 to 64 rows -------------------------------------------------------
+//
+// A decode batch of a few dozen sequences multiplies each weight by a few dozen rows: too few for
+// oneDNN's packed GEMM to pay off (it re-packs the weights on every call, ~10x slower than the
+// weight read itself here), too many for the GEMV above (each extra row costs a full pass of dot
+// products with their horizontal sums). Here a register tile of up to 4 weight rows x 4 x rows
+// accumulates 16 dot products at once, each 32-wide `vdpbf16ps` reusing loaded operands 4 times;
+// a chunk of weight rows stays in L1 while every row tile of X passes over it, so each weight is
+// read from memory once per call. Sums are fp32, each output rounded to bf16 once.
+
+#define TILE_ROWS 4
+
+// out[m * ldo + n] = dot(W[n], X[m]) over K for m < MR, n < NR (fp32, unrounded).
+static inline __attribute__((always_inline)) void tile_dot(const bf16* W, long ldw, const bf16* X, long ldx, int K,
+                                                         float* out, long ldo, const int MR, const int NR) {
+    __m512 acc[TILE_ROWS][TILE_ROWS];
+    for (int m = 0; m < MR; ++m)
+        for (int n = 0; n < NR; ++n) acc[m][n] = _mm512_setzero_ps();
+    int k = 0;
+    for (; k + 32 <= K; k += 32) {
+        __m512bh w[TILE_ROWS], x[TILE_ROWS];
+        for (int n = 0; n < NR; ++n) w[n] = load_bh(W + n * ldw + k);
+        for (int m = 0; m < MR; ++m) x[m] = load_bh(X + m * ldx + k);
+        for (int m = 0; m < MR; ++m)
+            for (int n = 0; n < NR; ++n) acc[m][n] = _mm512_dpbf16_ps(acc[m][n], w[n], x[m]);
+    }
+    if (k < K) {
+        __m512bh w[TILE_ROWS], x[TILE_ROWS];
+        for (int n = 0; n < NR; ++n) w[n] = load_bh_tail(W + n * ldw + k, K - k);
+        for (int m = 0; m < MR; ++m) x[m] = load_bh_tail(X + m * ldx + k, K - k);
+        for (int m = 0; m < MR; ++m)
+            for (int n = 0; n < NR; ++n) acc[m][n] = _mm512_dpbf16_ps(acc[m][n], w[n], x[m]);
+    }
+    for (int m = 0; m < MR; ++m)
+        for (int n = 0; n < NR; ++n) out[m * ldo + n] = _mm512_reduce_add_ps(acc[m][n]);
+}
+
+// tile_dot with MR and NR known at compile time (1..4 each), so its loops unroll into registers.
+static void tile_dot_any(const bf16* W, long ldw, const bf16* X, long ldx, int K, float* out, long ldo, int MR,
+                         int NR) {
+#define TILE_CASE(mr, nr) \
+    case (mr) * 8 + (nr): tile_dot(W, ldw, X, ldx, K, out, ldo, mr, nr); return;
+    switch (MR * 8 + NR) {
+        TILE_CASE(4, 4) TILE_CASE(4, 3) TILE_CASE(4, 2) TILE_CASE(4, 1)
+        TILE_CASE(3, 4) TILE_CASE(3, 3) TILE_CASE(3, 2) TILE_CASE(3, 1)
+        TILE_CASE(2, 4) TILE_CASE(2, 3) TILE_CASE(2, 2) TILE_CASE(2, 1)
+        TILE_CASE(1, 4) TILE_CASE(1, 3) TILE_CASE(1, 2) TILE_CASE(1, 1)
+    }
+#undef TILE_CASE
+}
+
+// Y[m, n0:n1] (fp32 in `out`, rows ldo apart) = X[m] . W[n0:n1] for every m < M, tile by tile:
+// the weight rows of a tile stay in registers' reach (L1) while all row tiles of X pass.
+static void block_products(const bf16* W, long ldw, long n0, long n1, const bf16* X, long ldx, int M, int K,
+                           float* out, long ldo) {
+    for (long n = n0; n < n1; n += TILE_ROWS) {
+        int nr = n1 - n < TILE_ROWS ? (int)(n1 - n) : TILE_ROWS;
+        for (int m = 0; m < M; m += TILE_ROWS) {
+            int mr = M - m < TILE_ROWS ? M - m : TILE_ROWS;
+            tile_dot_any(W + n * ldw, ldw, X + m * ldx, ldx, K, out + m * ldo + (n - n0), ldo, mr, nr);
+        }
+    }
+}
+
+#define GEMM_BLOCK 16  // weight rows per chunk
+
+static void gemm_chunk(void* p, long c0, long c1) {
+    const gemv_ctx* a = p;
+    float tile[a->M * GEMM_BLOCK];
+    for (long c = c0; c < c1; ++c) {
+        long n0 = chunk_begin(c, GEMM_BLOCK), n1 = chunk_end(c, GEMM_BLOCK, a->N);
+        block_products(a->W, a->ldw, n0, n1, a->X, a->ldx, a->M, a->K, tile, GEMM_BLOCK);
+        for (int m = 0; m < a->M; ++m)
+            for (long n = n0; n < n1; ++n) a->Y[m * a->ldy + n] = f32_to_bf16(tile[m * GEMM_BLOCK + (n - n0)]);
+    }
+}
+
+// Y[m, n] = bf16(dot(W[n, :K], X[m, :K])) for any M (meant for 5..64; dsray_gemv_bf16 reads
+// memory faster for 1..4 rows).
+void dsray_gemm_bf16(const bf16* X, long ldx, const bf16* W, long ldw, bf16* Y, long ldy, int M, int N, int K,
+                     int nthreads) {
+    gemv_ctx a = {X, W, Y, ldx, ldw, ldy, M, N, K, GEMM_BLOCK};
+    parallel_chunks(gemm_chunk, &a, num_chunks(N, GEMM_BLOCK), nthreads);
+}
+
 // One token through a group of SwiGLU experts: out[D] = bf16(bf16(sum_e weight[e] * expert_e(x))
 // + shared(x)), where expert e has gate [I_e, D], up [I_e, D] and down [D, I_e] weights given by
 // pointer (row-major, contiguous rows), the first `num_routed` experts are weighted and the rest
@@ -563,33 +648,42 @@ typedef struct {
     long D, I, per_index, per_row, blocks1, blocks2;
 } grouped_ctx;
 
+// Rows are taken TILE_ROWS at a time against a chunk's weight rows in register tiles (tile_dot).
 static void grouped_gate_up_chunk(void* p, long c0, long c1) {
     const grouped_ctx* a = p;
+    float g[TILE_ROWS * a->per_index], u[TILE_ROWS * a->per_index];
     for (long c = c0; c < c1; ++c) {
         long j = c / a->blocks1, i0 = (c % a->blocks1) * a->per_index;
         long i1 = i0 + a->per_index < a->I ? i0 + a->per_index : a->I;
         const bf16* w = a->w13 + (long)a->slots[j] * 2 * a->I * a->D;
-        for (long r = a->row_off[2 * j]; r < a->row_off[2 * j + 1]; ++r) {
+        for (long r = a->row_off[2 * j]; r < a->row_off[2 * j + 1]; r += TILE_ROWS) {
+            int mr = a->row_off[2 * j + 1] - r < TILE_ROWS ? (int)(a->row_off[2 * j + 1] - r) : TILE_ROWS;
             const bf16* x = a->X + r * a->D;
-            for (long i = i0; i < i1; ++i) {
-                float g = round_bf16(dot1(w + i * a->D, x, a->D));
-                float u = round_bf16(dot1(w + (a->I + i) * a->D, x, a->D));
-                float silu = round_bf16(g / (1.0f + expf(-g)));
-                a->act[r * a->I + i] = f32_to_bf16(silu * u);
-            }
+            block_products(w, a->D, i0, i1, x, a->D, mr, a->D, g, a->per_index);
+            block_products(w + a->I * a->D, a->D, i0, i1, x, a->D, mr, a->D, u, a->per_index);
+            for (int m = 0; m < mr; ++m)
+                for (long i = i0; i < i1; ++i) {
+                    float gi = round_bf16(g[m * a->per_index + i - i0]), ui = round_bf16(u[m * a->per_index + i - i0]);
+                    float silu = round_bf16(gi / (1.0f + expf(-gi)));
+                    a->act[(r + m) * a->I + i] = f32_to_bf16(silu * ui);
+                }
         }
     }
 }
 
 static void grouped_down_chunk(void* p, long c0, long c1) {
     const grouped_ctx* a = p;
+    float y[TILE_ROWS * a->per_row];
     for (long c = c0; c < c1; ++c) {
         long j = c / a->blocks2, d0 = (c % a->blocks2) * a->per_row;
         long d1 = d0 + a->per_row < a->D ? d0 + a->per_row : a->D;
         const bf16* w = a->w2 + (long)a->slots[j] * a->D * a->I;
-        for (long r = a->row_off[2 * j]; r < a->row_off[2 * j + 1]; ++r)
-            for (long d = d0; d < d1; ++d)
-                a->Y[r * a->D + d] = f32_to_bf16(dot1(w + d * a->I, a->act + r * a->I, a->I));
+        for (long r = a->row_off[2 * j]; r < a->row_off[2 * j + 1]; r += TILE_ROWS) {
+            int mr = a->row_off[2 * j + 1] - r < TILE_ROWS ? (int)(a->row_off[2 * j + 1] - r) : TILE_ROWS;
+            block_products(w, a->I, d0, d1, a->act + r * a->I, a->I, mr, a->I, y, a->per_row);
+            for (int m = 0; m < mr; ++m)
+                for (long d = d0; d < d1; ++d) a->Y[(r + m) * a->D + d] = f32_to_bf16(y[m * a->per_row + d - d0]);
+        }
     }
 }
 

@@ -42,18 +42,39 @@ def test_gemv_equals_fp32_product_rounded_once(rows, n, k):
     assert torch.all((got - exact).abs() <= BF16_STEP * exact.abs() + 1e-6)
 
 
-def test_linear_takes_the_kernel_for_a_few_bf16_rows_only(monkeypatch):
+@pytest.mark.parametrize(("rows", "n", "k"), [(5, 7, 33), (6, 130, 100), (16, 1024, 1024), (33, 9, 1), (64, 67, 290)])
+def test_gemm_equals_fp32_product_rounded_once(rows, n, k):
+    """Register tiles of 4x4 with every remainder: rows and weight rows not multiples of 4, K tails."""
+    x = _randn(rows, 2 * k, seed=1)[:, :k]
+    w = _randn(n, k, scale=k**-0.5, seed=2)
+    exact = F.linear(x.float(), w.float())
+    got = cpu_kernels.gemm(x, w).float()
+    assert got.shape == (rows, n)
+    assert torch.all((got - exact).abs() <= BF16_STEP * exact.abs() + 1e-6)
+
+
+def test_linear_takes_the_kernels_for_decode_batches_only(monkeypatch):
     calls = []
-    real = cpu_kernels.gemv
-    monkeypatch.setattr(cpu_kernels, "gemv", lambda x, w: calls.append(x.shape) or real(x, w))
+    for name in ("gemv", "gemm"):
+        real = getattr(cpu_kernels, name)
+        monkeypatch.setattr(
+            cpu_kernels, name, lambda x, w, name=name, real=real: calls.append((name, x.shape[0])) or real(x, w)
+        )
     w = _randn(16, 32)
     linear(_randn(1, 32), w)
     linear(_randn(cpu_kernels.MAX_ROWS, 32), w)
-    linear(_randn(cpu_kernels.MAX_ROWS + 1, 32), w)  # a matrix product: oneDNN
+    linear(_randn(cpu_kernels.MAX_ROWS + 1, 32), w)
+    linear(_randn(cpu_kernels.GEMM_MAX_ROWS, 32), w)
+    linear(_randn(cpu_kernels.GEMM_MAX_ROWS + 1, 32), w)  # a prefill: oneDNN
     linear(_randn(1, 32).float(), w.float())  # fp32: torch
     with cpu_kernels.disabled():
-        linear(_randn(1, 32), w)
-    assert calls == [(1, 32), (cpu_kernels.MAX_ROWS, 32)]
+        linear(_randn(8, 32), w)
+    assert calls == [
+        ("gemv", 1),
+        ("gemv", cpu_kernels.MAX_ROWS),
+        ("gemm", cpu_kernels.MAX_ROWS + 1),
+        ("gemm", cpu_kernels.GEMM_MAX_ROWS),
+    ]
 
 
 def test_swiglu_experts_equals_shard_and_shared_mlp():
