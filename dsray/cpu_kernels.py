@@ -119,7 +119,15 @@ def _library() -> ctypes.CDLL | None:
     # X, w13, w2, num_slots, slots[], row_off[], D, I, act, Y, nthreads
     grouped = lib.dsray_swiglu_grouped_bf16
     grouped.argtypes = [_bf16_p] * 3 + [_int, _bf16_p, _bf16_p, _long, _long] + [_bf16_p] * 2 + [_int]
-    for fn in (lib.dsray_mla_decode_step_bf16, lib.dsray_rmsnorm_bf16, lib.dsray_gate_bf16, grouped):
+    # back, order, weights, T, K, D, out, nthreads
+    lib.dsray_combine_bf16.argtypes = [_bf16_p] * 3 + [_int] * 3 + [_bf16_p, _int]
+    for fn in (
+        lib.dsray_mla_decode_step_bf16,
+        lib.dsray_rmsnorm_bf16,
+        lib.dsray_gate_bf16,
+        grouped,
+        lib.dsray_combine_bf16,
+    ):
         fn.restype = None
     return lib
 
@@ -256,6 +264,26 @@ def swiglu_grouped(
         act.data_ptr(),
         out.data_ptr(),
         torch.get_num_threads(),
+    )
+    return out
+
+
+def combine(back: torch.Tensor, order: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """An MoE layer's combine: ``back [T*K, D]`` bf16 results in sorted order, ``order [T*K]`` the
+    (token, k) pair of each sorted row, ``weights [T, K]`` fp32 → ``[T, D]`` bf16, each token's K
+    results weighted and summed in k order in fp32 (as ``router.exchange.Combine`` computes it)."""
+    T, K = weights.shape
+    D = back.shape[1]
+    if back.dtype != torch.bfloat16 or back.shape[0] != T * K or order.shape != (T * K,):
+        raise ValueError(
+            f"combine: back {tuple(back.shape)} {back.dtype} and order {tuple(order.shape)} do not fit weights {T}x{K}"
+        )
+    back = back.contiguous()
+    order = order.to(torch.int64).contiguous()
+    weights = weights.to(torch.float32).contiguous()
+    out = torch.empty(T, D, dtype=torch.bfloat16)
+    _library().dsray_combine_bf16(
+        back.data_ptr(), order.data_ptr(), weights.data_ptr(), T, K, D, out.data_ptr(), torch.get_num_threads()
     )
     return out
 

@@ -30,6 +30,7 @@ from collections.abc import Callable
 
 import torch
 
+from dsray import cpu_kernels
 from dsray.comm import Pending, Transport
 from router.expert_map import ExpertMap
 
@@ -52,6 +53,8 @@ class Combine:
         self._counts.wait()  # long done (collectives complete in order); a posted op is always waited
         self._exchange.waited("combine", time.perf_counter() - start)
         T, K = self._weights.shape
+        if self._dtype == torch.bfloat16 and T and cpu_kernels.usable(back, max_rows=back.shape[0]):
+            return cpu_kernels.combine(back, self._order, self._weights)  # the same sums, one pass
         rows = torch.empty_like(back).index_copy_(0, self._order, back)  # back to (token, k) order
         out = (rows.view(T, K, back.shape[1]).float() * self._weights.unsqueeze(-1)).sum(dim=1)  # [T, D]
         return out.to(self._dtype)

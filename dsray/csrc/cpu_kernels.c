@@ -697,3 +697,42 @@ void dsray_swiglu_grouped_bf16(const bf16* X, const bf16* w13, const bf16* w2, i
     parallel_chunks(grouped_gate_up_chunk, &a, num_slots * a.blocks1, nthreads);
     parallel_chunks(grouped_down_chunk, &a, num_slots * a.blocks2, nthreads);
 }
+
+// The combine of an MoE exchange (`router/exchange.py`, `Combine.wait`): out[t] = bf16(sum_k
+// w[t, k] * back[pos[t * K + k]]), the K results of token t weighted and summed in k order in fp32,
+// where back holds the results in sorted order and order[i] is the (token, k) pair of sorted row
+// i. One pass over the results instead of a scatter, an fp32 copy, a product and a sum.
+typedef struct {
+    const bf16* back;
+    const int64_t* pos;
+    const float* w;
+    bf16* out;
+    int K, D;
+} combine_ctx;
+
+static void combine_chunk(void* p, long c0, long c1) {
+    const combine_ctx* a = p;
+    for (long t = c0; t < c1; ++t) {
+        for (int d = 0; d < a->D; d += 16) {
+            __mmask16 mask = a->D - d >= 16 ? 0xffff : (__mmask16)((1u << (a->D - d)) - 1);
+            __m512 acc = _mm512_setzero_ps();
+            for (int k = 0; k < a->K; ++k) {
+                const bf16* row = a->back + a->pos[t * a->K + k] * (long)a->D + d;
+                __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, row));
+                acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_set1_ps(a->w[t * a->K + k]),
+                                                       _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16))));
+            }
+            __m256i packed = (__m256i)_mm512_cvtneps_pbh(acc);
+            _mm256_mask_storeu_epi16(a->out + t * (long)a->D + d, mask, packed);
+        }
+    }
+}
+
+void dsray_combine_bf16(const bf16* back, const int64_t* order, const float* weights, int T, int K, int D,
+                        bf16* out, int nthreads) {
+    int64_t* pos = malloc(sizeof(int64_t) * (size_t)(T > 0 ? T * K : 1));
+    for (long i = 0; i < (long)T * K; ++i) pos[order[i]] = i;
+    combine_ctx a = {back, pos, weights, out, K, D};
+    parallel_chunks(combine_chunk, &a, T, T * (long)K * D >= 65536 ? nthreads : 1);
+    free(pos);
+}

@@ -219,3 +219,15 @@ def test_single_sequence_decode_with_kernels_is_as_accurate_as_torch_bf16(bf16_m
     torch_err = (torch_bf16 - truth).abs().mean().item()
     print(f"[kernels] batch-1 decode mean abs err vs fp32: kernels {kernel_err:.2e}, torch bf16 {torch_err:.2e}")
     assert kernel_err <= 1.5 * torch_err + 1e-4
+
+
+@pytest.mark.parametrize(("tokens", "k", "dim"), [(1, 8, 1024), (5, 6, 100), (64, 8, 1040)])
+def test_combine_equals_the_exchanges_torch_combine(tokens, k, dim):
+    """Bit for bit: the same fp32 products summed in the same k order, rounded once (D tails too)."""
+    g = torch.Generator().manual_seed(tokens)
+    back = torch.randn(tokens * k, dim, generator=g).bfloat16()
+    order = torch.randperm(tokens * k, generator=g)
+    weights = torch.rand(tokens, k, generator=g)
+    rows = torch.empty_like(back).index_copy_(0, order, back)
+    want = (rows.view(tokens, k, dim).float() * weights.unsqueeze(-1)).sum(dim=1).bfloat16()
+    assert torch.equal(cpu_kernels.combine(back, order, weights), want)
