@@ -1,6 +1,6 @@
 """The AVX512-BF16 decode kernels of ``csrc/cpu_kernels.c``: built at first use, called through ctypes.
 
-``gemv`` (a bf16 linear over a few rows) and ``swiglu_experts`` (one token through its routed and
+``gemm`` (a bf16 linear over a decode batch's rows) and ``swiglu_experts`` (one token through its routed and
 shared experts in one call) replace torch's bf16 matrix-vector path on CPUs that have the
 ``avx512_bf16`` instructions; everywhere else ``available()`` is False and the callers keep their
 torch code, which is also the reference the tests hold these kernels to.
@@ -35,8 +35,7 @@ logger = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.c"
 # -ffp-contract=off: a fused multiply-add would round differently from torch's separate mul and add.
 CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mbmi2", "-ffp-contract=off", "-pthread"]
-MAX_ROWS = 4  # gemv: rows of x per call (one weight row at a time reads memory fastest)
-GEMM_MAX_ROWS = 64  # gemm: register tiles of 4x4 products, up to a wide decode batch; prefills go to oneDNN
+GEMM_MAX_ROWS = 64  # gemm: rows of x per call, up to a wide decode batch; prefills go to oneDNN
 
 _bf16_p = ctypes.c_void_p
 _int = ctypes.c_int
@@ -94,9 +93,8 @@ def _library() -> ctypes.CDLL | None:
     except (OSError, RuntimeError) as exc:
         logger.warning("dsray CPU kernels unavailable, using torch's bf16 kernels: %s", exc)
         return None
-    lib.dsray_gemv_bf16.argtypes = [_bf16_p, _long, _bf16_p, _long, _bf16_p, _long, _int, _int, _int, _int]
-    lib.dsray_gemv_bf16.restype = None
-    lib.dsray_gemm_bf16.argtypes = lib.dsray_gemv_bf16.argtypes
+    # X, ldx, W, ldw, Y, ldy, M, N, K, nthreads
+    lib.dsray_gemm_bf16.argtypes = [_bf16_p, _long, _bf16_p, _long, _bf16_p, _long, _int, _int, _int, _int]
     lib.dsray_gemm_bf16.restype = None
     # x, D, num_experts, num_routed, gate[], up[], down[], inter[], weights[], act, out, nthreads
     lib.dsray_swiglu_experts_bf16.argtypes = [_bf16_p, _int, _int, _int] + [_bf16_p] * 7 + [_int]
@@ -137,7 +135,7 @@ def available() -> bool:
     return _enabled and _library() is not None
 
 
-def usable(x: torch.Tensor, max_rows: int = MAX_ROWS) -> bool:
+def usable(x: torch.Tensor, max_rows: int = GEMM_MAX_ROWS) -> bool:
     """Whether ``x`` (bf16 on CPU, at most ``max_rows`` rows) can take the kernel path."""
     return (
         x.dtype == torch.bfloat16
@@ -147,29 +145,20 @@ def usable(x: torch.Tensor, max_rows: int = MAX_ROWS) -> bool:
     )
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``F.linear(x, weight)`` for bf16 ``x [..., K]`` of at most ``MAX_ROWS`` rows, ``weight [N, K]``."""
-    return _product(_library().dsray_gemv_bf16, x, weight)
-
-
 def gemm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``F.linear(x, weight)`` for bf16 ``x [..., K]`` of a decode batch's rows (meant for
-    ``MAX_ROWS`` < rows <= ``GEMM_MAX_ROWS``), ``weight [N, K]``: register-tiled dot products."""
-    return _product(_library().dsray_gemm_bf16, x, weight)
-
-
-def _product(kernel, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, weight)`` for bf16 ``x [..., K]`` of a decode batch's rows (at most
+    ``GEMM_MAX_ROWS``), ``weight [N, K]``: register-tiled dot products, fp32 sums rounded once."""
     K = x.shape[-1]
     N = weight.shape[0]
     if weight.shape[1] != K:
-        raise ValueError(f"x has {K} features but weight is {tuple(weight.shape)}")
+        raise ValueError(f"gemm: x has {K} features but weight is {tuple(weight.shape)}")
     rows = x.reshape(-1, K)
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     if weight.stride(-1) != 1:
         weight = weight.contiguous()
     out = torch.empty(rows.shape[0], N, dtype=torch.bfloat16)
-    kernel(
+    _library().dsray_gemm_bf16(
         rows.data_ptr(),
         rows.stride(0),
         weight.data_ptr(),

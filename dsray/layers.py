@@ -3,8 +3,8 @@
 ``linear`` exists for one CPU fact: torch routes every bf16 matmul to oneDNN, whose kernels for
 a decode batch (one to a few dozen rows) read weights far below the memory bandwidth: its GEMV
 reaches about half of it, and its GEMM re-packs the weights on every call. Where the CPU has
-AVX512-BF16 (``dsray/cpu_kernels.py``), up to four rows go to dsray's GEMV kernel and up to
-``GEMM_MAX_ROWS`` (64) to its register-tiled GEMM; without the kernels, two rows or fewer go to
+AVX512-BF16 (``dsray/cpu_kernels.py``), up to ``GEMM_MAX_ROWS`` (64) rows go to dsray's
+register-tiled kernel; without the kernels, two rows or fewer go to
 torch's own ``cpublas`` GEMV. Prefills stay on oneDNN. All accumulate in fp32 (measured on
 ``small``'s shapes; see ``benchmarks/model_decode.py``). A one-token ``MLP`` runs as one fused
 kernel call where the kernels are available.
@@ -30,7 +30,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """``F.linear`` that sends bf16 GEMVs (``x [..., in]`` of a few rows) around oneDNN."""
     rows = x.numel() // x.shape[-1]
     if rows <= cpu_kernels.GEMM_MAX_ROWS and weight.dtype == torch.bfloat16 and cpu_kernels.usable(x, rows):
-        y = cpu_kernels.gemv(x, weight) if rows <= cpu_kernels.MAX_ROWS else cpu_kernels.gemm(x, weight)
+        y = cpu_kernels.gemm(x, weight)
         return y if bias is None else y + bias
     if not native_gemv(x, rows):
         return F.linear(x, weight, bias)

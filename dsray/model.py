@@ -109,7 +109,7 @@ class MoE(nn.Module):
             ids = torch.empty((0, self.gate.top_k), dtype=torch.int64, device=x.device)
             return self.exchange.start_round(self.moe_index, x, ids, ids.float())
         topk_weights, topk_ids = self.gate(x)  # [T, K]
-        self.expert_load += torch.bincount(topk_ids.reshape(-1), minlength=self.expert_load.shape[0])
+        self.expert_load.add_(torch.bincount(topk_ids.reshape(-1), minlength=self.expert_load.shape[0]))
         if self._fused_single_token(x):
             # Batch-1 decode with local experts: routed and shared experts in one kernel call.
             shared = [self.shared_experts.swiglu_weights()] if self.shared_experts is not None else []

@@ -196,9 +196,8 @@ static inline long num_chunks(long n, long per) { return (n + per - 1) / per; }
 
 // ---- Kernels -------------------------------------------------------------------------------------
 
-// Y[m, n] = bf16(dot(W[n, :K], X[m, :K])) for m < M, n < N. X rows have stride ldx, Y rows ldy,
-// W rows ldw. W is cut into chunks of rows; each row is read from memory once, for all M rows of
-// X (later reads of it hit L1).
+// Y[m, n] = bf16(dot(W[n, :K], X[m, :K])) for m < M, n < N (dsray_gemm_bf16 below). X rows have
+// stride ldx, Y rows ldy, W rows ldw.
 typedef struct {
     const bf16 *X, *W;
     bf16* Y;
@@ -207,48 +206,34 @@ typedef struct {
     long per;  // rows per chunk
 } gemv_ctx;
 
-static void gemv_chunk(void* p, long c0, long c1) {
-    const gemv_ctx* a = p;
-    for (long n = chunk_begin(c0, a->per); n < chunk_end(c1 - 1, a->per, a->N); ++n)
-        for (int m = 0; m < a->M; ++m) a->Y[m * a->ldy + n] = f32_to_bf16(dot1(a->W + n * a->ldw, a->X + m * a->ldx, a->K));
-}
-
-void dsray_gemv_bf16(const bf16* X, long ldx, const bf16* W, long ldw, bf16* Y, long ldy, int M, int N, int K,
-                     int nthreads) {
-    // ~32 KiB of weights per chunk: small enough to balance, large enough that claiming is free.
-    long per = 16384 / (K > 0 ? K : 1) + 1;
-    gemv_ctx a = {X, W, Y, ldx, ldw, ldy, M, N, K, per};
-    parallel_chunks(gemv_chunk, &a, num_chunks(N, per), nthreads);
-}
-
-// ---- Small matrix products: 5 to 64 rows -------------------------------------------------------
+// ---- Decode-batch matrix products: 1 to 64 rows --------------------------------------------------
 //
-// A decode batch of a few dozen sequences multiplies each weight by a few dozen rows: too few for
-// oneDNN's packed GEMM to pay off (it re-packs the weights on every call, ~10x slower than the
-// weight read itself here), too many for the GEMV above (each extra row costs a full pass of dot
-// products with their horizontal sums). Here a register tile of up to 4 weight rows x 4 x rows
-// accumulates 16 dot products at once, each 32-wide `vdpbf16ps` reusing loaded operands 4 times;
-// a chunk of weight rows stays in L1 while every row tile of X passes over it, so each weight is
-// read from memory once per call. Sums are fp32, each output rounded to bf16 once.
+// A decode batch multiplies each weight by one to a few dozen rows: too few for oneDNN's packed
+// GEMM to pay off (it re-packs the weights on every call, slower than the weight read itself
+// here), while its GEMV reads at about half the memory bandwidth. Here register tiles of dot
+// products (below) cover every row count; a chunk of weight rows stays in L1 while every row tile
+// of X passes over it, so each weight is read from memory once per call. Sums are fp32, each
+// output rounded to bf16 once.
 
-#define TILE_ROWS 4
+#define TILE_M 8  // most rows of X in a register tile
+#define TILE_N 4  // most weight rows in a register tile
 
 // out[m * ldo + n] = dot(W[n], X[m]) over K for m < MR, n < NR (fp32, unrounded).
 static inline __attribute__((always_inline)) void tile_dot(const bf16* W, long ldw, const bf16* X, long ldx, int K,
                                                          float* out, long ldo, const int MR, const int NR) {
-    __m512 acc[TILE_ROWS][TILE_ROWS];
+    __m512 acc[TILE_M][TILE_N];
     for (int m = 0; m < MR; ++m)
         for (int n = 0; n < NR; ++n) acc[m][n] = _mm512_setzero_ps();
     int k = 0;
     for (; k + 32 <= K; k += 32) {
-        __m512bh w[TILE_ROWS], x[TILE_ROWS];
+        __m512bh w[TILE_N], x[TILE_M];
         for (int n = 0; n < NR; ++n) w[n] = load_bh(W + n * ldw + k);
         for (int m = 0; m < MR; ++m) x[m] = load_bh(X + m * ldx + k);
         for (int m = 0; m < MR; ++m)
             for (int n = 0; n < NR; ++n) acc[m][n] = _mm512_dpbf16_ps(acc[m][n], w[n], x[m]);
     }
     if (k < K) {
-        __m512bh w[TILE_ROWS], x[TILE_ROWS];
+        __m512bh w[TILE_N], x[TILE_M];
         for (int n = 0; n < NR; ++n) w[n] = load_bh_tail(W + n * ldw + k, K - k);
         for (int m = 0; m < MR; ++m) x[m] = load_bh_tail(X + m * ldx + k, K - k);
         for (int m = 0; m < MR; ++m)
@@ -258,29 +243,43 @@ static inline __attribute__((always_inline)) void tile_dot(const bf16* W, long l
         for (int n = 0; n < NR; ++n) out[m * ldo + n] = _mm512_reduce_add_ps(acc[m][n]);
 }
 
-// tile_dot with MR and NR known at compile time (1..4 each), so its loops unroll into registers.
-static void tile_dot_any(const bf16* W, long ldw, const bf16* X, long ldx, int K, float* out, long ldo, int MR,
-                         int NR) {
-#define TILE_CASE(mr, nr) \
-    case (mr) * 8 + (nr): tile_dot(W, ldw, X, ldx, K, out, ldo, mr, nr); return;
-    switch (MR * 8 + NR) {
-        TILE_CASE(4, 4) TILE_CASE(4, 3) TILE_CASE(4, 2) TILE_CASE(4, 1)
-        TILE_CASE(3, 4) TILE_CASE(3, 3) TILE_CASE(3, 2) TILE_CASE(3, 1)
-        TILE_CASE(2, 4) TILE_CASE(2, 3) TILE_CASE(2, 2) TILE_CASE(2, 1)
-        TILE_CASE(1, 4) TILE_CASE(1, 3) TILE_CASE(1, 2) TILE_CASE(1, 1)
-    }
-#undef TILE_CASE
+// Two tile shapes, MR and NR known at compile time so the loops unroll into registers. With few
+// rows the weights' memory read is the cost, and one weight row at a time against up to 8 rows of
+// X keeps it a single sequential stream (interleaving 4 weight rows read memory ~2x slower here);
+// with more rows the dot products are the cost, and 4x4 tiles load each operand for 4 of them.
+static void tile_dot_narrow(const bf16* W, const bf16* X, long ldx, int K, float* out, long ldo, int MR) {
+#define NARROW_CASE(mr) \
+    case mr: tile_dot(W, 0, X, ldx, K, out, ldo, mr, 1); return;
+    switch (MR) { NARROW_CASE(1) NARROW_CASE(2) NARROW_CASE(3) NARROW_CASE(4)
+                  NARROW_CASE(5) NARROW_CASE(6) NARROW_CASE(7) NARROW_CASE(8) }
+#undef NARROW_CASE
 }
 
+static void tile_dot_square(const bf16* W, long ldw, const bf16* X, long ldx, int K, float* out, long ldo, int MR,
+                            int NR) {
+#define SQUARE_CASE(mr, nr) \
+    case (mr) * 8 + (nr): tile_dot(W, ldw, X, ldx, K, out, ldo, mr, nr); return;
+#define SQUARE_ROW(mr) SQUARE_CASE(mr, 1) SQUARE_CASE(mr, 2) SQUARE_CASE(mr, 3) SQUARE_CASE(mr, 4)
+    switch (MR * 8 + NR) { SQUARE_ROW(1) SQUARE_ROW(2) SQUARE_ROW(3) SQUARE_ROW(4) }
+#undef SQUARE_ROW
+#undef SQUARE_CASE
+}
+
+#define NARROW_MAX_ROWS 8  // up to this many rows of X: the narrow tiles
+
 // Y[m, n0:n1] (fp32 in `out`, rows ldo apart) = X[m] . W[n0:n1] for every m < M, tile by tile:
-// the weight rows of a tile stay in registers' reach (L1) while all row tiles of X pass.
+// the weight rows of a tile stay in L1 while all row tiles of X pass over them.
 static void block_products(const bf16* W, long ldw, long n0, long n1, const bf16* X, long ldx, int M, int K,
                            float* out, long ldo) {
-    for (long n = n0; n < n1; n += TILE_ROWS) {
-        int nr = n1 - n < TILE_ROWS ? (int)(n1 - n) : TILE_ROWS;
-        for (int m = 0; m < M; m += TILE_ROWS) {
-            int mr = M - m < TILE_ROWS ? M - m : TILE_ROWS;
-            tile_dot_any(W + n * ldw, ldw, X + m * ldx, ldx, K, out + m * ldo + (n - n0), ldo, mr, nr);
+    if (M <= NARROW_MAX_ROWS) {
+        for (long n = n0; n < n1; ++n) tile_dot_narrow(W + n * ldw, X, ldx, K, out + (n - n0), ldo, M);
+        return;
+    }
+    for (long n = n0; n < n1; n += 4) {
+        int nr = n1 - n < 4 ? (int)(n1 - n) : 4;
+        for (int m = 0; m < M; m += 4) {
+            int mr = M - m < 4 ? M - m : 4;
+            tile_dot_square(W + n * ldw, ldw, X + m * ldx, ldx, K, out + m * ldo + (n - n0), ldo, mr, nr);
         }
     }
 }
@@ -298,8 +297,7 @@ static void gemm_chunk(void* p, long c0, long c1) {
     }
 }
 
-// Y[m, n] = bf16(dot(W[n, :K], X[m, :K])) for any M (meant for 5..64; dsray_gemv_bf16 reads
-// memory faster for 1..4 rows).
+// Y[m, n] = bf16(dot(W[n, :K], X[m, :K])) for any M (meant for a decode batch: 1..64 rows).
 void dsray_gemm_bf16(const bf16* X, long ldx, const bf16* W, long ldw, bf16* Y, long ldy, int M, int N, int K,
                      int nthreads) {
     gemv_ctx a = {X, W, Y, ldx, ldw, ldy, M, N, K, GEMM_BLOCK};
@@ -648,16 +646,17 @@ typedef struct {
     long D, I, per_index, per_row, blocks1, blocks2;
 } grouped_ctx;
 
-// Rows are taken TILE_ROWS at a time against a chunk's weight rows in register tiles (tile_dot).
+// A slot's rows are taken up to GROUP_ROWS at a time against a chunk's weight rows (block_products).
+#define GROUP_ROWS 64
 static void grouped_gate_up_chunk(void* p, long c0, long c1) {
     const grouped_ctx* a = p;
-    float g[TILE_ROWS * a->per_index], u[TILE_ROWS * a->per_index];
+    float g[GROUP_ROWS * a->per_index], u[GROUP_ROWS * a->per_index];
     for (long c = c0; c < c1; ++c) {
         long j = c / a->blocks1, i0 = (c % a->blocks1) * a->per_index;
         long i1 = i0 + a->per_index < a->I ? i0 + a->per_index : a->I;
         const bf16* w = a->w13 + (long)a->slots[j] * 2 * a->I * a->D;
-        for (long r = a->row_off[2 * j]; r < a->row_off[2 * j + 1]; r += TILE_ROWS) {
-            int mr = a->row_off[2 * j + 1] - r < TILE_ROWS ? (int)(a->row_off[2 * j + 1] - r) : TILE_ROWS;
+        for (long r = a->row_off[2 * j]; r < a->row_off[2 * j + 1]; r += GROUP_ROWS) {
+            int mr = a->row_off[2 * j + 1] - r < GROUP_ROWS ? (int)(a->row_off[2 * j + 1] - r) : GROUP_ROWS;
             const bf16* x = a->X + r * a->D;
             block_products(w, a->D, i0, i1, x, a->D, mr, a->D, g, a->per_index);
             block_products(w + a->I * a->D, a->D, i0, i1, x, a->D, mr, a->D, u, a->per_index);
@@ -673,13 +672,13 @@ static void grouped_gate_up_chunk(void* p, long c0, long c1) {
 
 static void grouped_down_chunk(void* p, long c0, long c1) {
     const grouped_ctx* a = p;
-    float y[TILE_ROWS * a->per_row];
+    float y[GROUP_ROWS * a->per_row];
     for (long c = c0; c < c1; ++c) {
         long j = c / a->blocks2, d0 = (c % a->blocks2) * a->per_row;
         long d1 = d0 + a->per_row < a->D ? d0 + a->per_row : a->D;
         const bf16* w = a->w2 + (long)a->slots[j] * a->D * a->I;
-        for (long r = a->row_off[2 * j]; r < a->row_off[2 * j + 1]; r += TILE_ROWS) {
-            int mr = a->row_off[2 * j + 1] - r < TILE_ROWS ? (int)(a->row_off[2 * j + 1] - r) : TILE_ROWS;
+        for (long r = a->row_off[2 * j]; r < a->row_off[2 * j + 1]; r += GROUP_ROWS) {
+            int mr = a->row_off[2 * j + 1] - r < GROUP_ROWS ? (int)(a->row_off[2 * j + 1] - r) : GROUP_ROWS;
             block_products(w, a->I, d0, d1, a->act + r * a->I, a->I, mr, a->I, y, a->per_row);
             for (int m = 0; m < mr; ++m)
                 for (long d = d0; d < d1; ++d) a->Y[(r + m) * a->D + d] = f32_to_bf16(y[m * a->per_row + d - d0]);

@@ -32,19 +32,14 @@ def _randn(*shape, scale=1.0, seed=0):
     return (torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale).bfloat16()
 
 
-@pytest.mark.parametrize(("rows", "n", "k"), [(1, 7, 33), (1, 64, 64), (2, 130, 100), (3, 1024, 1024), (4, 9, 1)])
-def test_gemv_equals_fp32_product_rounded_once(rows, n, k):
-    x = _randn(rows, 2 * k, seed=1)[:, :k]  # a strided view: rows are 2k apart
-    w = _randn(n, k, scale=k**-0.5, seed=2)
-    exact = F.linear(x.float(), w.float())
-    got = cpu_kernels.gemv(x, w).float()
-    assert got.shape == (rows, n)
-    assert torch.all((got - exact).abs() <= BF16_STEP * exact.abs() + 1e-6)
-
-
-@pytest.mark.parametrize(("rows", "n", "k"), [(5, 7, 33), (6, 130, 100), (16, 1024, 1024), (33, 9, 1), (64, 67, 290)])
+@pytest.mark.parametrize(
+    ("rows", "n", "k"),
+    [(1, 7, 33), (1, 64, 64), (2, 130, 100), (3, 1024, 1024), (4, 9, 1), (8, 7, 33), (9, 130, 100), (16, 1024, 1024)]
+    + [(33, 9, 1), (64, 67, 290)],
+)
 def test_gemm_equals_fp32_product_rounded_once(rows, n, k):
-    """Register tiles of 4x4 with every remainder: rows and weight rows not multiples of 4, K tails."""
+    """Both tile shapes (one weight row against up to 8 rows; 4x4 beyond) with every remainder:
+    rows and weight rows not multiples of the tile, K not a multiple of 32."""
     x = _randn(rows, 2 * k, seed=1)[:, :k]
     w = _randn(n, k, scale=k**-0.5, seed=2)
     exact = F.linear(x.float(), w.float())
@@ -53,28 +48,19 @@ def test_gemm_equals_fp32_product_rounded_once(rows, n, k):
     assert torch.all((got - exact).abs() <= BF16_STEP * exact.abs() + 1e-6)
 
 
-def test_linear_takes_the_kernels_for_decode_batches_only(monkeypatch):
+def test_linear_takes_the_kernel_for_decode_batches_only(monkeypatch):
     calls = []
-    for name in ("gemv", "gemm"):
-        real = getattr(cpu_kernels, name)
-        monkeypatch.setattr(
-            cpu_kernels, name, lambda x, w, name=name, real=real: calls.append((name, x.shape[0])) or real(x, w)
-        )
+    real = cpu_kernels.gemm
+    monkeypatch.setattr(cpu_kernels, "gemm", lambda x, w: calls.append(x.shape[0]) or real(x, w))
     w = _randn(16, 32)
     linear(_randn(1, 32), w)
-    linear(_randn(cpu_kernels.MAX_ROWS, 32), w)
-    linear(_randn(cpu_kernels.MAX_ROWS + 1, 32), w)
+    linear(_randn(5, 32), w)
     linear(_randn(cpu_kernels.GEMM_MAX_ROWS, 32), w)
     linear(_randn(cpu_kernels.GEMM_MAX_ROWS + 1, 32), w)  # a prefill: oneDNN
     linear(_randn(1, 32).float(), w.float())  # fp32: torch
     with cpu_kernels.disabled():
         linear(_randn(8, 32), w)
-    assert calls == [
-        ("gemv", 1),
-        ("gemv", cpu_kernels.MAX_ROWS),
-        ("gemm", cpu_kernels.MAX_ROWS + 1),
-        ("gemm", cpu_kernels.GEMM_MAX_ROWS),
-    ]
+    assert calls == [1, 5, cpu_kernels.GEMM_MAX_ROWS]
 
 
 def test_swiglu_experts_equals_shard_and_shared_mlp():
@@ -152,7 +138,7 @@ def bf16_model(request, tmp_path_factory):
 def kernel_calls(monkeypatch) -> dict[str, int]:
     """Counts of calls into each kernel during a test (proves the fast paths were taken)."""
     calls: dict[str, int] = {}
-    for name in ("gemv", "swiglu_experts", "mla_decode_step", "rmsnorm", "gate"):
+    for name in ("gemm", "swiglu_experts", "mla_decode_step", "rmsnorm", "gate"):
         real = getattr(cpu_kernels, name)
 
         def counted(*args, _real=real, _name=name, **kwargs):
@@ -178,12 +164,12 @@ def _batched_decode(model, prompts, block_size=4, calls=None):
 
 
 def test_batched_decode_step_with_kernels_matches_torch_bf16(bf16_model, kernel_calls):
-    """Several sequences of different lengths in one decode step: MLA kernel, GEMV kernel."""
+    """Several sequences of different lengths in one decode step: MLA kernel, GEMM kernel."""
     model, truth_model = bf16_model
     gen = torch.Generator().manual_seed(7)
     prompts = [torch.randint(2, 512, (n,), generator=gen).tolist() for n in (5, 17, 9, 30)]
     kernels = _batched_decode(model, prompts, calls=kernel_calls)
-    assert kernel_calls["mla_decode_step"] == model.args.num_hidden_layers and kernel_calls["gemv"] > 0
+    assert kernel_calls["mla_decode_step"] == model.args.num_hidden_layers and kernel_calls["gemm"] > 0
     assert kernel_calls["gate"] == len(model.moe_layers)
     with cpu_kernels.disabled():
         torch_bf16 = _batched_decode(model, prompts)
@@ -196,7 +182,7 @@ def test_batched_decode_step_with_kernels_matches_torch_bf16(bf16_model, kernel_
 
 
 def test_single_sequence_decode_with_kernels_is_as_accurate_as_torch_bf16(bf16_model, kernel_calls):
-    """Batch 1: every kernel (GEMV, fused MLP and MoE experts, MLA decode) over 24 decode steps."""
+    """Batch 1: every kernel (GEMM, fused MLP and MoE experts, MLA decode) over 24 decode steps."""
     model, truth_model = bf16_model
     tokens = torch.randint(2, 512, (40,), generator=torch.Generator().manual_seed(8)).tolist()
 
