@@ -42,7 +42,12 @@ class LLMServerDeploymentArgs(_Strict):
         "Bursts queue there briefly even when replicas have room, so keep it well above the burst size; "
         "the replica's own limit (max_waiting_requests, 429) is the real queue bound.",
     )
-    num_cpus: float = Field(1.0, ge=0, description="Ray CPUs reserved per replica (logical; the engine's threads).")
+    num_cpus: float = Field(
+        1.0,
+        ge=0,
+        description="Ray CPUs reserved per replica (logical, for placement). The engine's torch threads are "
+        "engine.num_threads, default every physical core as offline: set it when replicas share a node.",
+    )
     num_gpus: float | None = Field(
         None,
         ge=0,

@@ -236,3 +236,27 @@ def test_tokenizing_runs_off_the_event_loop(server):
         assert asyncio.run(scenario()) > 10  # the loop kept turning during the one-second encode
     finally:
         prompts.shutdown()
+
+
+class _ConfigOnly:
+    """An engine that only keeps the config the server built (nothing starts)."""
+
+    tokenizer = None
+    max_model_len = 128
+
+    def __init__(self, config):
+        self.config = config
+
+    def shutdown(self):
+        pass
+
+
+def test_the_engine_process_takes_every_core_not_rays_cap(tiny_model, monkeypatch):
+    from deploy.server import default_num_threads
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what Ray sets in a replica with num_cpus=1
+    monkeypatch.delenv("DSRAY_NUM_THREADS", raising=False)
+    assert _server(tiny_model, engine_cls=_ConfigOnly).llm.config.num_threads == default_num_threads() >= 1
+    assert _server(tiny_model, engine_cls=_ConfigOnly, engine={"num_threads": 1}).llm.config.num_threads == 1
+    in_thread = _server(tiny_model, engine_cls=_ConfigOnly, engine={"engine_process": False}).llm.config
+    assert in_thread.num_threads is None  # the engine shares this process: its threads are the host's business
