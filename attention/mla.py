@@ -81,6 +81,8 @@ class MLA(nn.Module):
         self._kernel_shapes = self.kv_lora_rank % 16 == 0 and self.v_head_dim % 16 == 0  # cpu_kernels.mla_decode
         self._absorbed: tuple[torch.Tensor, torch.Tensor] | None = None  # see _absorb_weights
         self._absorbed_key: tuple | None = None
+        self._kernel: tuple[torch.Tensor, torch.Tensor] | None = None  # see _kernel_weights
+        self._kernel_key: tuple | None = None
 
     def _up_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``W_UK [H, d_nope, C]`` and ``W_UV [H, d_v, C]``, views into ``kv_b_proj``."""
@@ -102,6 +104,17 @@ class MLA(nn.Module):
             self._absorbed_key = key
         return self._absorbed
 
+    def _kernel_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``W_UKᵀ [H, C, d_nope]`` and ``W_UV [H, d_v, C]``, contiguous, for ``cpu_kernels.mla_decode_step``
+        (it takes dot products with their rows); kept and rebuilt as ``_absorb_weights`` is."""
+        weight = self.kv_b_proj.weight
+        key = (weight.data_ptr(), weight.dtype, weight.device)
+        if self._kernel_key != key:
+            w_uk, w_uv = self._up_weights()
+            self._kernel = (w_uk.transpose(1, 2).contiguous(), w_uv.contiguous())
+            self._kernel_key = key
+        return self._kernel
+
     def forward(self, x: torch.Tensor, meta: AttentionMetadata, kv_cache: torch.Tensor) -> torch.Tensor:
         """``x [T, D]`` → ``[T, D]``; writes this step's latents into ``kv_cache [slots, C + R]`` first."""
         T, C, H = x.shape[0], self.kv_lora_rank, self.n_heads
@@ -111,10 +124,10 @@ class MLA(nn.Module):
         cis = meta.rope_cis if meta.rope_cis is not None else self.rope.cis(meta.positions)
         if self._decode_kernel(x, meta, kv_cache):
             # Latent write, rope, absorbed attention and W_UV in one kernel call (same rounding as below).
-            w_uk, w_uv_t = self._absorb_weights()
+            w_uk_t, w_uv = self._kernel_weights()
             out = cpu_kernels.mla_decode_step(
                 q, kv, self.kv_a_layernorm.weight, self.kv_a_layernorm.eps, cis, self.rope.interleaved,
-                meta.slot_mapping, w_uk, w_uv_t, kv_cache, meta.block_tables, meta.context_lens_t,
+                meta.slot_mapping, w_uk_t, w_uv, kv_cache, meta.block_tables, meta.context_lens_t,
                 meta.block_size, self.softmax_scale,
             )  # fmt: skip
             return self.o_proj(out.view(T, -1))

@@ -99,7 +99,7 @@ def _library() -> ctypes.CDLL | None:
     # x, D, num_experts, num_routed, gate[], up[], down[], inter[], weights[], act, out, nthreads
     lib.dsray_swiglu_experts_bf16.argtypes = [_bf16_p, _int, _int, _int] + [_bf16_p] * 7 + [_int]
     lib.dsray_swiglu_experts_bf16.restype = None
-    # q, q_sn, kv, kv_sn, kv_norm_w, eps, cis, interleaved, slot_mapping, w_uk, w_uv_t, cache, block_tables,
+    # q, q_sn, kv, kv_sn, kv_norm_w, eps, cis, interleaved, slot_mapping, w_uk_t, w_uv, cache, block_tables,
     # bt_stride, context_lens, block_size, N, H, d_nope, R, C, d_v, scale, q_pe scratch, out, nthreads
     lib.dsray_mla_decode_step_bf16.argtypes = (
         [_bf16_p, _long, _bf16_p, _long, _bf16_p, ctypes.c_float, _bf16_p, _int]
@@ -359,8 +359,8 @@ def mla_decode_step(
     rope_cis: torch.Tensor,
     rope_interleaved: bool,
     slot_mapping: torch.Tensor,
-    w_uk: torch.Tensor,
-    w_uv_t: torch.Tensor,
+    w_uk_t: torch.Tensor,
+    w_uv: torch.Tensor,
     kv_cache: torch.Tensor,
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
@@ -372,17 +372,23 @@ def mla_decode_step(
     ``q [N, H, d_nope + R]`` and ``kv [N, C + R]`` (the outputs of ``q_b_proj`` / ``q_proj`` and
     ``kv_a_proj_with_mqa``, rope dims not yet rotated): writes each token's latent (normed ``c_kv``,
     rotated ``k_pe``) to ``kv_cache [slots, C + R]`` at ``slot_mapping``, rotates the query by
-    ``rope_cis [N, 1, R/2]`` (complex), attends over the paged cache with ``W_UK [H, d_nope, C]`` and
-    ``W_UVᵀ [H, C, d_v]`` absorbed, and returns ``[N, H, d_v]``.
+    ``rope_cis [N, 1, R/2]`` (complex), attends over the paged cache with ``W_UK`` and ``W_UV``
+    absorbed (given as ``W_UKᵀ [H, C, d_nope]`` and ``W_UV [H, d_v, C]``: rows the kernel takes
+    dot products with), and returns ``[N, H, d_v]``.
     """
     N, H, qk = q.shape
-    R = kv.shape[-1] - w_uk.shape[-1]
-    d_nope, C, d_v = qk - R, w_uk.shape[-1], w_uv_t.shape[-1]
+    C = w_uk_t.shape[1]
+    R = kv.shape[-1] - C
+    d_nope, d_v = qk - R, w_uv.shape[1]
     if C % 16 or d_v % 16:
         raise ValueError(f"mla_decode_step: kv_lora_rank and v_head_dim must be multiples of 16, got {C}, {d_v}")
     if q.stride(-1) != 1 or q.stride(1) != qk or kv.stride(-1) != 1:
         raise ValueError("mla_decode_step: q rows must be [H, d_nope + R] contiguous and kv rows contiguous")
-    for name, t in (("w_uk", w_uk), ("w_uv_t", w_uv_t), ("kv_cache", kv_cache), ("kv_norm_weight", kv_norm_weight)):
+    if w_uk_t.shape[2] != d_nope or w_uv.shape[2] != C:
+        raise ValueError(
+            f"mla_decode_step: W_UK^T {tuple(w_uk_t.shape)} / W_UV {tuple(w_uv.shape)} do not fit q and kv"
+        )
+    for name, t in (("w_uk_t", w_uk_t), ("w_uv", w_uv), ("kv_cache", kv_cache), ("kv_norm_weight", kv_norm_weight)):
         if t.dtype != torch.bfloat16 or not t.is_contiguous():
             raise ValueError(f"mla_decode_step: {name} must be contiguous bf16")
     cis = torch.view_as_real(rope_cis).reshape(N, R)  # (cos, sin) pairs, fp32
@@ -401,8 +407,8 @@ def mla_decode_step(
         cis.data_ptr(),
         int(rope_interleaved),
         slots.data_ptr(),
-        w_uk.data_ptr(),
-        w_uv_t.data_ptr(),
+        w_uk_t.data_ptr(),
+        w_uv.data_ptr(),
         kv_cache.data_ptr(),
         block_tables.data_ptr(),
         block_tables.stride(0),

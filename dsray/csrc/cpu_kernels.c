@@ -403,65 +403,71 @@ static void weighted_rows(const float* coef, const bf16* const* rows, long num_r
 
 // Absorbed MLA attention for decode steps (one new token per sequence), once the rope is applied and
 // the cache written (dsray_mla_decode_step_bf16 below): for sequence n and head h,
-//   q_lat = q_nope W_UK[h]                       (W_UK [H, d_nope, C])
+//   q_lat = q_nope W_UK[h]                       (given as W_UK^T [H, C, d_nope])
 //   p     = softmax(scale * [q_lat, q_pe] . latent[s] for s < context_lens[n])
-//   out   = (sum_s p[s] latent[s, :C]) W_UV^T[h]  (W_UV^T [H, C, d_v])
+//   out   = (sum_s p[s] latent[s, :C]) W_UV[h]^T  (W_UV [H, d_v, C])
 // reading the paged latent cache through the block table. Every intermediate is rounded to bf16
 // where `attention/mla.py` holds a bf16 tensor (q_lat, scores, probabilities, o_lat, out).
-// Each (n, h) is one chunk; C and d_v must be multiples of 16.
+// A chunk is one head for a block of up to MLA_SEQS sequences: the two up-projections are dot
+// products of that head's weight rows with all of the block's rows at once (block_products, the
+// weights read once per chunk); the attention itself runs per sequence. Consecutive chunks are the
+// heads of one block, whose latents stay in L2 across them: blocks are sized to MLA_BLOCK_BYTES of
+// context. C and d_v must be multiples of 16.
+#define MLA_SEQS 8
+#define MLA_BLOCK_BYTES (256L * 1024)
+
 typedef struct {
-    const bf16 *q_nope, *q_pe, *w_uk, *w_uv_t, *cache;
+    const bf16 *q_nope, *q_pe, *w_uk_t, *w_uv, *cache;
     long q_sn, q_sh, pe_sn, pe_sh, bt_stride;
     const int64_t *block_tables, *context_lens;
     int block_size, H, d_nope, R, C, d_v;
     float scale;
     bf16* out;
+    long N, seqs;  // sequences, and sequences per block
 } mla_ctx;
 
 static void mla_decode_chunk(void* p, long c0, long c1) {
     const mla_ctx* a = p;
     const int C = a->C, R = a->R, W = C + R, d_v = a->d_v, bs = a->block_size;
-    float acc[C > d_v ? C : d_v], coef[C > a->d_nope ? C : a->d_nope];
-    bf16 q_full[W], o_lat[C];
-    for (long task = c0; task < c1; ++task) {
-        long n = task / a->H, h = task % a->H;
-        const long S = a->context_lens[n];
-        const int64_t* table = a->block_tables + n * a->bt_stride;
-        long num_rows = S > C ? S : (C > a->d_nope ? C : a->d_nope);
-        const bf16** rows = malloc(sizeof(bf16*) * num_rows);
-        float* probs = malloc(sizeof(float) * (S > 0 ? S : 1));
-        // q_lat[c] = sum_d q_nope[d] W_UK[h, d, c]
-        const bf16* qn = a->q_nope + n * a->q_sn + h * a->q_sh;
-        for (int d = 0; d < a->d_nope; ++d) {
-            coef[d] = bf16_to_f32(qn[d]);
-            rows[d] = a->w_uk + (h * a->d_nope + d) * (long)C;
+    float acc[MLA_SEQS * (C > d_v ? C : d_v)];
+    bf16 q_full[MLA_SEQS][W], o_lat[MLA_SEQS][C];
+    for (long chunk = c0; chunk < c1; ++chunk) {
+        const long h = chunk % a->H, n0 = chunk / a->H * a->seqs;
+        const int M = n0 + a->seqs < a->N ? (int)a->seqs : (int)(a->N - n0);
+        // q_lat of every sequence: [M, C]
+        block_products(a->w_uk_t + h * (long)C * a->d_nope, a->d_nope, 0, C, a->q_nope + n0 * a->q_sn + h * a->q_sh,
+                       a->q_sn, M, a->d_nope, acc, C);
+        for (int m = 0; m < M; ++m) {
+            for (int c = 0; c < C; ++c) q_full[m][c] = f32_to_bf16(acc[m * C + c]);
+            memcpy(q_full[m] + C, a->q_pe + (n0 + m) * a->pe_sn + h * a->pe_sh, sizeof(bf16) * R);
         }
-        weighted_rows(coef, rows, a->d_nope, C, acc);
-        for (int c = 0; c < C; ++c) q_full[c] = f32_to_bf16(acc[c]);
-        memcpy(q_full + C, a->q_pe + n * a->pe_sn + h * a->pe_sh, sizeof(bf16) * R);
-        // Scores and softmax over the context.
-        float max = -INFINITY;
-        for (long s = 0; s < S; ++s) {
-            rows[s] = a->cache + (table[s / bs] * bs + s % bs) * (long)W;
-            probs[s] = round_bf16(dot1(rows[s], q_full, W)) * a->scale;
-            if (probs[s] > max) max = probs[s];
+        for (int m = 0; m < M; ++m) {
+            const long n = n0 + m, S = a->context_lens[n];
+            const int64_t* table = a->block_tables + n * a->bt_stride;
+            const bf16** rows = malloc(sizeof(bf16*) * (S > 0 ? S : 1));
+            float* probs = malloc(sizeof(float) * (S > 0 ? S : 1));
+            // Scores and softmax over the context.
+            float max = -INFINITY;
+            for (long s = 0; s < S; ++s) {
+                rows[s] = a->cache + (table[s / bs] * bs + s % bs) * (long)W;
+                probs[s] = round_bf16(dot1(rows[s], q_full[m], W)) * a->scale;
+                if (probs[s] > max) max = probs[s];
+            }
+            float sum = 0.0f;
+            for (long s = 0; s < S; ++s) sum += (probs[s] = expf(probs[s] - max));
+            for (long s = 0; s < S; ++s) probs[s] = round_bf16(probs[s] / sum);
+            // o_lat = sum_s p[s] latent[s, :C]
+            weighted_rows(probs, rows, S, C, acc);
+            for (int c = 0; c < C; ++c) o_lat[m][c] = f32_to_bf16(acc[c]);
+            free(probs);
+            free(rows);
         }
-        float sum = 0.0f;
-        for (long s = 0; s < S; ++s) sum += (probs[s] = expf(probs[s] - max));
-        for (long s = 0; s < S; ++s) probs[s] = round_bf16(probs[s] / sum);
-        // o_lat = sum_s p[s] latent[s, :C]
-        weighted_rows(probs, rows, S, C, acc);
-        for (int c = 0; c < C; ++c) o_lat[c] = f32_to_bf16(acc[c]);
-        // out[v] = sum_c o_lat[c] W_UV^T[h, c, v]
-        for (int c = 0; c < C; ++c) {
-            coef[c] = bf16_to_f32(o_lat[c]);
-            rows[c] = a->w_uv_t + (h * C + c) * (long)d_v;
+        // out = o_lat W_UV[h]^T of every sequence: [M, d_v]
+        block_products(a->w_uv + h * (long)d_v * C, C, 0, d_v, o_lat[0], C, M, C, acc, d_v);
+        for (int m = 0; m < M; ++m) {
+            bf16* o = a->out + ((n0 + m) * a->H + h) * d_v;
+            for (int v = 0; v < d_v; ++v) o[v] = f32_to_bf16(acc[m * d_v + v]);
         }
-        weighted_rows(coef, rows, C, d_v, acc);
-        bf16* o = a->out + task * d_v;
-        for (int v = 0; v < d_v; ++v) o[v] = f32_to_bf16(acc[v]);
-        free(probs);
-        free(rows);
     }
 }
 
@@ -512,11 +518,11 @@ static void rope_row(const bf16* x, const float* cis, bf16* y, int R, int interl
 
 // The whole absorbed MLA decode step after the projections: for each sequence n, the latent of its
 // new token (kv_a_layernorm of kv[n, :C], rope of kv[n, C:]) is written to cache slot
-// slot_mapping[n]; then q's rope dims are rotated and attention runs as in dsray_mla_decode_bf16.
+// slot_mapping[n]; then q's rope dims are rotated and attention runs as in mla_decode_chunk above.
 // q is [N, H, d_nope + R] (rows q_sn apart), kv [N, C + R] (rows kv_sn apart), cis [N, R/2, 2].
 void dsray_mla_decode_step_bf16(const bf16* q, long q_sn, const bf16* kv, long kv_sn, const bf16* kv_norm_w,
                                 float eps, const float* cis, int interleaved, const int64_t* slot_mapping,
-                                const bf16* w_uk, const bf16* w_uv_t, bf16* cache, const int64_t* block_tables,
+                                const bf16* w_uk_t, const bf16* w_uv, bf16* cache, const int64_t* block_tables,
                                 long bt_stride, const int64_t* context_lens, int block_size, int N, int H, int d_nope,
                                 int R, int C, int d_v, float scale, bf16* q_pe, bf16* out, int nthreads) {
     const int W = C + R;
@@ -528,9 +534,13 @@ void dsray_mla_decode_step_bf16(const bf16* q, long q_sn, const bf16* kv, long k
             rope_row(q + n * q_sn + (long)h * (d_nope + R) + d_nope, cis + (long)n * R, q_pe + ((long)n * H + h) * R,
                      R, interleaved);
     }
-    mla_ctx a = {q,          q_pe,   w_uk,         w_uv_t,     cache, q_sn, d_nope + R, (long)H * R, R, bt_stride,
-                 block_tables, context_lens, block_size, H, d_nope, R, C, d_v, scale, out};
-    parallel_chunks(mla_decode_chunk, &a, (long)N * H, nthreads);
+    mla_ctx a = {q,          q_pe,   w_uk_t,       w_uv,       cache, q_sn, d_nope + R, (long)H * R, R, bt_stride,
+                 block_tables, context_lens, block_size, H, d_nope, R, C, d_v, scale, out, N, 1};
+    long longest = 1;
+    for (int n = 0; n < N; ++n) longest = context_lens[n] > longest ? context_lens[n] : longest;
+    a.seqs = MLA_BLOCK_BYTES / (longest * W * (long)sizeof(bf16));
+    a.seqs = a.seqs < 1 ? 1 : a.seqs > MLA_SEQS ? MLA_SEQS : a.seqs;
+    parallel_chunks(mla_decode_chunk, &a, (long)H * ((N + a.seqs - 1) / a.seqs), nthreads);
 }
 
 // dot(w[:K], x[:K]) of an fp32 row and a bf16 row, in fp32.
