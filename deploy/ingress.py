@@ -40,6 +40,7 @@ from deploy.front_door import (
     scheduling_error,
     unhealthy,
 )
+from deploy.launch import replica_handle
 from deploy.messages import ErrorInfo, GenerateRequest, StreamChunk
 from deploy.metrics import RequestObserver, ServingMetrics
 from deploy.mux import MuxStream, RequestMux
@@ -187,6 +188,7 @@ class OpenAIIngress:
         self.args = DsrayServeArgs.model_validate(args)
         self.model_name = self.args.served_model_name
         self.api_key = self.args.api_key or None
+        llm_server = replica_handle(llm_server)
         self.server = llm_server
         # open_stream(request) -> the request's chunks (async iterator with cancel()), over a batch call
         # shared with other requests (deploy/mux.py) or a handle call of its own.

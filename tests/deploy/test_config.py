@@ -99,6 +99,22 @@ def test_fast_ingress_env_defaults_opt_out_and_user_overrides(monkeypatch):
     assert launch.fast_ingress_env() == {}
 
 
+def test_a_replica_calls_the_llm_server_over_its_own_serve_transport(monkeypatch):
+    """The handle a replica is built with carries the driver's defaults; the replica's Serve settings choose."""
+    from ray.serve._private import constants
+
+    from deploy.launch import replica_handle
+
+    class Handle:  # DeploymentHandle.options, recorded
+        def options(self, **options):
+            return options
+
+    monkeypatch.setattr(constants, "RAY_SERVE_USE_GRPC_BY_DEFAULT", True)  # RAY_SERVE_THROUGHPUT_OPTIMIZED=1
+    assert replica_handle(Handle()) == {"_by_reference": False}  # Serve's gRPC transport
+    monkeypatch.setattr(constants, "RAY_SERVE_USE_GRPC_BY_DEFAULT", False)
+    assert replica_handle(Handle()) == {"_by_reference": True}  # Ray actor calls
+
+
 def test_cluster_env_is_set_inside_and_restored_after(monkeypatch):
     import os
 
