@@ -18,17 +18,18 @@ This machine's memory bandwidth drifts (30-80 GB/s within minutes), so the sides
 passes, ABBA: llama.cpp, dsray, then dsray, llama.cpp, ... (``--repeats`` passes each). For each
 test the report gives both sides' fastest pass and the ratio dsray ÷ llama.cpp, the ratio of each
 round's adjacent pair, every run with its timestamp, and the issue's target where it sets one
-(decode ≥ 1.0× at batch 1 and 16, ≥ 1.5× at 64; prefill ≥ 1.5×).
+(decode ≥ 1.0× at batch 1 and 16, ≥ 1.5× at 64; prefill ≥ 1.5×). Each pass records when it ran and
+the 1-minute load average at its start and end (a pass adds about ``--threads``; more is others' work).
 
 ``--serve``: served throughput instead, ``dsray serve`` (``launch.start``, as benchmarks/serve.py
 starts it) against ``llama-server`` (``--server``, slots = the most clients) — one server up at a
 time, ABBA over ``--repeats``. At each client count C (``--clients``), C closed-loop streaming clients
 send ``--num-prompts`` (default max(32, 2C)) text prompts of 24 words to ``/v1/completions``, each
 streaming exactly ``--output-len`` tokens (temperature 0, ignore_eos): benchmarks/serve.py's client
-(``run_serving``) against both URLs, the same prompts. Output tok/s, ratio dsray ÷ llama-server
-(target ≥ 1.0 at every C), and the prompt tokens each side's tokenizer made of the first prompt.
-llama-server takes ``$(nproc)`` threads: it runs on the first ``--threads`` CPUs of this process's
-affinity.
+(``run_serving``, a new connection per request) against both URLs, the same prompts. Output tok/s,
+ratio dsray ÷ llama-server (target ≥ 1.0 at every C), and the prompt tokens each side's tokenizer
+made of the first prompt. llama-server takes ``$(nproc)`` threads: it runs on the first
+``--threads`` CPUs of this process's affinity.
 
     python benchmarks/llama_cpp.py                                  # small model, 2 threads, ~10 min
     python benchmarks/llama_cpp.py --serve                          # clients 1,16,64,256, ~25 min
@@ -203,7 +204,7 @@ def _workload(key: str, w: dict) -> str:
     if key.startswith("tg"):
         return f"batch 1 from an empty context: {w['new_tokens']} decode steps (llama-bench tg{w['new_tokens']})"
     return (
-        f"{w['batch']} sequences, {w['prompt_tokens']}-token prompts, {w['new_tokens']} new tokens each: "
+        f"{w['batch']} sequence(s), {w['prompt_tokens']}-token prompts, {w['new_tokens']} new tokens each: "
         "decode tok/s after the prefill (llama-batched-bench speed_tg)"
     )
 
@@ -232,7 +233,8 @@ def bench_main(args) -> dict:
     our_runs: list[dict[str, dict]] = []
     tests: dict[str, dict] = {}
     for side in _order(args.repeats):
-        started = now()
+        # The 1-min load average at its start and end (the pass itself adds about --threads): others' work.
+        started, load = now(), [round(os.getloadavg()[0], 2)]
         log(f"{side} pass {len(peer_runs if side == PEER else our_runs) + 1}/{args.repeats}")
         if side == PEER:
             runs = run_peer(script, args.model, args.threads, args.batches)
@@ -250,7 +252,14 @@ def bench_main(args) -> dict:
             peer_runs.append({k: runs[k] for k in tests})
         else:
             our_runs.append(ours_pass(llm, rng, tests))
-        report["passes"].append({"side": side, "started_at": started, "ended_at": now()})
+        report["passes"].append(
+            {
+                "side": side,
+                "started_at": started,
+                "ended_at": now(),
+                "load_avg_1m": [*load, round(os.getloadavg()[0], 2)],
+            }
+        )
         latest = (peer_runs if side == PEER else our_runs)[-1]
         log("  " + ", ".join(f"{k}: {r['tok_s']:.1f} tok/s" for k, r in latest.items()))
     results = []
@@ -273,7 +282,10 @@ def bench_main(args) -> dict:
             "target": target,
             "meets_target": None if target is None else ratio >= target,
             "round_ratios": [_round(o["tok_s"] / p["tok_s"]) for o, p in zip(ours, peer)],
-            "dsray_runs": [{k: _round(v, 1) if isinstance(v, float) else v for k, v in r.items()} for r in ours],
+            "dsray_runs": [
+                {k: _round(v, 1 if k == "tok_s" else 3) if isinstance(v, float) else v for k, v in r.items()}
+                for r in ours
+            ],
             "llama_cpp_runs": [{k: r[k] for k in ("tok_s", "peer_prefill_tok_s", "at") if k in r} for r in peer],
         }
         results.append(row)
@@ -366,12 +378,14 @@ def _serve_side(side: str, args, script: Path, served: str, workloads: dict[int,
         )
         url, stop = url, lambda: stop_server(proc)
     try:
-        first = next(iter(workloads.values()))[0]
-        probe = _post(f"{url}/v1/completions", {"model": served, "prompt": first, "max_tokens": 1, "temperature": 0})
-        asyncio.run(run_serving(url, served, next(iter(workloads.values()))[:4], args.output_len, 4, None))  # warm-up
+        first_level = next(iter(workloads.values()))
+        body = {"model": served, "prompt": first_level[0], "max_tokens": 1, "temperature": 0}
+        probe = _post(f"{url}/v1/completions", body)
+        # A new connection per request, both sides: llama-server drops a kept-alive one after each stream.
+        asyncio.run(run_serving(url, served, first_level[:4], args.output_len, 4, None, force_close=True))  # warm-up
         levels = {}
         for c, prompts in workloads.items():
-            r = asyncio.run(run_serving(url, served, prompts, args.output_len, c, None))
+            r = asyncio.run(run_serving(url, served, prompts, args.output_len, c, None, force_close=True))
             r["at"] = now()
             r["output_tokens"] = round(r["output_tok_s"] * r["duration_s"])
             levels[c] = r
@@ -407,10 +421,18 @@ def serve_main(args) -> dict:
     }
     sides: dict[str, list[dict]] = {PEER: [], "dsray": []}
     for side in _order(args.repeats):
-        started = now()
+        # The 1-min load average at its start and end (the pass itself adds about --threads): others' work.
+        started, load = now(), [round(os.getloadavg()[0], 2)]
         log(f"{side} server, pass {len(sides[side]) + 1}/{args.repeats}")
         sides[side].append(_serve_side(side, args, script, served, workloads, cpus))
-        report["passes"].append({"side": side, "started_at": started, "ended_at": now()})
+        report["passes"].append(
+            {
+                "side": side,
+                "started_at": started,
+                "ended_at": now(),
+                "load_avg_1m": [*load, round(os.getloadavg()[0], 2)],
+            }
+        )
     report["prompt_tokens_of_first_prompt"] = {
         "dsray": sides["dsray"][0]["prompt_tokens_of_first_prompt"],
         "llama_cpp": sides[PEER][0]["prompt_tokens_of_first_prompt"],
@@ -431,6 +453,10 @@ def serve_main(args) -> dict:
                 "ratio": _round(ratio),
                 "target": SERVE_TARGET,
                 "meets_target": None if ratio is None else ratio >= SERVE_TARGET,
+                "failures": {
+                    "dsray": sum(r["failures"] for r in ours),
+                    "llama_server": sum(r["failures"] for r in peer),
+                },
                 "round_ratios": [
                     _round(o["output_tok_s"] / p["output_tok_s"]) if p["output_tok_s"] else None
                     for o, p in zip(ours, peer)

@@ -127,16 +127,23 @@ async def _one_request(session: aiohttp.ClientSession, url: str, body: dict, hea
 
 
 async def run_serving(
-    url: str, model: str, prompts: list[list[int]], output_len: int, concurrency: int, api_key: str | None
+    url: str,
+    model: str,
+    prompts: list[list[int]] | list[str],
+    output_len: int,
+    concurrency: int,
+    api_key: str | None,
+    force_close: bool = False,
 ) -> dict[str, Any]:
-    """C closed-loop streaming clients over all ``prompts``; vLLM bench's metrics."""
+    """C closed-loop streaming clients over all ``prompts``; vLLM bench's metrics. ``force_close``: a new
+    connection per request (llama-server drops a kept-alive connection after each streamed answer)."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    connector = aiohttp.TCPConnector(limit=0)  # the default pool of 100 would cap concurrency
+    connector = aiohttp.TCPConnector(limit=0, force_close=force_close)  # the default pool of 100 would cap concurrency
     timeout = aiohttp.ClientTimeout(total=None, sock_read=600)
 
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
 
-        async def request(prompt: list[int]) -> dict[str, Any]:
+        async def request(prompt: list[int] | str) -> dict[str, Any]:
             body = {
                 "model": model,
                 "prompt": prompt,
