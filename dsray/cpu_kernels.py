@@ -71,6 +71,33 @@ def _build(cache_dir: Path) -> Path:
 
 
 _enabled = True  # switched off by ``disabled()``: tests and benchmarks run the torch reference with it
+_threads: int | None = None  # set by ``torch_single_threaded()``; else torch's intra-op thread count
+
+
+def threads() -> int:
+    """How many threads a kernel call runs on: torch's intra-op setting, or the one it had when
+    ``torch_single_threaded()`` took torch down to one thread."""
+    return _threads or torch.get_num_threads()
+
+
+@contextlib.contextmanager
+def torch_single_threaded() -> Iterator[None]:
+    """Inside this block torch runs on one thread and the kernels keep the threads torch had.
+
+    For decode steps, whose heavy work is these kernels: torch's remaining ops there are small
+    (residual adds, activations, gathers), and a parallel one pays an OpenMP barrier whose second
+    thread has to wait for a core that the kernels' pool thread is still spinning on (a 64 x 1024
+    add right after a kernel call measured 7-11 ms with two threads against 22 us with one).
+    """
+    global _threads
+    was = torch.get_num_threads()
+    outer, _threads = _threads, _threads or was
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(was)
+        _threads = outer
 
 
 @contextlib.contextmanager
@@ -168,7 +195,7 @@ def gemm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         rows.shape[0],
         N,
         K,
-        torch.get_num_threads(),
+        threads(),
     )
     return out.view(*x.shape[:-1], N)
 
@@ -213,7 +240,7 @@ def swiglu_experts(
         _address(weights),
         act.data_ptr(),
         out.data_ptr(),
-        torch.get_num_threads(),
+        threads(),
     )
     return out
 
@@ -252,7 +279,7 @@ def swiglu_grouped(
         inter,
         act.data_ptr(),
         out.data_ptr(),
-        torch.get_num_threads(),
+        threads(),
     )
     return out
 
@@ -272,7 +299,7 @@ def combine(back: torch.Tensor, order: torch.Tensor, weights: torch.Tensor) -> t
     weights = weights.to(torch.float32).contiguous()
     out = torch.empty(T, D, dtype=torch.bfloat16)
     _library().dsray_combine_bf16(
-        back.data_ptr(), order.data_ptr(), weights.data_ptr(), T, K, D, out.data_ptr(), torch.get_num_threads()
+        back.data_ptr(), order.data_ptr(), weights.data_ptr(), T, K, D, out.data_ptr(), threads()
     )
     return out
 
@@ -297,7 +324,7 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         rows.shape[0],
         D,
         eps,
-        torch.get_num_threads(),
+        threads(),
     )
     return out.view(x.shape)
 
@@ -346,7 +373,7 @@ def gate(
         routed_scaling_factor,
         weights.data_ptr(),
         ids.data_ptr(),
-        torch.get_num_threads(),
+        threads(),
     )
     return weights, ids
 
@@ -423,6 +450,6 @@ def mla_decode_step(
         scale,
         q_pe.data_ptr(),
         out.data_ptr(),
-        torch.get_num_threads(),
+        threads(),
     )
     return out

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 
 from attention.kv_cache import allocate_latent_cache, num_blocks_for_budget
 from attention.metadata import AttentionMetadata
+from dsray import cpu_kernels
 from dsray.model import Transformer
 from dsray.protocol import SeqStep, StepInput, StepOutput
 from dsray.sampler import SampleRequest, sample
@@ -78,6 +80,16 @@ class ModelRunner:
         exchange of the step (its micro-batches are empty).
         """
         self.apply(step)
+        with self._threads_for(sum(s.num_new_tokens for s in step.seqs)):
+            return self._execute(step)
+
+    def _threads_for(self, num_tokens: int):
+        """A decode-sized step on the CPU kernels runs torch single-threaded (``cpu_kernels.torch_single_threaded``)."""
+        if self.device.type == "cpu" and num_tokens <= cpu_kernels.GEMM_MAX_ROWS and cpu_kernels.available():
+            return cpu_kernels.torch_single_threaded()
+        return contextlib.nullcontext()
+
+    def _execute(self, step: StepInput) -> StepOutput:
         groups = _split(step.seqs, step.num_micro_batches)
         batches = [self._batch(group) for group in groups]
         hidden = torch.cat(self.model.forward_micro_batches(batches, self.kv_cache))  # [T, D]
