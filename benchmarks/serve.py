@@ -344,6 +344,8 @@ def main(argv: list[str] | None = None) -> int:
             "stream_interval_ms": args.stream_interval_ms,
             "stream_chunks_per_s": args.stream_chunks_per_s,
             "port": port,
+            # Every client here is 127.0.0.1: HAProxy's per-address limit (512) would refuse the rest.
+            "front_door": {"max_connections_per_client": 0},
         }
         server = start_server(server_args, url)
     try:
