@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -229,6 +230,19 @@ def listening(pids: set[int]) -> set[tuple[str, int, str]]:
         addr, _, port = fields[3].rpartition(":")
         found.add((addr.strip("[]"), int(port), owner.group(1)))
     return found
+
+
+def stop_process_group(proc: subprocess.Popen, sig: int, timeout_s: float) -> None:
+    """Send ``sig`` to the process group ``proc`` leads (started with ``start_new_session``), wait up to
+    ``timeout_s`` for it to exit, then SIGKILL the group; nothing if it has exited already."""
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, sig)
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def wait_for(fetch, check, timeout_s: float = 30.0, what: str = "condition", every_s: float = 0.1):

@@ -26,7 +26,7 @@ import pytest
 import requests
 
 from deploy.launch import free_port
-from dsray.testing import descendants
+from dsray.testing import descendants, stop_process_group
 
 KEY = "door-key"
 PER_CLIENT = 40
@@ -92,13 +92,7 @@ def door(tiny_model):
         assert server.ready.wait(timeout=240), "".join(server.lines[-40:])
         yield server
     finally:
-        if server.proc.poll() is None:
-            os.killpg(server.proc.pid, signal.SIGINT)
-            try:
-                server.proc.wait(timeout=90)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.proc.pid, signal.SIGKILL)
-                server.proc.wait()
+        stop_process_group(server.proc, signal.SIGINT, 90)
 
 
 def _stream(door: Serve, max_tokens: int, request_id: str | None = None) -> dict:
