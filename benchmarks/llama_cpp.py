@@ -22,8 +22,7 @@ round's adjacent pair, every run with its timestamp, and the issue's target wher
 the 1-minute load average at its start and end (a pass adds about ``--threads``; more is others' work).
 
 ``--serve`` (``llama_cpp_serve.py``): served throughput instead, ``dsray serve`` (``launch.start``, as
-benchmarks/serve.py
-starts it) against ``llama-server`` (``--server``, slots = the most clients) — one server up at a
+benchmarks/serve.py starts it) against ``llama-server`` (``--server``, slots = the most clients) — one server up at a
 time, ABBA over ``--repeats``. At each client count C (``--clients``), C closed-loop streaming clients
 send ``--num-prompts`` (default max(32, 2C)) text prompts of 24 words to ``/v1/completions``, each
 streaming exactly ``--output-len`` tokens (temperature 0, ignore_eos): benchmarks/serve.py's client
