@@ -217,3 +217,36 @@ def test_combine_equals_the_exchanges_torch_combine(tokens, k, dim):
     rows = torch.empty_like(back).index_copy_(0, order, back)
     want = (rows.view(tokens, k, dim).float() * weights.unsqueeze(-1)).sum(dim=1).bfloat16()
     assert torch.equal(cpu_kernels.combine(back, order, weights), want)
+
+
+def test_decode_steps_run_torch_single_threaded_and_the_kernels_with_torchs_threads(monkeypatch, tmp_path):
+    """A decode step's torch ops run on one thread (a parallel op after a kernel call waits on an
+    OpenMP barrier for a core the kernel pool holds), its kernels on the threads torch had; a
+    prefill step keeps torch's threads, and they are restored after every step."""
+    from dsray import LLM, SamplingParams
+    from dsray.model_runner import ModelRunner
+
+    make_hf_checkpoint("v3", tmp_path)
+    llm = LLM(str(tmp_path), dtype="bfloat16")
+    seen: dict[str, set] = {"prefill": set(), "decode": set()}
+    step = []
+    real_execute, real_rmsnorm = ModelRunner._execute, cpu_kernels.rmsnorm
+
+    def execute(self, s):
+        step[:] = ["decode" if all(q.num_new_tokens == 1 for q in s.seqs) else "prefill"]
+        return real_execute(self, s)
+
+    def rmsnorm(x, *args):  # every step calls it, whatever its rows
+        seen[step[0]].add((torch.get_num_threads(), cpu_kernels.threads()))
+        return real_rmsnorm(x, *args)
+
+    monkeypatch.setattr(ModelRunner, "_execute", execute)
+    monkeypatch.setattr(cpu_kernels, "rmsnorm", rmsnorm)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        llm.generate([list(range(2, 2 + 80))], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+        assert torch.get_num_threads() == 2  # restored after the steps
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == {"prefill": {(2, 2)}, "decode": {(1, 2)}}
