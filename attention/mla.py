@@ -79,10 +79,8 @@ class MLA(nn.Module):
         self.kv_b_proj = Linear(self.kv_lora_rank, H * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
         self.o_proj = Linear(H * self.v_head_dim, dim, bias=args.attention_bias)
         self._kernel_shapes = self.kv_lora_rank % 16 == 0 and self.v_head_dim % 16 == 0  # cpu_kernels.mla_decode
-        self._absorbed: tuple[torch.Tensor, torch.Tensor] | None = None  # see _absorb_weights
-        self._absorbed_key: tuple | None = None
-        self._kernel: tuple[torch.Tensor, torch.Tensor] | None = None  # see _kernel_weights
-        self._kernel_key: tuple | None = None
+        self._copies: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # see _weight_copies
+        self._copies_key: tuple | None = None
 
     def _up_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``W_UK [H, d_nope, C]`` and ``W_UV [H, d_v, C]``, views into ``kv_b_proj``."""
@@ -90,30 +88,29 @@ class MLA(nn.Module):
         return w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim :]
 
     def _absorb_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``W_UK [H, d_nope, C]`` and ``W_UVᵀ [H, C, d_v]``, contiguous for ``bmm``.
-
-        Copied once and kept: sliced views of ``kv_b_proj`` make every ``bmm`` copy them first.
-        Rebuilt when ``kv_b_proj``'s weight is replaced (loading assigns a new tensor); an in-place
-        edit of that weight is not seen.
-        """
-        weight = self.kv_b_proj.weight
-        key = (weight.data_ptr(), weight.dtype, weight.device)
-        if self._absorbed_key != key:
-            w_uk, w_uv = self._up_weights()
-            self._absorbed = (w_uk.contiguous(), w_uv.transpose(1, 2).contiguous())
-            self._absorbed_key = key
-        return self._absorbed
+        """``W_UK [H, d_nope, C]`` and ``W_UVᵀ [H, C, d_v]``, contiguous for ``bmm``."""
+        return self._weight_copies("bmm")
 
     def _kernel_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``W_UKᵀ [H, C, d_nope]`` and ``W_UV [H, d_v, C]``, contiguous, for ``cpu_kernels.mla_decode_step``
-        (it takes dot products with their rows); kept and rebuilt as ``_absorb_weights`` is."""
+        (it takes dot products with their rows)."""
+        return self._weight_copies("rows")
+
+    def _weight_copies(self, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``kv_b_proj``'s up-projections copied contiguous in ``layout`` ("bmm" or "rows"), once, and kept:
+        sliced views of it make every product copy them first. Rebuilt when ``kv_b_proj``'s weight is
+        replaced (loading assigns a new tensor); an in-place edit of that weight is not seen."""
         weight = self.kv_b_proj.weight
         key = (weight.data_ptr(), weight.dtype, weight.device)
-        if self._kernel_key != key:
+        if self._copies_key != key:
+            self._copies, self._copies_key = {}, key
+        if layout not in self._copies:
             w_uk, w_uv = self._up_weights()
-            self._kernel = (w_uk.transpose(1, 2).contiguous(), w_uv.contiguous())
-            self._kernel_key = key
-        return self._kernel
+            if layout == "bmm":
+                self._copies[layout] = (w_uk.contiguous(), w_uv.transpose(1, 2).contiguous())
+            else:
+                self._copies[layout] = (w_uk.transpose(1, 2).contiguous(), w_uv.contiguous())
+        return self._copies[layout]
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata, kv_cache: torch.Tensor) -> torch.Tensor:
         """``x [T, D]`` → ``[T, D]``; writes this step's latents into ``kv_cache [slots, C + R]`` first."""
