@@ -32,7 +32,8 @@ from dsray import envs
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.c"
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = [CSRC / "cpu_kernels.c", CSRC / "decode_step.c"]  # and the header they share, cpu_kernels.h
 # -ffp-contract=off: a fused multiply-add would round differently from torch's separate mul and add.
 CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mbmi2", "-ffp-contract=off", "-pthread"]
 GEMM_MAX_ROWS = 64  # gemm: rows of x per call, up to a wide decode batch; prefills go to oneDNN
@@ -54,7 +55,7 @@ def _build(cache_dir: Path) -> Path:
     compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if compiler is None:
         raise RuntimeError("no C compiler (gcc or cc) on PATH")
-    source = SOURCE.read_bytes()
+    source = b"".join(p.read_bytes() for p in [*SOURCES, CSRC / "cpu_kernels.h"])
     key = hashlib.sha256(source + " ".join(CFLAGS).encode()).hexdigest()[:16]
     target = cache_dir / f"cpu_kernels-{key}.so"
     if target.exists():
@@ -62,10 +63,10 @@ def _build(cache_dir: Path) -> Path:
     cache_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
         built = Path(tmp) / target.name
-        cmd = [compiler, *CFLAGS, "-shared", "-fPIC", str(SOURCE), "-o", str(built), "-lm"]
+        cmd = [compiler, *CFLAGS, "-shared", "-fPIC", *map(str, SOURCES), "-o", str(built), "-lm"]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
-            raise RuntimeError(f"compiling {SOURCE.name} failed: {' '.join(cmd)}\n{done.stderr}")
+            raise RuntimeError(f"compiling {CSRC} failed: {' '.join(cmd)}\n{done.stderr}")
         os.replace(built, target)  # atomic: a concurrent build of the same key lands the same bytes
     return target
 
@@ -146,7 +147,23 @@ def _library() -> ctypes.CDLL | None:
     grouped.argtypes = [_bf16_p] * 3 + [_int, _bf16_p, _bf16_p, _long, _long] + [_bf16_p] * 2 + [_int]
     # back, order, weights, T, K, D, out, nthreads
     lib.dsray_combine_bf16.argtypes = [_bf16_p] * 3 + [_int] * 3 + [_bf16_p, _int]
+    # x, N, D, gate, up, down, I, g scratch, u scratch, out, nthreads
+    lib.dsray_swiglu_rows_bf16.argtypes = [_bf16_p, _int, _int] + [_bf16_p] * 3 + [_int] + [_bf16_p] * 3 + [_int]
+    # model tables, N, x, cis, slot_mapping, cache, cache layer stride, block_tables, bt stride, context_lens, out,
+    # nthreads → 0, or -1 without scratch memory
+    lib.dsray_decode_step_bf16.argtypes = (
+        [ctypes.c_void_p, _int]
+        + [_bf16_p] * 4
+        + [_long, _bf16_p, _long]
+        + [
+            _bf16_p,
+            _bf16_p,
+            _int,
+        ]
+    )
+    lib.dsray_decode_step_bf16.restype = _int
     for fn in (
+        lib.dsray_swiglu_rows_bf16,
         lib.dsray_mla_decode_step_bf16,
         lib.dsray_rmsnorm_bf16,
         lib.dsray_gate_bf16,
@@ -243,6 +260,31 @@ def swiglu_experts(
         threads(),
     )
     return out
+
+
+def swiglu_rows(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """``down(silu(gate(x)) * up(x))`` for bf16 ``x [T, D]`` (a decode batch's rows) and contiguous bf16
+    ``gate``/``up [I, D]``, ``down [D, I]``: each product rounded to bf16, as ``MLP.forward`` computes it."""
+    T, D = x.shape
+    inter = gate.shape[0]
+    if gate.shape != (inter, D) or up.shape != (inter, D) or down.shape != (D, inter):
+        raise ValueError(
+            f"swiglu_rows: gate {tuple(gate.shape)}, up {tuple(up.shape)}, down {tuple(down.shape)} for x {(T, D)}"
+        )
+    x = x.contiguous()
+    g, u = (torch.empty(T, inter, dtype=torch.bfloat16) for _ in range(2))
+    out = torch.empty(T, D, dtype=torch.bfloat16)
+    _library().dsray_swiglu_rows_bf16(
+        x.data_ptr(), T, D, gate.data_ptr(), up.data_ptr(), down.data_ptr(), inter, g.data_ptr(), u.data_ptr(),
+        out.data_ptr(), threads(),
+    )  # fmt: skip
+    return out
+
+
+def decode_step(model_tables, *args: int) -> int:
+    """``dsray_decode_step_bf16`` (``dsray/decode_step.py`` builds the tables and the arguments) on the
+    kernels' threads: 0, or -1 if it could not allocate its scratch memory."""
+    return _library().dsray_decode_step_bf16(model_tables, *args, threads())
 
 
 def swiglu_grouped(

@@ -7,7 +7,7 @@ AVX512-BF16 (``dsray/cpu_kernels.py``), up to ``GEMM_MAX_ROWS`` (64) rows go to 
 register-tiled kernel; without the kernels, two rows or fewer go to
 torch's own ``cpublas`` GEMV. Prefills stay on oneDNN. All accumulate in fp32 (measured on
 ``small``'s shapes; see ``benchmarks/model_decode.py``). A one-token ``MLP`` runs as one fused
-kernel call where the kernels are available.
+kernel call where the kernels are available, a decode batch's rows as another.
 """
 
 from __future__ import annotations
@@ -84,9 +84,11 @@ class MLP(nn.Module):
         self.down_proj = Linear(inter_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fused = x.shape[0] == 1 and self.gate_proj.out_features % 4 == 0 and self.gate_proj.weight.dtype == x.dtype
-        if fused and cpu_kernels.usable(x, max_rows=1):
-            return cpu_kernels.swiglu_experts(x, [], [self.swiglu_weights()])
+        if self.gate_proj.weight.dtype == x.dtype and x.dim() == 2 and cpu_kernels.usable(x):
+            if x.shape[0] == 1 and self.gate_proj.out_features % 4 == 0:
+                return cpu_kernels.swiglu_experts(x, [], [self.swiglu_weights()])
+            if x.shape[0] > 1:  # a decode batch: the same products and roundings, one call
+                return cpu_kernels.swiglu_rows(x, *self.swiglu_weights())
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # [T, D]
 
     def swiglu_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -9,7 +9,7 @@ import torch
 
 from attention.kv_cache import allocate_latent_cache, num_blocks_for_budget
 from attention.metadata import AttentionMetadata
-from dsray import cpu_kernels
+from dsray import cpu_kernels, decode_step
 from dsray.model import Transformer
 from dsray.protocol import SeqStep, StepInput, StepOutput
 from dsray.sampler import SampleRequest, sample
@@ -51,6 +51,7 @@ class ModelRunner:
         )
         self.seqs: dict[str, SeqState] = {}
         self._applied_step = 0
+        self._decode_step: decode_step.DecodeStep | None = None  # built at the first step that can take it
 
     @property
     def num_blocks(self) -> int:
@@ -92,7 +93,11 @@ class ModelRunner:
     def _execute(self, step: StepInput) -> StepOutput:
         groups = _split(step.seqs, step.num_micro_batches)
         batches = [self._batch(group) for group in groups]
-        hidden = torch.cat(self.model.forward_micro_batches(batches, self.kv_cache))  # [T, D]
+        fast = self._fast_decode(batches)
+        if fast is not None:
+            hidden = fast(*batches[0], self.kv_cache)
+        else:
+            hidden = torch.cat(self.model.forward_micro_batches(batches, self.kv_cache))  # [T, D]
         last, wanted = [], []
         end = 0
         for i, s in enumerate(step.seqs):
@@ -108,6 +113,16 @@ class ModelRunner:
                 results[i] = r
                 state.token_ids.append(r.token_id)
         return StepOutput(results)
+
+    def _fast_decode(self, batches: list) -> decode_step.DecodeStep | None:
+        """The one-call decode step (``dsray/decode_step.py``) if this step and the model can take it."""
+        if len(batches) != 1 or not decode_step.DecodeStep.takes(batches[0][1], batches[0][0], self.kv_cache):
+            return None
+        if self._decode_step is None or not self._decode_step.valid_for(self.model):
+            self._decode_step = None
+            if decode_step.why_not(self.model) is None:
+                self._decode_step = decode_step.DecodeStep(self.model)
+        return self._decode_step
 
     def _batch(self, seqs: list[SeqStep]) -> tuple[torch.Tensor, AttentionMetadata | None]:
         if not seqs:

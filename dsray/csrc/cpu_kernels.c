@@ -27,29 +27,8 @@
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
-#include <math.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
 
-typedef uint16_t bf16;
-
-static inline float bf16_to_f32(bf16 v) {
-    uint32_t u = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static inline bf16 f32_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16)((u >> 16) | 0x40);  // quiet NaN
-    u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest, ties to even
-    return (bf16)(u >> 16);
-}
-
-static inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
+#include "cpu_kernels.h"
 
 static inline __m512bh load_bh(const bf16* p) { return (__m512bh)_mm512_loadu_si512((const void*)p); }
 
@@ -332,7 +311,7 @@ static void swiglu_gate_up_chunk(void* p, long c0, long c1) {
         for (long i = i0; i < i1; ++i) g[i - i0] = round_bf16(dot1(a->gate[e] + i * a->D, a->x, a->D));
         for (long i = i0; i < i1; ++i) {
             float u = round_bf16(dot1(a->up[e] + i * a->D, a->x, a->D));
-            float silu = round_bf16(g[i - i0] / (1.0f + expf(-g[i - i0])));
+            float silu = silu_bf16(g[i - i0]);
             a->act[a->a_off[e] + i] = f32_to_bf16(silu * u);
         }
     }
@@ -673,7 +652,7 @@ static void grouped_gate_up_chunk(void* p, long c0, long c1) {
             for (int m = 0; m < mr; ++m)
                 for (long i = i0; i < i1; ++i) {
                     float gi = round_bf16(g[m * a->per_index + i - i0]), ui = round_bf16(u[m * a->per_index + i - i0]);
-                    float silu = round_bf16(gi / (1.0f + expf(-gi)));
+                    float silu = silu_bf16(gi);
                     a->act[(r + m) * a->I + i] = f32_to_bf16(silu * ui);
                 }
         }

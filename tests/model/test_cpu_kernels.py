@@ -88,6 +88,21 @@ def test_swiglu_experts_equals_shard_and_shared_mlp():
         assert (mlp(x).float() - (reference - routed_only).float()).abs().max() <= 4 * BF16_STEP * scale
 
 
+@pytest.mark.parametrize(("rows", "dim", "inter"), [(2, 64, 32), (9, 100, 36), (64, 1024, 256)])
+def test_swiglu_rows_equals_the_torch_mlp(rows, dim, inter):
+    """A decode batch through the dense MLP in one call: the reference's roundings (each product, SiLU,
+    gate * up) with kernel products, so at most a bf16 step or two from torch's result."""
+    mlp = MLP(dim, inter).bfloat16()
+    for i, p in enumerate(mlp.parameters()):
+        p.data = _randn(*p.shape, scale=dim**-0.5, seed=i)
+    x = _randn(rows, dim, seed=9)
+    got = cpu_kernels.swiglu_rows(x, *mlp.swiglu_weights())
+    with cpu_kernels.disabled():
+        want = mlp(x)
+    assert torch.allclose(got.float(), want.float(), rtol=4 * BF16_STEP, atol=1e-3)
+    assert torch.equal(mlp(x), got)  # MLP.forward takes it for these rows
+
+
 def test_swiglu_experts_refuses_what_it_cannot_run():
     w = _randn(6, 8)
     with pytest.raises(ValueError, match="multiples of 4"):
@@ -236,12 +251,18 @@ def test_decode_steps_run_torch_single_threaded_and_the_kernels_with_torchs_thre
         step[:] = ["decode" if all(q.num_new_tokens == 1 for q in s.seqs) else "prefill"]
         return real_execute(self, s)
 
-    def rmsnorm(x, *args):  # every step calls it, whatever its rows
+    def rmsnorm(x, *args):  # every prefill step calls it, whatever its rows
         seen[step[0]].add((torch.get_num_threads(), cpu_kernels.threads()))
         return real_rmsnorm(x, *args)
 
+    def decode_step(*args):  # every decode step is this one call (dsray/decode_step.py)
+        seen[step[0]].add((torch.get_num_threads(), cpu_kernels.threads()))
+        return real_decode_step(*args)
+
+    real_decode_step = cpu_kernels.decode_step
     monkeypatch.setattr(ModelRunner, "_execute", execute)
     monkeypatch.setattr(cpu_kernels, "rmsnorm", rmsnorm)
+    monkeypatch.setattr(cpu_kernels, "decode_step", decode_step)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
