@@ -197,6 +197,19 @@ typedef struct {
 #define TILE_M 8  // most rows of X in a register tile
 #define TILE_N 4  // most weight rows in a register tile
 
+// The sums of the 16 lanes of a, b, c and d, as one vector: lanes are added pairwise across the four
+// vectors at each step (256-bit halves, then 128-bit quarters, then within quarters).
+static inline __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
+    // [a0+a2 a1+a3 b0+b2 b1+b3] by 128-bit quarter, likewise c with d
+    __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xee));
+    __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xee));
+    // one quarter each of a, b, c, d: the sum of all four of that vector's quarters
+    __m512 q = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xdd));
+    q = _mm512_add_ps(q, _mm512_permute_ps(q, 0x4e));  // within each quarter: [x0+x2 x1+x3 ...]
+    q = _mm512_add_ps(q, _mm512_permute_ps(q, 0xb1));  // every lane of a quarter holds its sum
+    return _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), q));
+}
+
 // out[m * ldo + n] = dot(W[n], X[m]) over K for m < MR, n < NR (fp32, unrounded).
 static inline __attribute__((always_inline)) void tile_dot(const bf16* W, long ldw, const bf16* X, long ldx, int K,
                                                          float* out, long ldo, const int MR, const int NR) {
@@ -218,7 +231,17 @@ static inline __attribute__((always_inline)) void tile_dot(const bf16* W, long l
         for (int m = 0; m < MR; ++m)
             for (int n = 0; n < NR; ++n) acc[m][n] = _mm512_dpbf16_ps(acc[m][n], w[n], x[m]);
     }
-    for (int m = 0; m < MR; ++m)
+    if (NR == 4) {  // four sums at once: a third of the shuffles of four separate reductions
+        for (int m = 0; m < MR; ++m) _mm_storeu_ps(out + m * ldo, hsum4(acc[m][0], acc[m][1], acc[m][2], acc[m][3]));
+        return;
+    }
+    int m = 0;
+    for (; NR == 1 && m + 4 <= MR; m += 4) {
+        float sums[4];
+        _mm_storeu_ps(sums, hsum4(acc[m][0], acc[m + 1][0], acc[m + 2][0], acc[m + 3][0]));
+        for (int j = 0; j < 4; ++j) out[(m + j) * ldo] = sums[j];
+    }
+    for (; m < MR; ++m)
         for (int n = 0; n < NR; ++n) out[m * ldo + n] = _mm512_reduce_add_ps(acc[m][n]);
 }
 
