@@ -382,25 +382,62 @@ static inline __m512 cvt16(const bf16* p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
 }
 
-// out[0:n] = sum_r coef[r] * rows[r][0:n], in fp32, adding rows in order (n a multiple of 16).
-// Columns go in blocks of 128 held in registers across all rows.
+// out[0:n] = sum_r coef[r] * rows[r][0:n] in fp32, for coefficients that are bf16 values (n a multiple
+// of 16). Rows go in pairs: their columns interleaved (unpack), one vdpbf16ps multiplies a column of
+// both rows by their two coefficients and adds both exact products to the sum, a third of the
+// instructions of converting each row to fp32 first. Columns go in blocks of 128 held in registers
+// (n a multiple of 16: a last half block of 16 columns is loaded masked).
+static inline uint32_t bf16_bits(float f) { return f32_to_bf16(f); }
+
 static void weighted_rows(const float* coef, const bf16* const* rows, long num_rows, int n, float* out) {
-    int b = 0;
-    for (; b + 128 <= n; b += 128) {
-        __m512 acc[8];
-        for (int v = 0; v < 8; ++v) acc[v] = _mm512_setzero_ps();
-        for (long r = 0; r < num_rows; ++r) {
-            __m512 c = _mm512_set1_ps(coef[r]);
-            const bf16* w = rows[r] + b;
-            for (int v = 0; v < 8; ++v) acc[v] = _mm512_add_ps(acc[v], _mm512_mul_ps(c, cvt16(w + 16 * v)));
+    // The interleaved halves hold columns {0-3, 8-11, 16-19, 24-27} (lo) and {4-7, ...} (hi) of each
+    // 32; these indices put them back in order.
+    const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+    const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+    for (int b = 0; b < n; b += 128) {
+        const int blocks = (n - b + 31) / 32 < 4 ? (n - b + 31) / 32 : 4;
+        const __mmask32 last = (n - b) % 32 && (n - b) / 32 < 4 ? 0xffffu : 0xffffffffu;  // the final block's columns
+        __m512 lo[4], hi[4];
+        for (int v = 0; v < 4; ++v) lo[v] = hi[v] = _mm512_setzero_ps();
+        for (long r = 0; r < num_rows; r += 2) {
+            const int pair = r + 1 < num_rows;
+            const __m512bh c = (__m512bh)_mm512_set1_epi32(
+                (int)(bf16_bits(coef[r]) | (pair ? bf16_bits(coef[r + 1]) << 16 : 0u)));
+            for (int v = 0; v < blocks; ++v) {
+                const __mmask32 mask = v == blocks - 1 ? last : 0xffffffffu;
+                __m512i x = _mm512_maskz_loadu_epi16(mask, rows[r] + b + 32 * v);
+                __m512i y = pair ? _mm512_maskz_loadu_epi16(mask, rows[r + 1] + b + 32 * v) : _mm512_setzero_si512();
+                lo[v] = _mm512_dpbf16_ps(lo[v], (__m512bh)_mm512_unpacklo_epi16(x, y), c);
+                hi[v] = _mm512_dpbf16_ps(hi[v], (__m512bh)_mm512_unpackhi_epi16(x, y), c);
+            }
         }
-        for (int v = 0; v < 8; ++v) _mm512_storeu_ps(out + b + 16 * v, acc[v]);
+        for (int v = 0; v < blocks; ++v) {
+            _mm512_storeu_ps(out + b + 32 * v, _mm512_permutex2var_ps(lo[v], first, hi[v]));
+            if (v < blocks - 1 || last == 0xffffffffu)
+                _mm512_storeu_ps(out + b + 32 * v + 16, _mm512_permutex2var_ps(lo[v], second, hi[v]));
+        }
     }
-    for (; b < n; b += 16) {
-        __m512 acc = _mm512_setzero_ps();
-        for (long r = 0; r < num_rows; ++r) acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_set1_ps(coef[r]), cvt16(rows[r] + b)));
-        _mm512_storeu_ps(out + b, acc);
+}
+
+// The dot products of four rows with one x (K elements), as [dot(r0, x), ..., dot(r3, x)].
+static inline __m128 dot4(const bf16* r0, const bf16* r1, const bf16* r2, const bf16* r3, const bf16* x, int K) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    int k = 0;
+    for (; k + 32 <= K; k += 32) {
+        const __m512bh xv = load_bh(x + k);
+        a0 = _mm512_dpbf16_ps(a0, load_bh(r0 + k), xv);
+        a1 = _mm512_dpbf16_ps(a1, load_bh(r1 + k), xv);
+        a2 = _mm512_dpbf16_ps(a2, load_bh(r2 + k), xv);
+        a3 = _mm512_dpbf16_ps(a3, load_bh(r3 + k), xv);
     }
+    if (k < K) {
+        const __m512bh xv = load_bh_tail(x + k, K - k);
+        a0 = _mm512_dpbf16_ps(a0, load_bh_tail(r0 + k, K - k), xv);
+        a1 = _mm512_dpbf16_ps(a1, load_bh_tail(r1 + k, K - k), xv);
+        a2 = _mm512_dpbf16_ps(a2, load_bh_tail(r2 + k, K - k), xv);
+        a3 = _mm512_dpbf16_ps(a3, load_bh_tail(r3 + k, K - k), xv);
+    }
+    return hsum4(a0, a1, a2, a3);
 }
 
 // Absorbed MLA attention for decode steps (one new token per sequence), once the rope is applied and
@@ -450,11 +487,15 @@ static void mla_decode_chunk(void* p, long c0, long c1) {
             float* probs = malloc(sizeof(float) * (S > 0 ? S : 1));
             // Scores and softmax over the context.
             float max = -INFINITY;
-            for (long s = 0; s < S; ++s) {
-                rows[s] = a->cache + (table[s / bs] * bs + s % bs) * (long)W;
-                probs[s] = round_bf16(dot1(rows[s], q_full[m], W)) * a->scale;
-                if (probs[s] > max) max = probs[s];
+            for (long s = 0; s < S; ++s) rows[s] = a->cache + (table[s / bs] * bs + s % bs) * (long)W;
+            long s = 0;
+            for (; s + 4 <= S; s += 4) {  // four positions at a time: one reduction for their four sums
+                float dots[4];
+                _mm_storeu_ps(dots, dot4(rows[s], rows[s + 1], rows[s + 2], rows[s + 3], q_full[m], W));
+                for (int j = 0; j < 4; ++j) probs[s + j] = round_bf16(dots[j]) * a->scale;
             }
+            for (; s < S; ++s) probs[s] = round_bf16(dot1(rows[s], q_full[m], W)) * a->scale;
+            for (s = 0; s < S; ++s) max = probs[s] > max ? probs[s] : max;
             float sum = 0.0f;
             for (long s = 0; s < S; ++s) sum += (probs[s] = expf(probs[s] - max));
             for (long s = 0; s < S; ++s) probs[s] = round_bf16(probs[s] / sum);

@@ -222,6 +222,35 @@ def test_single_sequence_decode_with_kernels_is_as_accurate_as_torch_bf16(bf16_m
     assert kernel_err <= 1.5 * torch_err + 1e-4
 
 
+@pytest.mark.parametrize("kv_lora_rank", [32, 48, 176])  # latent widths with 16-column tails (blocks of 32, 128)
+def test_mla_decode_kernel_equals_the_torch_absorbed_path(kv_lora_rank):
+    """One decode step of sequences whose contexts (1 to 23 tokens) leave every remainder of the
+    kernel's 4-position scores and 2-row value sums."""
+    from attention.kv_cache import allocate_latent_cache
+    from attention.mla import MLA
+    from attention.rope import RotaryEmbedding
+
+    args = ModelArgs.from_hf_config(hf_config("v3").to_dict() | {"kv_lora_rank": kv_lora_rank})
+    torch.manual_seed(0)
+    mla = MLA(args, RotaryEmbedding(args), "absorbed")
+    for p in mla.parameters():
+        p.data = torch.randn(p.shape) * 0.1 if p.dim() > 1 else torch.rand(p.shape) + 0.5
+    mla = mla.bfloat16().eval()
+    lens = [1, 2, 3, 4, 5, 6, 7, 9, 23]
+    block, per_seq = 4, 6
+    tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(len(lens))]
+    cache = allocate_latent_cache(1, len(lens) * per_seq, block, kv_lora_rank + args.qk_rope_head_dim, torch.bfloat16)
+    x = _randn(sum(lens) + len(lens), args.hidden_size, seed=4)
+    with torch.inference_mode():
+        mla(x[: sum(lens)], AttentionMetadata.build(tables, [0] * len(lens), lens, block), cache[0])
+        meta = AttentionMetadata.build(tables, lens, [1] * len(lens), block)
+        got = mla(x[sum(lens) :], meta, cache[0].clone())
+        with cpu_kernels.disabled():
+            want = mla(x[sum(lens) :], meta, cache[0].clone())
+    err = (got.float() - want.float()).abs().max().item()
+    assert err <= 0.02 * want.float().abs().max().item(), err
+
+
 @pytest.mark.parametrize(("tokens", "k", "dim"), [(1, 8, 1024), (5, 6, 100), (64, 8, 1040)])
 def test_combine_equals_the_exchanges_torch_combine(tokens, k, dim):
     """Bit for bit: the same fp32 products summed in the same k order, rounded once (D tails too)."""
