@@ -69,7 +69,7 @@ static struct {
     atomic_int sleepers;
     chunk_fn fn;           // the current job; written only while no chunk of the previous is pending
     void* ctx;
-    long total;
+    atomic_long total;
     int num_workers;
     pthread_mutex_t owner;  // one calling thread at a time uses the workers; others run alone
     pthread_mutex_t grow;
@@ -86,7 +86,7 @@ static int run_chunks(uint32_t gen) {
     int ran = 0;
     for (;;) {
         uint64_t cur = atomic_load_explicit(&pool.cursor, memory_order_acquire);
-        if ((uint32_t)(cur >> 32) != gen || (long)(cur & 0xffffffffu) >= pool.total) return ran;
+        if ((uint32_t)(cur >> 32) != gen || (long)(cur & 0xffffffffu) >= atomic_load(&pool.total)) return ran;
         if (!atomic_compare_exchange_weak_explicit(&pool.cursor, &cur, cur + 1, memory_order_acq_rel,
                                                    memory_order_relaxed))
             continue;
@@ -152,10 +152,15 @@ static void parallel_chunks(chunk_fn fn, void* ctx, long num_chunks, int nthread
     }
     ensure_workers(nthreads - 1);
     uint32_t gen = (uint32_t)(atomic_load(&pool.cursor) >> 32) + 1;
+    // Close the cursor under the new generation before the job's fields change: a worker still in
+    // run_chunks for the previous job may have read its cursor (all chunks claimed) and then read the
+    // new, larger total; its claim must fail, or it would run a chunk of this job as the old one's and
+    // count it in `done` before this job resets it (back-to-back calls from C hit that).
+    atomic_store(&pool.cursor, ((uint64_t)gen << 32) | 0xffffffffu);
     pool.fn = fn;
     pool.ctx = ctx;
-    pool.total = num_chunks;
-    atomic_store_explicit(&pool.done, 0, memory_order_relaxed);
+    atomic_store(&pool.total, num_chunks);
+    atomic_store(&pool.done, 0);
     atomic_store_explicit(&pool.cursor, (uint64_t)gen << 32, memory_order_release);
     atomic_fetch_add_explicit(&pool.epoch, 1, memory_order_release);
     if (atomic_load(&pool.sleepers) > 0) syscall(SYS_futex, &pool.epoch, FUTEX_WAKE_PRIVATE, INT32_MAX, NULL, NULL, 0);

@@ -126,3 +126,29 @@ def test_the_engine_decodes_through_it_with_the_same_tokens(tmp_path, monkeypatc
         reference = [o.token_ids for o in llm.generate(prompts, params)]
         assert not calls
     assert fast == reference
+
+
+def test_thousands_of_back_to_back_steps_match_the_python_path(monkeypatch):
+    """~4,000 one-token steps of the embedded tiny model, one request in flight at a time: the kernel
+    calls come back to back with no Python between them. A race in the kernels' thread pool (a worker
+    of the previous call claiming a chunk of the next one) corrupted memory after ~2,000 such steps."""
+    from dsray import LLM, SamplingParams
+    from dsray.model_runner import ModelRunner
+
+    monkeypatch.setattr(shard, "GROUPED_MAX_ROWS", decode_step.MAX_TOKENS)
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(10, 500, (32,), generator=gen).tolist() for _ in range(64)]
+    params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
+
+    def one_at_a_time(engine) -> list[list[int]]:
+        tokens = []
+        for prompt in prompts:
+            engine.add_request(prompt, params)
+            while engine.has_unfinished():
+                tokens += [out.token_ids for out in engine.step() if out.finished]
+        return tokens
+
+    with LLM(dtype="bfloat16", max_num_seqs=256) as llm:
+        fast = one_at_a_time(llm.engine)
+        monkeypatch.setattr(ModelRunner, "_fast_decode", lambda self, batches: None)
+        assert one_at_a_time(llm.engine) == fast
