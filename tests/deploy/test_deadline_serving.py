@@ -1,12 +1,15 @@
 """deadline_s and priority through the real server: a request that cannot start in time is a 504
 (gRPC DEADLINE_EXCEEDED) and holds nothing afterwards; one that started ends at its deadline with
 finish_reason "length", stop_reason "deadline" and its tokens counted; invalid values are 400s
-naming the field. Waiting is made certain by filling every sequence slot with requests that run
-for the whole test, never by how fast a step is."""
+naming the field. Waiting is made certain by filling every sequence slot of a second app, whose
+every step sleeps (``slow_async_llm``), with requests that run for the whole test: never by how
+fast a step of the real engine is (the C decode step finishes a whole tiny context in well under
+a second)."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import time
 
@@ -20,22 +23,51 @@ from deploy.proto_gen import dsray_pb2_grpc
 from dsray.testing import wait_for
 
 APP = ("application", "dsray")
+SLOW = "deadline-slow"  # the app whose steps sleep: its slots stay taken for as long as a test needs
 
 
-def _idle(server) -> dict:
-    """The server once no request runs or waits and every KV block is free again."""
+def _idle(server, app: str = "dsray") -> dict:
+    """The app once no request runs or waits and every KV block is free again."""
     return wait_for(
-        server.stats,
+        lambda: server.stats(app),
         lambda s: s["num_requests_admitted"] == 0 and s["num_requests_running"] == 0 and s["kv_cache_usage_perc"] == 0,
-        what="an idle server with every KV block free",
+        what=f"an idle {app} app with every KV block free",
     )
+
+
+@pytest.fixture(scope="module")
+def slow(server):
+    """The second app, with the main app's API key: ``max_num_seqs`` 2, each step first sleeping
+    ``SLOW_STEP_S`` (so a whole-context request runs for >= 12 s, however fast the engine is)."""
+    from ray import serve
+
+    from deploy.app import build_app_with_engine
+    from dsray.testing import slow_async_llm
+
+    args = {
+        "model": str(server.model_dir),
+        "api_key": server.api_key,
+        "max_waiting_requests": 2,
+        "engine": {"max_model_len": server.max_model_len, "max_num_seqs": 2, "kv_cache_memory_gb": 0.05},
+    }
+    serve.run(build_app_with_engine(args, slow_async_llm), name=SLOW, route_prefix=f"/{SLOW}")
+    try:
+        yield dataclasses.replace(server, url=f"{server.url}/{SLOW}", max_num_seqs=2, max_waiting_requests=2)
+    finally:
+        serve.delete(SLOW)
+
+
+@pytest.fixture
+def slow_client(slow):
+    with openai.OpenAI(base_url=slow.base_url, api_key=slow.api_key, max_retries=0, timeout=60) as c:
+        yield c
 
 
 @contextlib.contextmanager
 def _every_slot_taken(server):
-    """``max_num_seqs`` streaming requests of priority -1 that each want the whole context, all
-    started (first chunk read); closing them on exit aborts them. Meanwhile a new request of
-    priority 0 can only wait."""
+    """``max_num_seqs`` streaming requests of priority -1 to the slow app that each want the whole
+    context, all started (first chunk read); closing them on exit aborts them. Meanwhile a new
+    request of priority 0 can only wait."""
     body = {"model": server.model, "prompt": [5, 6, 7], "max_tokens": server.max_model_len - 4, "ignore_eos": True}
     body.update(stream=True, priority=-1)  # ahead of the requests under test: they cannot take a slot
     responses = []
@@ -46,7 +78,8 @@ def _every_slot_taken(server):
             responses.append((response, lines))  # dropping the line iterator would close the connection
             assert response.status_code == 200
             assert next(line for line in lines if line).startswith(b"data: ")
-        wait_for(server.stats, lambda s: s["num_requests_running"] == server.max_num_seqs, 10, "every slot taken")
+        slots_full = lambda s: s["num_requests_running"] == server.max_num_seqs  # noqa: E731
+        wait_for(lambda: server.stats(SLOW), slots_full, 10, "every slot taken")
         yield
     finally:
         for response, _ in responses:
@@ -66,16 +99,16 @@ def cut_s(server) -> float:
     return (time.monotonic() - start) / 4
 
 
-def test_waiting_request_past_its_deadline_is_a_504_and_frees_everything(server, client):
-    _idle(server)
-    with _every_slot_taken(server):
+def test_waiting_request_past_its_deadline_is_a_504_and_frees_everything(slow, slow_client):
+    _idle(slow, SLOW)
+    with _every_slot_taken(slow):
         with pytest.raises(openai.APIStatusError) as info:
-            client.completions.create(
-                model=server.model, prompt="too late", max_tokens=4, extra_body={"deadline_s": 0.2}
+            slow_client.completions.create(
+                model=slow.model, prompt="too late", max_tokens=4, extra_body={"deadline_s": 0.2}
             )
         with pytest.raises(openai.APIStatusError) as chat_info:
-            client.chat.completions.create(
-                model=server.model,
+            slow_client.chat.completions.create(
+                model=slow.model,
                 messages=[{"role": "user", "content": "too late"}],
                 max_tokens=4,
                 stream=True,
@@ -85,7 +118,7 @@ def test_waiting_request_past_its_deadline_is_a_504_and_frees_everything(server,
         assert exc.status_code == 504
         assert exc.body["code"] == "deadline_exceeded" and exc.body["param"] == "deadline_s"
         assert "deadline_s" in exc.body["message"]
-    _idle(server)
+    _idle(slow, SLOW)
 
 
 def test_running_request_at_its_deadline_ends_with_length_and_keeps_its_tokens(server, client, cut_s):
@@ -167,21 +200,21 @@ def stub(server):
 
 
 @pytest.mark.parametrize("rpc", ["Generate", "GenerateStream"])
-def test_grpc_deadline_exceeded_and_invalid_argument(server, stub, rpc, cut_s):
-    metadata = [APP, ("authorization", f"Bearer {server.api_key}")]
+def test_grpc_deadline_exceeded_and_invalid_argument(server, slow, stub, rpc, cut_s):
+    auth = ("authorization", f"Bearer {server.api_key}")
     call = getattr(stub, rpc)
 
-    def run(request):
-        result = call(request, metadata=metadata, timeout=60)
+    def run(request, app=APP):
+        result = call(request, metadata=[app, auth], timeout=60)
         return [result] if rpc == "Generate" else list(result)
 
     request = pb.GenerateRequest(prompt="too late", sampling=pb.SamplingParams(max_tokens=4), deadline_s=0.2)
-    _idle(server)
-    with _every_slot_taken(server):
+    _idle(slow, SLOW)
+    with _every_slot_taken(slow):
         with pytest.raises(grpc.RpcError) as info:
-            run(request)
+            run(request, ("application", SLOW))
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "deadline_s" in info.value.details()
-    _idle(server)
+    _idle(slow, SLOW)
     with pytest.raises(grpc.RpcError) as info:
         run(pb.GenerateRequest(prompt="hi", deadline_s=-1.0))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "deadline_s" in info.value.details()
