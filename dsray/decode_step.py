@@ -10,9 +10,9 @@ metadata, and C runs every layer with the same kernels and roundings as the Pyth
 It takes a step when the model runs every layer here: absorbed MLA, every expert local with the
 grouped kernels (the local executor's exchange), bf16 weights without biases, and the step is a
 decode of 1 to ``MAX_TOKENS`` sequences. Everything else, and the reference it is tested against,
-is ``Transformer.forward``. The one difference: the Python path sends an expert's rows past
-``GROUPED_MAX_ROWS`` to torch, while here every expert uses the grouped kernel (same products,
-summed in a different order).
+is ``Transformer.forward``, which gives the same bits: an expert of a decode batch has at most
+``MAX_TOKENS`` rows, never past ``experts.shard.GROUPED_MAX_ROWS``, so it takes the grouped kernel on
+both paths.
 """
 
 from __future__ import annotations

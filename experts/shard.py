@@ -26,8 +26,10 @@ from dsray.fp8 import dequantize_fp8_blocks
 from dsray.layers import linear
 from experts import triton_moe
 
-# A slot with more rows goes to oneDNN (1 thread, 16 slots: kernel 6.4 vs 7.7 ms at 16 rows, 10.9 vs 9.9 at 32).
-GROUPED_MAX_ROWS = 24
+# A slot with more rows goes to oneDNN. 2 threads, 16 slots (K 1024 and 256), grouped kernel vs one
+# expert at a time: 16 rows 3.2 vs 4.1 ms, 40 rows 6.6 vs 11.8, 64 rows 8.3 vs 14.9, 80 rows 9.9 vs 9.0.
+# At least decode_step.MAX_TOKENS, so a decode batch's experts all take the kernel on both paths.
+GROUPED_MAX_ROWS = 64
 
 
 class ExpertShard(nn.Module):
