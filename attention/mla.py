@@ -4,7 +4,11 @@
   ``W_UV c_kv``) and run ordinary attention. Readable; the oracle.
 * ``absorbed`` — fold ``W_UK`` into the query and ``W_UV`` into the output, and attend over the
   latent directly: MQA with C + R wide keys and C wide values, the cache read once for all
-  heads. Decode steps batch all sequences into one gathered read.
+  heads. Decode steps batch all sequences into one gathered read. A prompt's span where that
+  costs more (many new tokens over a context not much longer: the score and value products are
+  C + R and C wide instead of d_nope + R and d_v) is *expanded* instead, as DeepSeek and vLLM
+  prefill: keys and values decompressed from the latent by ``kv_b_proj`` for its context, then
+  fused (flash) attention. The choice is by multiply-adds (``expanding_is_cheaper``).
 * ``triton`` — ``absorbed`` with its decode rows (one new token per sequence) in the Triton
   flash-decoding kernel of ``attention/triton_mla.py``, which reads the paged cache in place;
   prefill rows keep the torch path. A call the kernel does not take falls back to torch (logged
@@ -16,6 +20,7 @@ from __future__ import annotations
 import logging
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from attention import triton_mla
@@ -137,42 +142,66 @@ class MLA(nn.Module):
         kv_cache[meta.slot_mapping] = torch.cat([c_kv, k_pe], dim=-1).to(kv_cache.dtype)
 
         if self.mode in ("absorbed", "triton"):
-            w_uk, w_uv_t = self._absorb_weights()
-            q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [T, H, C]
-            q_full = torch.cat([q_lat, q_pe], dim=-1)  # [T, H, C + R]
-            reason = triton_mla.unsupported_reason(q_full, kv_cache, C) if self.mode == "triton" else "off"
-            if reason is None:
-                o_lat = self._triton_attend(q_full, meta, kv_cache)
+            spans = [(i, a, b) for i, (a, b) in _spans(meta)]
+            wide = set() if meta.is_decode_only else {i for i, a, b in spans if self._expands(b - a, meta.context_lens[i])}
+            if not wide:
+                out = self._latent_attend(q_nope, q_pe, meta, kv_cache, spans)
             else:
-                if self.mode == "triton":
-                    _log_fallback_once(reason)
-                o_lat = self._absorbed_attend(q_full, meta, kv_cache)
-            out = torch.bmm(o_lat.transpose(0, 1), w_uv_t).transpose(0, 1)  # [T, H, d_v]
+                out = q.new_empty(T, H, self.v_head_dim)
+                for i, a, b in spans:
+                    if i in wide:
+                        out[a:b] = self._expanded_seq(q_nope[a:b], q_pe[a:b], kv_cache[meta.context_slots(i)])
+                rest = [(i, a, b) for i, a, b in spans if i not in wide]
+                if rest:
+                    rows = torch.cat([torch.arange(a, b, device=x.device) for _, a, b in rest])
+                    packed, start = [], 0  # the rest's spans over the packed rows
+                    for i, a, b in rest:
+                        packed.append((i, start, start + b - a))
+                        start += b - a
+                    out[rows] = self._latent_attend(q_nope[rows], q_pe[rows], meta, kv_cache, packed)
         else:
             out = torch.cat(
                 [self._naive_seq(q_nope[a:b], q_pe[a:b], kv_cache[meta.context_slots(i)]) for i, (a, b) in _spans(meta)]
             )
         return self.o_proj(out.reshape(T, -1))
 
-    def _absorbed_attend(self, q_full: torch.Tensor, meta: AttentionMetadata, kv_cache: torch.Tensor) -> torch.Tensor:
-        """The torch absorbed path: ``q_full [T, H, C + R]`` → ``o_lat [T, H, C]``."""
+    def _latent_attend(
+        self, q_nope: torch.Tensor, q_pe: torch.Tensor, meta: AttentionMetadata, kv_cache: torch.Tensor, spans: list
+    ) -> torch.Tensor:
+        """Absorbed attention of rows ``q_nope [n, H, d_nope]`` / ``q_pe [n, H, R]`` over the latent
+        cache: ``spans`` gives sequence i's rows ``[a, b)`` of them. → ``[n, H, d_v]``."""
+        w_uk, w_uv_t = self._absorb_weights()
+        q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [n, H, C]
+        q_full = torch.cat([q_lat, q_pe], dim=-1)  # [n, H, C + R]
+        reason = triton_mla.unsupported_reason(q_full, kv_cache, self.kv_lora_rank) if self.mode == "triton" else "off"
+        if reason is None:
+            o_lat = self._triton_attend(q_full, meta, kv_cache, spans)
+        else:
+            if self.mode == "triton":
+                _log_fallback_once(reason)
+            o_lat = self._absorbed_attend(q_full, meta, kv_cache, spans)
+        return torch.bmm(o_lat.transpose(0, 1), w_uv_t).transpose(0, 1)  # [n, H, d_v]
+
+    def _absorbed_attend(
+        self, q_full: torch.Tensor, meta: AttentionMetadata, kv_cache: torch.Tensor, spans: list
+    ) -> torch.Tensor:
+        """The torch absorbed path: ``q_full [n, H, C + R]`` → ``o_lat [n, H, C]``."""
         if meta.is_decode_only:
             return self._absorbed_decode(q_full, meta, kv_cache)
-        return torch.cat(
-            [self._absorbed_seq(q_full[a:b], kv_cache[meta.context_slots(i)]) for i, (a, b) in _spans(meta)]
-        )
+        return torch.cat([self._absorbed_seq(q_full[a:b], kv_cache[meta.context_slots(i)]) for i, a, b in spans])
 
-    def _triton_attend(self, q_full: torch.Tensor, meta: AttentionMetadata, kv_cache: torch.Tensor) -> torch.Tensor:
+    def _triton_attend(
+        self, q_full: torch.Tensor, meta: AttentionMetadata, kv_cache: torch.Tensor, spans: list
+    ) -> torch.Tensor:
         """Decode rows (one new token of a sequence) through the Triton kernel, prefill rows through torch."""
         C = self.kv_lora_rank
         if meta.is_decode_only:
             return triton_mla.mla_decode(
                 q_full, kv_cache, meta.block_tables, meta.context_lens_t, meta.block_size, C, self.softmax_scale
             )
-        spans = list(_spans(meta))
-        decode = [(i, a) for i, (a, b) in spans if b - a == 1]
+        decode = [(i, a) for i, a, b in spans if b - a == 1]
         o_lat = torch.empty(*q_full.shape[:2], C, dtype=q_full.dtype, device=q_full.device)
-        for i, (a, b) in spans:
+        for i, a, b in spans:
             if b - a > 1:
                 o_lat[a:b] = self._absorbed_seq(q_full[a:b], kv_cache[meta.context_slots(i)])
         if decode:
@@ -221,6 +250,34 @@ class MLA(nn.Module):
         scores = torch.bmm(q_full, latent.transpose(1, 2))  # [N, H, S]
         return self._scores_to_output(scores, meta.decode_pad, latent[..., : self.kv_lora_rank])  # [N, H, C]
 
+    def _expands(self, q: int, L: int) -> bool:
+        """Whether ``q`` new tokens over a context of ``L`` take fewer multiply-adds expanded (``kv_b_proj``
+        over the context, then d_nope + R wide scores and d_v wide values) than absorbed (W_UK into the
+        queries, C + R wide scores and C wide values, W_UV out)."""
+        return expanding_is_cheaper(
+            q, L, self.n_heads, self.kv_lora_rank, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim
+        )
+
+    def _expanded_seq(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+        """One sequence's span the prefill way: keys and values decompressed from ``latent [L, C + R]``,
+        then torch's fused attention (causal, the queries the last ``q`` positions) → ``[q, H, d_v]``.
+        Values are zero-padded to the key width where narrower: torch's flash kernel on CPU wants
+        equal widths (at 2,048 tokens it is ~5x the unfused path); the padding's outputs are dropped."""
+        q, L, H, C = q_nope.shape[0], latent.shape[0], self.n_heads, self.kv_lora_rank
+        latent = latent.to(q_nope.dtype)
+        kv = self.kv_b_proj(latent[:, :C]).view(L, H, -1)  # [L, H, d_nope + d_v]
+        k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        k = torch.cat([k_nope, latent[:, None, C:].expand(L, H, self.qk_rope_head_dim)], dim=-1)
+        query = torch.cat([q_nope, q_pe], dim=-1)  # [q, H, d_nope + R]
+        width = query.shape[-1]
+        if self.v_head_dim < width:
+            v = F.pad(v, (0, width - self.v_head_dim))
+        causal = dict(is_causal=True) if q == L else dict(attn_mask=~_causal_mask(q, L, q_nope.device))
+        out = F.scaled_dot_product_attention(
+            query.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), scale=self.softmax_scale, **causal
+        )  # [H, q, width]
+        return out[..., : self.v_head_dim].transpose(0, 1)
+
     def _naive_seq(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
         """Oracle: decompress per-head K/V from ``latent [L, C + R]`` → attention output ``[q, H, d_v]``."""
         q, L = q_nope.shape[0], latent.shape[0]
@@ -231,6 +288,16 @@ class MLA(nn.Module):
         scores = torch.einsum("qhd,lhd->hql", q_nope, k_nope) + torch.einsum("qhr,lr->hql", q_pe, k_pe)
         out = self._scores_to_output(scores, _causal_mask(q, L, q_nope.device), v.transpose(0, 1))  # [H, q, d_v]
         return out.transpose(0, 1)
+
+
+def expanding_is_cheaper(q: int, L: int, H: int, C: int, d_nope: int, R: int, d_v: int) -> bool:
+    """MLA over ``q`` new tokens of an ``L``-token context: whether the expanded form (decompress the
+    context's keys and values, attend per head) takes fewer multiply-adds than the absorbed one. For
+    ``small`` (H 16, C 256) a whole 128-token prompt is ~2x cheaper expanded; one token over any
+    context, or a short chunk over a long one, is far cheaper absorbed."""
+    expanded = L * C * H * (d_nope + d_v) + q * L * H * (d_nope + R + d_v)
+    absorbed = q * H * d_nope * C + q * L * H * (2 * C + R) + q * H * C * d_v
+    return expanded < absorbed
 
 
 def _spans(meta: AttentionMetadata):

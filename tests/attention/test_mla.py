@@ -16,7 +16,7 @@ import torch
 
 from attention.kv_cache import allocate_latent_cache
 from attention.metadata import AttentionMetadata
-from attention.mla import MLA
+from attention.mla import MLA, expanding_is_cheaper
 from attention.rope import RotaryEmbedding
 from dsray.config import ModelArgs
 from dsray.testing import hf_config
@@ -117,3 +117,34 @@ def test_metadata_maps_each_token_to_its_block_slot_and_pads_decode_reads():
     prefill = AttentionMetadata.build([[3]], num_computed=[0], query_lens=[3], block_size=4)
     assert not prefill.is_decode_only and prefill.decode_pad is None
     assert prefill.context_slots(0).tolist() == [12, 13, 14]
+
+
+def test_prefill_spans_expand_beside_absorbed_ones_and_equal_naive(mla, monkeypatch):
+    """Step 2 holds a long chunk over a short context (expanded), a short chunk over a long context
+    and a decode row (both absorbed, packed into one call): each path runs, and every output
+    equals the naive form."""
+    calls = {"_expanded_seq": 0, "_latent_attend": 0}
+    for name in calls:
+        real = getattr(MLA, name)
+
+        def counted(self, *a, _real=real, _name=name, **k):
+            calls[_name] += 1
+            return _real(self, *a, **k)
+
+        monkeypatch.setattr(MLA, name, counted)
+    dim = mla["naive"].o_proj.out_features
+    xs = _inputs(dim, [32, 44, 30])
+    chunks = [[8, 24], [40, 4], [29, 1]]
+    naive = _run(mla["naive"], xs, chunks, block_size=4, seed=0)
+    assert calls == {"_expanded_seq": 0, "_latent_attend": 0}
+    got = _run(mla["absorbed"], xs, chunks, block_size=4, seed=0)
+    assert calls == {"_expanded_seq": 3 + 1, "_latent_attend": 1}
+    for n, g in zip(naive, got):
+        assert (n - g).abs().max().item() <= TOL
+
+
+def test_expanding_is_cheaper_for_long_chunks_over_short_contexts():
+    small = dict(H=16, C=256, d_nope=64, R=32, d_v=64)  # the `small` preset
+    assert expanding_is_cheaper(128, 128, **small) and expanding_is_cheaper(4096, 4096, **small)
+    assert expanding_is_cheaper(512, 1024, **small)  # the second half of a prompt
+    assert not expanding_is_cheaper(1, 4000, **small) and not expanding_is_cheaper(16, 4000, **small)
