@@ -143,7 +143,9 @@ class MLA(nn.Module):
 
         if self.mode in ("absorbed", "triton"):
             spans = [(i, a, b) for i, (a, b) in _spans(meta)]
-            wide = set() if meta.is_decode_only else {i for i, a, b in spans if self._expands(b - a, meta.context_lens[i])}
+            wide = set()
+            if not meta.is_decode_only:
+                wide = {i for i, a, b in spans if self._expands(b - a, meta.context_lens[i])}
             if not wide:
                 out = self._latent_attend(q_nope, q_pe, meta, kv_cache, spans)
             else:
