@@ -377,7 +377,8 @@ static void swiglu_down_chunk(void* p, long c0, long c1) {
 void dsray_swiglu_experts_bf16(const bf16* x, int D, int num_experts, int num_routed, const bf16* const* gate,
                                const bf16* const* up, const bf16* const* down, const int* inter,
                                const float* weights, bf16* act, bf16* out, int nthreads) {
-    long per_index = 32768 / D > 0 ? 32768 / D : 1;  // ~128 KiB of gate and up rows per chunk
+    // ~256 KiB of gate and up rows, and 128 output rows, per chunk: few claims on the pool's cursor
+    long per_index = 65536 / D > 0 ? 65536 / D : 1;
     long a_off[num_experts + 1], blocks_off[num_experts + 1];
     a_off[0] = blocks_off[0] = 0;
     for (int e = 0; e < num_experts; ++e) {
@@ -385,7 +386,7 @@ void dsray_swiglu_experts_bf16(const bf16* x, int D, int num_experts, int num_ro
         blocks_off[e + 1] = blocks_off[e] + num_chunks(inter[e], per_index);
     }
     swiglu_ctx a = {x, D, num_experts, num_routed, gate, up, down, inter, weights, act, out,
-                    a_off, blocks_off, per_index, 64};
+                    a_off, blocks_off, per_index, 128};
     parallel_chunks(swiglu_gate_up_chunk, &a, blocks_off[num_experts], nthreads);
     parallel_chunks(swiglu_down_chunk, &a, num_chunks(D, a.per_row), nthreads);
 }
