@@ -272,6 +272,19 @@ static void tile_dot_square(const bf16* W, long ldw, const bf16* X, long ldx, in
 #undef SQUARE_CASE
 }
 
+// Read n contiguous elements once, front to back, so that they sit in L2 for the tiles that follow.
+// The square tiles read four weight rows at once, interleaved, a pattern memory serves ~2x slower
+// than one sequential stream (see tile_dot_narrow); a chunk's weights read first as one stream and
+// then tiled from L2: 128-token prefill of small 273 -> 241 ms (best of 6), grouped experts, 64
+// slots of 16 rows, 13.2 -> 10.7 ms.
+static volatile int warm_sink;
+static void warm(const bf16* p, long n) {
+    const char* c = (const char*)p;
+    __m512i acc = _mm512_setzero_si512();
+    for (long o = 0; o + 64 <= n * (long)sizeof(bf16); o += 64) acc = _mm512_or_si512(acc, _mm512_loadu_si512(c + o));
+    warm_sink = _mm512_reduce_or_epi32(acc);
+}
+
 #define NARROW_MAX_ROWS 8  // up to this many rows of X: the narrow tiles
 
 // Y[m, n0:n1] (fp32 in `out`, rows ldo apart) = X[m] . W[n0:n1] for every m < M, tile by tile:
@@ -306,6 +319,7 @@ static void gemm_chunk(void* p, long c0, long c1) {
     float tile[a->M * a->per];
     for (long c = c0; c < c1; ++c) {
         long n0 = chunk_begin(c, a->per), n1 = chunk_end(c, a->per, a->N);
+        if (a->M > NARROW_MAX_ROWS && a->ldw == a->K) warm(a->W + n0 * a->ldw, (n1 - n0) * a->K);
         block_products(a->W, a->ldw, n0, n1, a->X, a->ldx, a->M, a->K, tile, a->per);
         for (int m = 0; m < a->M; ++m)
             for (long n = n0; n < n1; ++n) a->Y[m * a->ldy + n] = f32_to_bf16(tile[m * a->per + (n - n0)]);
@@ -722,6 +736,10 @@ static void grouped_gate_up_chunk(void* p, long c0, long c1) {
         long j = c / a->blocks1, i0 = (c % a->blocks1) * a->per_index;
         long i1 = i0 + a->per_index < a->I ? i0 + a->per_index : a->I;
         const bf16* w = a->w13 + (long)a->slots[j] * 2 * a->I * a->D;
+        if (a->row_off[2 * j + 1] - a->row_off[2 * j] > NARROW_MAX_ROWS) {
+            warm(w + i0 * a->D, (i1 - i0) * a->D);
+            warm(w + (a->I + i0) * a->D, (i1 - i0) * a->D);
+        }
         for (long r = a->row_off[2 * j]; r < a->row_off[2 * j + 1]; r += GROUP_ROWS) {
             int mr = a->row_off[2 * j + 1] - r < GROUP_ROWS ? (int)(a->row_off[2 * j + 1] - r) : GROUP_ROWS;
             const bf16* x = a->X + r * a->D;
@@ -744,6 +762,7 @@ static void grouped_down_chunk(void* p, long c0, long c1) {
         long j = c / a->blocks2, d0 = (c % a->blocks2) * a->per_row;
         long d1 = d0 + a->per_row < a->D ? d0 + a->per_row : a->D;
         const bf16* w = a->w2 + (long)a->slots[j] * a->D * a->I;
+        if (a->row_off[2 * j + 1] - a->row_off[2 * j] > NARROW_MAX_ROWS) warm(w + d0 * a->I, (d1 - d0) * a->I);
         for (long r = a->row_off[2 * j]; r < a->row_off[2 * j + 1]; r += GROUP_ROWS) {
             int mr = a->row_off[2 * j + 1] - r < GROUP_ROWS ? (int)(a->row_off[2 * j + 1] - r) : GROUP_ROWS;
             block_products(w, a->I, d0, d1, a->act + r * a->I, a->I, mr, a->I, y, a->per_row);
