@@ -141,31 +141,45 @@ class MLA(nn.Module):
         c_kv = self.kv_a_layernorm(kv[:, :C])  # [T, C]
         kv_cache[meta.slot_mapping] = torch.cat([c_kv, k_pe], dim=-1).to(kv_cache.dtype)
 
+        spans = list(_spans(meta))
         if self.mode in ("absorbed", "triton"):
-            spans = [(i, a, b) for i, (a, b) in _spans(meta)]
             wide = set()
             if not meta.is_decode_only:
                 wide = {i for i, a, b in spans if self._expands(b - a, meta.context_lens[i])}
-            if not wide:
-                out = self._latent_attend(q_nope, q_pe, meta, kv_cache, spans)
+            if wide:
+                out = self._mixed_attend(q_nope, q_pe, meta, kv_cache, spans, wide)
             else:
-                out = q.new_empty(T, H, self.v_head_dim)
-                for i, a, b in spans:
-                    if i in wide:
-                        out[a:b] = self._expanded_seq(q_nope[a:b], q_pe[a:b], kv_cache[meta.context_slots(i)])
-                rest = [(i, a, b) for i, a, b in spans if i not in wide]
-                if rest:
-                    rows = torch.cat([torch.arange(a, b, device=x.device) for _, a, b in rest])
-                    packed, start = [], 0  # the rest's spans over the packed rows
-                    for i, a, b in rest:
-                        packed.append((i, start, start + b - a))
-                        start += b - a
-                    out[rows] = self._latent_attend(q_nope[rows], q_pe[rows], meta, kv_cache, packed)
+                out = self._latent_attend(q_nope, q_pe, meta, kv_cache, spans)
         else:
             out = torch.cat(
-                [self._naive_seq(q_nope[a:b], q_pe[a:b], kv_cache[meta.context_slots(i)]) for i, (a, b) in _spans(meta)]
+                [self._naive_seq(q_nope[a:b], q_pe[a:b], kv_cache[meta.context_slots(i)]) for i, a, b in spans]
             )
         return self.o_proj(out.reshape(T, -1))
+
+    def _mixed_attend(
+        self,
+        q_nope: torch.Tensor,
+        q_pe: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_cache: torch.Tensor,
+        spans: list,
+        wide: set,
+    ) -> torch.Tensor:
+        """The sequences in ``wide`` expanded, one by one; the rest absorbed in one call over their
+        rows packed together. → ``[T, H, d_v]``."""
+        out = q_nope.new_empty(*q_nope.shape[:2], self.v_head_dim)
+        rest, packed, start = [], [], 0  # the rest's rows, and their spans over the packed rows
+        for i, a, b in spans:
+            if i in wide:
+                out[a:b] = self._expanded_seq(q_nope[a:b], q_pe[a:b], kv_cache[meta.context_slots(i)])
+            else:
+                rest.append(torch.arange(a, b, device=q_nope.device))
+                packed.append((i, start, start + b - a))
+                start += b - a
+        if rest:
+            rows = torch.cat(rest)
+            out[rows] = self._latent_attend(q_nope[rows], q_pe[rows], meta, kv_cache, packed)
+        return out
 
     def _latent_attend(
         self, q_nope: torch.Tensor, q_pe: torch.Tensor, meta: AttentionMetadata, kv_cache: torch.Tensor, spans: list
@@ -303,10 +317,10 @@ def expanding_is_cheaper(q: int, L: int, H: int, C: int, d_nope: int, R: int, d_
 
 
 def _spans(meta: AttentionMetadata):
-    """``(i, (start, end))`` token spans of each sequence in the flattened batch."""
+    """``(i, start, end)``: the token span of each sequence in the flattened batch."""
     start = 0
     for i, n in enumerate(meta.query_lens):
-        yield i, (start, start + n)
+        yield i, start, start + n
         start += n
 
 
