@@ -42,3 +42,12 @@ def serve_fast_ingress() -> bool:
     Default on; ``0`` keeps Serve's Python proxy (see ``deploy.launch.fast_ingress_env``).
     """
     return os.environ.get("DSRAY_SERVE_FAST_INGRESS", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def cpu_exchange() -> str:
+    """How CPU workers exchange MoE rows (``DSRAY_CPU_EXCHANGE``): ``socket`` (default, ``dsray/comm.py``'s
+    ``SocketTransport``) or ``gloo`` (torch.distributed's ``all_to_all_single``)."""
+    value = os.environ.get("DSRAY_CPU_EXCHANGE", "socket").strip().lower()
+    if value not in ("socket", "gloo"):
+        raise ValueError(f"DSRAY_CPU_EXCHANGE={value!r}: use 'socket' or 'gloo'")
+    return value

@@ -7,11 +7,13 @@ back and are combined — the whole expert-parallel data path of ``router/exchan
 from __future__ import annotations
 
 import threading
+from datetime import timedelta
 
 import pytest
 import torch
+import torch.distributed as dist
 
-from dsray.comm import LoopbackGroup, SelfTransport
+from dsray.comm import LoopbackGroup, SelfTransport, SocketTransport, free_address
 from experts.shard import ExpertShard
 from router.exchange import MoEExchange
 from router.expert_map import ExpertMap, contiguous_slots
@@ -46,22 +48,45 @@ def routing(num_tokens: int, seed: int, hot: bool = False) -> tuple[torch.Tensor
     return x, ids, weights
 
 
-def run_ep(expert_map: ExpertMap, full: ExpertShard, token_splits: list[int], x, ids, weights, layers: int = 1):
-    """Run ``layers`` rounds on A attention + E expert loopback ranks; returns each attention rank's output."""
+def socket_group(world: int, timeout_s: float = 20):
+    """``rank → SocketTransport``: ranks as threads of this process, over real TCP connections."""
+    _, port = free_address("127.0.0.1")
+    stores = {}
+
+    def transport(rank: int) -> SocketTransport:
+        store = dist.TCPStore("127.0.0.1", port, world, is_master=rank == 0, timeout=timedelta(seconds=timeout_s))
+        stores[rank] = store
+        return SocketTransport(store, rank, world, timeout_s, "127.0.0.1")
+
+    return transport
+
+
+def run_ep(
+    expert_map: ExpertMap,
+    full: ExpertShard,
+    token_splits: list[int],
+    x,
+    ids,
+    weights,
+    layers: int = 1,
+    transport: str = "loopback",
+):
+    """Run ``layers`` rounds on A attention + E expert ranks (threads: loopback, or sockets); returns each
+    attention rank's output."""
     A, E = expert_map.first_rank, expert_map.num_ranks
-    group = LoopbackGroup(A + E, timeout_s=20)
+    make = LoopbackGroup(A + E, timeout_s=20).transport if transport == "loopback" else socket_group(A + E)
     outs: list = [None] * A
     errors: list = []
     bounds = [sum(token_splits[:r]) for r in range(A + 1)]
 
     def attention(rank: int) -> None:
-        exchange = MoEExchange(group.transport(rank), expert_map, replica_offset=rank)
+        exchange = MoEExchange(make(rank), expert_map, replica_offset=rank)
         lo, hi = bounds[rank], bounds[rank + 1]
         outs[rank] = [exchange.round(layer, x[lo:hi], ids[lo:hi], weights[lo:hi]) for layer in range(layers)]
 
     def expert(rank: int) -> None:
         shards = [slot_shard(full, slots) for slots in expert_map.rank_slots(rank)]
-        exchange = MoEExchange(group.transport(A + rank), expert_map, compute=[s.run_sorted for s in shards])
+        exchange = MoEExchange(make(A + rank), expert_map, compute=[s.run_sorted for s in shards])
         for layer in range(layers):
             exchange.idle_round(layer, D, x.dtype)
 
@@ -90,6 +115,19 @@ def test_loopback_ep_equals_the_plain_moe(A, E):
     splits = [23 // A + (1 if r < 23 % A else 0) for r in range(A)]
     outs = run_ep(expert_map, full, splits, x, ids, weights)
     torch.testing.assert_close(torch.cat([o[0] for o in outs]), reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("A", "E", "redundant"), [(1, 1, 0), (1, 3, 0), (2, 3, 5), (3, 2, 0)])
+def test_socket_ep_equals_the_plain_moe(A, E, redundant):
+    """The CPU workers' transport: the same rounds over TCP, several layers (so rounds overlap)."""
+    full = full_shard()
+    x, ids, weights = routing(29, seed=A + E + redundant, hot=True)
+    reference = full.forward_loop(x, ids, weights)
+    expert_map = ExpertMap.contiguous(NUM_EXPERTS, E, 3, num_redundant=redundant, first_rank=A)
+    splits = [29 // A + (1 if r < 29 % A else 0) for r in range(A)]
+    outs = run_ep(expert_map, full, splits, x, ids, weights, layers=3, transport="socket")
+    for layer in range(3):
+        torch.testing.assert_close(torch.cat([o[layer] for o in outs]), reference, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(("A", "E", "redundant"), [(1, 2, 2), (2, 3, 5), (2, 4, 16), (1, 2, 16)])
