@@ -1,9 +1,10 @@
-"""The MoE exchange: one layer's round trip over gloo, and the bytes of a step message vs context.
+"""The MoE exchange: one layer's round trip, and the bytes of a step message vs context.
 
-1. Round trip: A attention ranks and E expert ranks (processes on this machine, gloo over
-   loopback) run ``router/exchange.py``'s rounds; expert ranks echo rows back, so the figure is
-   the exchange alone (as DeepEP's dispatch/combine figures are). µs per round trip and
-   DeepEP-style GB/s (bytes of rows moved in both directions ÷ time), per token count.
+1. Round trip: A attention ranks and E expert ranks (processes on this machine, over loopback)
+   run ``router/exchange.py``'s rounds; expert ranks echo rows back, so the figure is the exchange
+   alone (as DeepEP's dispatch/combine figures are). µs per round trip and DeepEP-style GB/s (bytes
+   of rows moved in both directions ÷ time), per token count, for each CPU transport in the same
+   run (``--transports``: dsray's ``SocketTransport``, the default, and gloo), with their ratio.
 2. Step bytes: the pickled ``StepInput`` an attention worker receives per decode step (what Ray
    sends), for a batch of sequences at each context length, from the real engine on the tiny
    model. Workers keep sequence state, so it must not grow with the context.
@@ -23,7 +24,7 @@ import time
 import torch
 import torch.multiprocessing as mp
 
-from dsray.comm import free_address, init_group
+from dsray.comm import free_address, init_group, leave_group
 from router.exchange import MoEExchange
 from router.expert_map import ExpertMap
 
@@ -44,7 +45,7 @@ def _rank_main(rank: int, world: int, num_attention: int, port: int, cfg: dict, 
     for tokens in cfg["tokens"]:
         times = []
         for it in range(cfg["warmup"] + cfg["iters"]):
-            torch.distributed.barrier()
+            comm.exchange_counts(torch.zeros(world, 1, dtype=torch.int64)).wait()  # a barrier
             start = time.perf_counter()
             if rank < num_attention:
                 gen = torch.Generator().manual_seed(it)
@@ -60,12 +61,13 @@ def _rank_main(rank: int, world: int, num_attention: int, port: int, cfg: dict, 
         results[tokens] = times
     if rank == 0:
         queue.put(results)
-    torch.distributed.destroy_process_group()
+    leave_group()
 
 
-def run(cfg: dict) -> dict:
+def run(cfg: dict, transport: str) -> dict:
     world = cfg["attention"] + cfg["expert_ranks"]
     _, port = free_address("127.0.0.1")
+    os.environ["DSRAY_CPU_EXCHANGE"] = transport  # read by the spawned ranks' init_group
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     procs = [ctx.Process(target=_rank_main, args=(r, world, cfg["attention"], port, cfg, queue)) for r in range(world)]
@@ -142,16 +144,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--contexts", type=int, nargs="+", default=[100, 4000], help="step-bytes contexts")
     parser.add_argument("--step-seqs", type=int, default=16, help="sequences per step for step bytes")
+    parser.add_argument("--transports", nargs="+", default=["socket", "gloo"], choices=["socket", "gloo"])
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args(argv)
     cfg = {k: getattr(args, k) for k in ("tokens", "hidden", "experts", "topk", "attention", "iters", "warmup")}
     cfg["expert_ranks"] = args.expert_ranks
     sizes = step_bytes(args.contexts, args.step_seqs)
+    results = {t: run(cfg, t) for t in args.transports}
     report = {
         "benchmark": "dispatch",
         "config": cfg,
-        "results": run(cfg),
+        "results": results,
         "anchor": "DeepEP low-latency EP8 on H800, 128 tokens: dispatch 77 us + combine 114 us",
+        "round_trip_gloo_over_socket": {
+            row["tokens"]: gloo["round_trip_us_median"] / row["round_trip_us_median"]
+            for row, gloo in zip(results.get("socket", []), results.get("gloo", []))
+        },
         "step_bytes": sizes,
         "step_bytes_ratio_longest_to_shortest": sizes[-1]["decode_step_bytes"] / sizes[0]["decode_step_bytes"],
     }
