@@ -7,10 +7,10 @@ before it posts its rows (one that holds no slots, so receives none) never waits
 group calls every exchange of a step, in the same order, also with zero rows: a rank that skips
 one hangs the group (or, here, fails it after ``timeout_s``).
 
-* ``SocketTransport`` — CPU ranks: one TCP connection per pair of ranks, sent and received on the
-  caller's own thread (why not gloo's threads: see the class).
+* ``SocketTransport`` — CPU ranks with ``DSRAY_CPU_EXCHANGE=socket``: one TCP connection per pair
+  of ranks, sent and received on the caller's own thread (why not gloo's threads: see the class).
 * ``TorchDistTransport`` — ``all_to_all_single`` over a process group, ``async_op`` for rows
-  (NCCL between GPU workers; gloo on request, ``DSRAY_CPU_EXCHANGE=gloo``).
+  (NCCL between GPU workers; gloo between CPU workers, the default for now).
 * ``SelfTransport`` — a group of one (the local executor: the rank is its own expert rank).
 * ``LoopbackGroup`` — ``world`` ranks as threads of one process, so the whole expert-parallel
   data path (plan → dispatch → expert compute → combine) runs and is tested in one process.
@@ -442,8 +442,8 @@ def init_group(
 ) -> Transport:
     """Join the step group; collectives that wait longer than ``timeout_s`` raise instead of hanging.
 
-    GPU workers exchange over NCCL; CPU workers over ``SocketTransport`` (``DSRAY_CPU_EXCHANGE=gloo``:
-    gloo). Rank 0 hosts the group's store at ``address:port``.
+    GPU workers exchange over NCCL; CPU workers over gloo, or ``SocketTransport`` with
+    ``DSRAY_CPU_EXCHANGE=socket``. Rank 0 hosts the group's store at ``address:port``.
 
     A process is in one step group at a time: joining a new one (after a worker was lost, or to let
     a new worker in) first abandons the current one, which cannot shrink or grow.
