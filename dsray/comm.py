@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import collections
 import datetime
-import logging
 import select
 import socket
 import struct
@@ -33,8 +32,6 @@ import torch
 import torch.distributed as dist
 
 from dsray import envs
-
-logger = logging.getLogger(__name__)
 
 
 class Pending:
@@ -276,7 +273,7 @@ class SocketTransport(Transport):
     at once. Use a transport from one thread at a time.
     """
 
-    def __init__(self, store: dist.Store, rank: int, world_size: int, timeout_s: float, host: str, prefix: str = ""):
+    def __init__(self, store: dist.Store, rank: int, world_size: int, timeout_s: float, host: str):
         self.rank, self.world_size, self.timeout_s = rank, world_size, timeout_s
         self.store: dist.Store | None = store  # rank 0 serves it: kept as long as the group
         self._seq = 0
@@ -285,10 +282,10 @@ class SocketTransport(Transport):
         try:
             listener.bind((host, 0))
             listener.listen(world_size)
-            store.set(f"{prefix}dsray-exchange/{rank}", f"{host}:{listener.getsockname()[1]}")
+            store.set(f"dsray-exchange/{rank}", f"{host}:{listener.getsockname()[1]}")
             for peer in range(rank):  # connect to lower ranks, accept higher ones
-                store.wait([f"{prefix}dsray-exchange/{peer}"], datetime.timedelta(seconds=timeout_s))
-                peer_host, peer_port = store.get(f"{prefix}dsray-exchange/{peer}").decode().rsplit(":", 1)
+                store.wait([f"dsray-exchange/{peer}"], datetime.timedelta(seconds=timeout_s))
+                peer_host, peer_port = store.get(f"dsray-exchange/{peer}").decode().rsplit(":", 1)
                 sock = socket.create_connection((peer_host, int(peer_port)), timeout=timeout_s)
                 sock.sendall(struct.pack("<q", rank))
                 self._peers[peer] = _Peer(sock, peer)
