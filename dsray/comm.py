@@ -7,10 +7,10 @@ before it posts its rows (one that holds no slots, so receives none) never waits
 group calls every exchange of a step, in the same order, also with zero rows: a rank that skips
 one hangs the group (or, here, fails it after ``timeout_s``).
 
-* ``SocketTransport`` — CPU ranks with ``DSRAY_CPU_EXCHANGE=socket``: one TCP connection per pair
+* ``SocketTransport`` — CPU ranks (the default; ``DSRAY_CPU_EXCHANGE=gloo`` takes gloo): one TCP connection per pair
   of ranks, sent and received on the caller's own thread (why not gloo's threads: see the class).
 * ``TorchDistTransport`` — ``all_to_all_single`` over a process group, ``async_op`` for rows
-  (NCCL between GPU workers; gloo between CPU workers, the default for now).
+  (NCCL between GPU workers; gloo between CPU workers with ``DSRAY_CPU_EXCHANGE=gloo``).
 * ``SelfTransport`` — a group of one (the local executor: the rank is its own expert rank).
 * ``LoopbackGroup`` — ``world`` ranks as threads of one process, so the whole expert-parallel
   data path (plan → dispatch → expert compute → combine) runs and is tested in one process.
@@ -278,6 +278,7 @@ class SocketTransport(Transport):
         self.store: dist.Store | None = store  # rank 0 serves it: kept as long as the group
         self._seq = 0
         self._peers: dict[int, _Peer] = {}
+        self.failed: str | None = None  # why a collective of this group failed
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
             listener.bind((host, 0))
@@ -312,10 +313,16 @@ class SocketTransport(Transport):
         return self._exchange(list(rows.split(send_splits)), out, list(out.split(recv_splits)))
 
     def _exchange(self, chunks: list[torch.Tensor], out: torch.Tensor, dests: list[torch.Tensor]) -> Pending:
+        if self.failed is not None:
+            raise ConnectionError(f"MoE exchange: this group failed earlier ({self.failed}); it needs a regroup")
         seq, self._seq = self._seq, self._seq + 1
-        for peer, chunk in enumerate(chunks):
-            if peer != self.rank and chunk.numel():
-                self._peers[peer].send(seq, _bytes(chunk))
+        try:
+            for peer, chunk in enumerate(chunks):
+                if peer != self.rank and chunk.numel():
+                    self._peers[peer].send(seq, _bytes(chunk))
+        except BaseException as exc:  # a peer that is gone resets the connection
+            self._fail(exc)
+            raise
         if dests[self.rank].numel():
             dests[self.rank].copy_(chunks[self.rank])
         waiting = []
@@ -326,6 +333,20 @@ class SocketTransport(Transport):
         return Pending(lambda: self._wait(seq, waiting, out))
 
     def _wait(self, seq: int, peers: list[_Peer], out: torch.Tensor) -> torch.Tensor:
+        try:
+            return self._wait_for(seq, peers, out)
+        except BaseException as exc:
+            self._fail(exc)
+            raise
+
+    def _fail(self, exc: BaseException) -> None:
+        """A failed collective fails the group: closing every connection makes the peers that wait on this
+        rank fail now too, not after ``timeout_s`` (they may wait only on this rank, not on the one that is
+        gone). The executor regroups the survivors in a new group."""
+        self.failed = f"{type(exc).__name__}: {exc}"
+        self.close()
+
+    def _wait_for(self, seq: int, peers: list[_Peer], out: torch.Tensor) -> torch.Tensor:
         deadline = time.monotonic() + self.timeout_s
         for peer in peers:
             while seq not in peer.arrived:
@@ -439,8 +460,8 @@ def init_group(
 ) -> Transport:
     """Join the step group; collectives that wait longer than ``timeout_s`` raise instead of hanging.
 
-    GPU workers exchange over NCCL; CPU workers over gloo, or ``SocketTransport`` with
-    ``DSRAY_CPU_EXCHANGE=socket``. Rank 0 hosts the group's store at ``address:port``.
+    GPU workers exchange over NCCL; CPU workers over ``SocketTransport``, or gloo with
+    ``DSRAY_CPU_EXCHANGE=gloo``. Rank 0 hosts the group's store at ``address:port``.
 
     A process is in one step group at a time: joining a new one (after a worker was lost, or to let
     a new worker in) first abandons the current one, which cannot shrink or grow.

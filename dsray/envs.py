@@ -45,11 +45,10 @@ def serve_fast_ingress() -> bool:
 
 
 def cpu_exchange() -> str:
-    """How CPU workers exchange MoE rows (``DSRAY_CPU_EXCHANGE``): ``gloo`` (default, torch.distributed's
-    ``all_to_all_single``) or ``socket`` (``dsray/comm.py``'s ``SocketTransport``: 0.64x of local against
-    0.46x with gloo on ``small`` A=1/E=1, but not yet the default: with it, serving did not report itself
-    degraded while an expert worker was being replaced, ``tests/deploy/test_worker_kill.py``)."""
-    value = os.environ.get("DSRAY_CPU_EXCHANGE", "gloo").strip().lower()
+    """How CPU workers exchange MoE rows (``DSRAY_CPU_EXCHANGE``): ``socket`` (default, ``dsray/comm.py``'s
+    ``SocketTransport``: 0.64x of local against 0.46x with gloo on ``small`` A=1/E=1) or ``gloo``
+    (torch.distributed's ``all_to_all_single``)."""
+    value = os.environ.get("DSRAY_CPU_EXCHANGE", "socket").strip().lower()
     if value not in ("socket", "gloo"):
         raise ValueError(f"DSRAY_CPU_EXCHANGE={value!r}: use 'socket' or 'gloo'")
     return value

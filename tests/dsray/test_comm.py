@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from datetime import timedelta
 
 import pytest
@@ -105,3 +106,27 @@ def test_ranks_out_of_step_are_told_so():
         a.exchange_rows(torch.zeros(0, 4), [0, 0], [0, 2]).wait()
     for t in (a, b):
         t.close()
+
+
+def test_a_rank_whose_collective_fails_fails_its_peers_at_once():
+    """Rank 1 is gone. Rank 2 waits only on rank 0 (expert ranks send each other nothing), and rank 0,
+    which waits on rank 1, fails: it closes its connections, so rank 2 fails now, not after its timeout;
+    and rank 0's next collective says the group needs a regroup."""
+    a, b, c = connect(3, timeout_s=30)
+    b.close()
+
+    def rank0():
+        with pytest.raises(ConnectionError, match="rank 1 closed its connection"):
+            a.exchange_rows(torch.zeros(0, 4), [0, 0, 0], [0, 2, 0]).wait()
+
+    def rank2():
+        start = time.monotonic()
+        with pytest.raises(ConnectionError, match="rank 0 closed its connection"):
+            c.exchange_rows(torch.zeros(0, 4), [0, 0, 0], [2, 0, 0]).wait()
+        return time.monotonic() - start
+
+    _, waited = run_ranks([rank0, rank2])
+    assert waited < 10, waited  # not the 30 s timeout
+    with pytest.raises(ConnectionError, match="this group failed earlier .*rank 1 closed"):
+        a.exchange_counts(torch.zeros(3, 1, dtype=torch.int64))
+    c.close()
