@@ -9,6 +9,7 @@ maps the names).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -239,7 +240,10 @@ class Transformer(nn.Module):
         return self.forward_micro_batches([(input_ids, meta)], kv_cache)[0]
 
     def forward_micro_batches(
-        self, batches: list[tuple[torch.Tensor, AttentionMetadata | None]], kv_cache: torch.Tensor
+        self,
+        batches: list[tuple[torch.Tensor, AttentionMetadata | None]],
+        kv_cache: torch.Tensor,
+        each: Callable[[int, torch.Tensor], None] | None = None,
     ) -> list[torch.Tensor]:
         """Run micro-batches ``[(input_ids [T_i], meta_i)]`` interleaved layer by layer → hidden ``[T_i, D]`` each.
 
@@ -248,7 +252,8 @@ class Transformer(nn.Module):
         each micro-batch's MLP in order and finishes it just before that micro-batch's next
         attention, so every rank issues its exchanges in the same order: layer by layer, micro-batch
         by micro-batch. A micro-batch may be empty (T_i = 0, meta None): it only takes part in the
-        exchanges.
+        exchanges. ``each(i, hidden_i)`` runs as soon as micro-batch i's hidden is ready, while the later
+        ones' last rows are still at the experts (the runner computes that micro-batch's logits there).
         """
         xs, metas = [], []
         for input_ids, meta in batches:
@@ -267,7 +272,12 @@ class Transformer(nn.Module):
                 xs[b], hs[b] = blk.attend(xs[b], metas[b], kv_cache[i])
                 pending[b] = blk.start_mlp(hs[b])
             prev = blk
-        return [self.model.norm(prev.finish_mlp(x, h, p)) for x, h, p in zip(xs, hs, pending)]
+        out = []
+        for b, (x, h, p) in enumerate(zip(xs, hs, pending)):
+            out.append(self.model.norm(prev.finish_mlp(x, h, p)))
+            if each is not None:
+                each(b, out[-1])
+        return out
 
     def expert_load(self) -> list[list[int]]:
         """Tokens routed to each expert of each MoE layer since start: ``[num_moe_layers][E]``."""

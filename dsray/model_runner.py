@@ -94,20 +94,32 @@ class ModelRunner:
         groups = _split(step.seqs, step.num_micro_batches)
         batches = [self._batch(group) for group in groups]
         fast = self._fast_decode(batches)
+        # Per micro-batch: the rows whose logits are wanted (each sequence's last new token, if it samples).
+        last: list[list[int]] = [[] for _ in groups]
+        wanted = []
+        i = 0
+        for b, group in enumerate(groups):
+            end = 0
+            for s in group:
+                end += s.num_new_tokens
+                if s.needs_sample:
+                    last[b].append(end - 1)
+                    wanted.append(i)
+                i += 1
+        parts: list[torch.Tensor] = []
+
+        def logits_of(b: int, hidden: torch.Tensor) -> None:
+            # As soon as micro-batch b is done: the next ones' last rows are still at the experts.
+            if last[b]:
+                parts.append(self.model.compute_logits(hidden[last[b]]))  # [N_b, V]
+
         if fast is not None:
-            hidden = fast(*batches[0], self.kv_cache)
+            logits_of(0, fast(*batches[0], self.kv_cache))
         else:
-            hidden = torch.cat(self.model.forward_micro_batches(batches, self.kv_cache))  # [T, D]
-        last, wanted = [], []
-        end = 0
-        for i, s in enumerate(step.seqs):
-            end += s.num_new_tokens
-            if s.needs_sample:
-                last.append(end - 1)
-                wanted.append(i)
+            self.model.forward_micro_batches(batches, self.kv_cache, each=logits_of)
         results: list = [None] * len(step.seqs)
         if wanted:
-            logits = self.model.compute_logits(hidden[last])  # [N, V]
+            logits = parts[0] if len(parts) == 1 else torch.cat(parts)  # [N, V], in step order
             states = [self.seqs[step.seqs[i].request_id] for i in wanted]
             for i, state, r in zip(wanted, states, sample(logits, [st.sample_request() for st in states])):
                 results[i] = r

@@ -70,7 +70,8 @@ def test_ray_executor_matches_local(slots_cluster, models, local_outputs, model,
 
 
 def test_overlap_on_and_off_give_identical_outputs(slots_cluster, models, local_outputs):
-    """Shared experts during the exchange and two micro-batches per step change the schedule, not the result."""
+    """Shared experts during the exchange and two micro-batches per step (each one's logits as soon as it is
+    done) change the schedule, not the result."""
     rounds = {}
     for overlap in (False, True):
         with LLM(
