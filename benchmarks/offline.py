@@ -18,9 +18,17 @@ exchange time (what the attention rank spends blocked in MoE exchanges, as a fra
 step time); ``--compare-local`` runs the local executor on the same prompts in the same run
 (``--local-threads``, default 2) and gives the ratio; ``--overlap`` runs the Ray executor
 with the engine's default overlaps, or with both overlaps (shared experts during the exchange, two
-micro-batches) on or off (``all``: the three in one run):
+micro-batches) on or off (``all``: the three in one run); ``--local-expert-share`` runs each of
+those with attention workers that also hold that share of the experts:
 
     python benchmarks/offline.py --executor ray --num-prompts 32 --skip-hf --compare-local --overlap all
+    python benchmarks/offline.py --executor ray --num-prompts 32 --skip-hf --compare-local --overlap both \
+        --local-expert-share 0 0.5 --rounds 6
+
+``--rounds N`` keeps every Ray configuration up at once and runs them in turn N times, so that the
+machine's drift (its memory bandwidth moves by 2x within minutes) hits them alike; it reports each
+one's median and the per-round ratios against the first (and, with ``--compare-local``, against the
+local executor, run in every round).
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -158,30 +167,94 @@ def step_breakdown(before: dict, after: dict, wall: float) -> dict:
         "attention_step_s": attention_step,
         "attention_compute_s": attention_step - exchange,
         "expert_compute_s": expert_compute,
+        "attention_local_experts_s": delta("attention", "local_expert_seconds"),
         "exposed_exchange_s": exchange,
         "exposed_exchange_fraction_of_step": exchange / attention_step if attention_step else None,
         "ray_and_engine_overhead_s": wall - attention_step,
     }
 
 
-def ray_batched(args, prompts: list[list[int]], overlap: bool) -> dict:
-    """The batched workload on the Ray executor (one thread per worker), with its time breakdown."""
-    llm = LLM(
+def ray_llm(args, overlap: bool | None, share: float) -> LLM:
+    """A Ray-executor ``LLM`` for one configuration, one thread per worker; ``share``:
+    ``local_expert_share`` (experts the attention workers compute themselves)."""
+    return LLM(
         args.model,
         dtype=args.dtype,
         device=args.device,
         executor="ray",
         num_attention_workers=args.attention_workers,
         num_expert_workers=args.expert_workers,
+        local_expert_share=share,
         **({} if overlap is None else {"overlap_shared_experts": overlap, "micro_batch_overlap": overlap}),
     )
-    with llm:
+
+
+def ray_batched(args, prompts: list[list[int]], overlap: bool | None, share: float = 0.0) -> dict:
+    """The batched workload on the Ray executor (one thread per worker), with its time breakdown."""
+    with ray_llm(args, overlap, share) as llm:
         ours_batched(llm, prompts[:2], 4)  # warm-up
         before = llm.engine.executor.timings()
         out = ours_batched(llm, prompts, args.new_tokens)
         out["breakdown"] = step_breakdown(before, llm.engine.executor.timings(), out["seconds"])
         out["overlap"] = overlap
+        out["local_expert_share"] = share
     return out
+
+
+def ray_alternating(args, prompts: list[list[int]], configs: list[tuple[bool | None, float]]) -> dict:
+    """Every configuration's ``LLM`` alive at once (idle ones take no CPU), each running the batched
+    workload in turn, ``--rounds`` times (with ``--compare-local``, the local executor too, in a fresh
+    process each round): the machine's drift hits them alike, and the per-round ratios against the first
+    configuration (and the local executor) compare them. Each gets its median, every round and its
+    summed time breakdown."""
+    import ray
+
+    if not ray.is_initialized():  # a logical CPU per worker of every configuration: one thread each
+        ray.init(num_cpus=len(configs) * (args.attention_workers + args.expert_workers), include_dashboard=False)
+    llms = [ray_llm(args, *c) for c in configs]
+    try:
+        for llm in llms:
+            ours_batched(llm, prompts[:2], 4)  # warm-up
+        before = [llm.engine.executor.timings() for llm in llms]
+        rounds: list[list[dict]] = [[] for _ in configs]
+        local: list[dict] = []
+        for _ in range(args.rounds):
+            if args.compare_local:
+                local.append(local_batched(args, prompts))
+            for i, llm in enumerate(llms):
+                rounds[i].append(ours_batched(llm, prompts, args.new_tokens))
+        out: dict = {}
+        if local:
+            out["local"] = {
+                "output_tok_s": statistics.median(r["output_tok_s"] for r in local),
+                "rounds_tok_s": [r["output_tok_s"] for r in local],
+                "threads": args.local_threads,
+            }
+        for i, (c, llm) in enumerate(zip(configs, llms)):
+            tok_s = [r["output_tok_s"] for r in rounds[i]]
+            seconds = sum(r["seconds"] for r in rounds[i])
+            paired = [r["output_tok_s"] / first["output_tok_s"] for r, first in zip(rounds[i], rounds[0])]
+            out[_name(*c)] = {
+                "output_tok_s": statistics.median(tok_s),
+                "rounds_tok_s": tok_s,
+                f"paired_vs_{_name(*configs[0])}": {"median": statistics.median(paired), "rounds": paired},
+                "breakdown": step_breakdown(before[i], llm.engine.executor.timings(), seconds),
+                **(
+                    {
+                        "paired_vs_local": statistics.median(
+                            r["output_tok_s"] / m["output_tok_s"] for r, m in zip(rounds[i], local)
+                        )
+                    }
+                    if local
+                    else {}
+                ),
+                "overlap": c[0],
+                "local_expert_share": c[1],
+            }
+        return out
+    finally:
+        for llm in llms:
+            llm.shutdown()
 
 
 def _local_child(model: str, dtype: str, device: str, threads: int, prompts, new_tokens: int, queue) -> None:
@@ -206,8 +279,9 @@ def local_batched(args, prompts: list[list[int]]) -> dict:
     return result
 
 
-def _name(overlap: bool | None) -> str:
-    return "default" if overlap is None else "on" if overlap else "off"
+def _name(overlap: bool | None, share: float) -> str:
+    name = "ray_overlap_" + ("default" if overlap is None else "on" if overlap else "off")
+    return name + (f"_local_experts_{share:g}" if share else "")
 
 
 def ray_report(args) -> dict:
@@ -227,16 +301,18 @@ def ray_report(args) -> dict:
     runs = {"default": [None], "on": [True], "off": [False], "both": [False, True], "all": [False, None, True]}[
         args.overlap
     ]
+    configs = [(overlap, share) for share in args.local_expert_share for overlap in runs]
+    if args.rounds > 1:  # the local executor runs in every round (paired_vs_local)
+        report |= ray_alternating(args, prompts, configs)
+        return report
     if args.compare_local:
         report["local_before"] = local_batched(args, prompts)
-    for overlap in runs:
-        report[f"ray_overlap_{_name(overlap)}"] = ray_batched(args, prompts, overlap)
+    for overlap, share in configs:
+        report[_name(overlap, share)] = ray_batched(args, prompts, overlap, share)
     if args.compare_local:
         report["local_after"] = local_batched(args, prompts)
         local = (report["local_before"]["output_tok_s"] + report["local_after"]["output_tok_s"]) / 2
-        report["ratios_vs_local"] = {
-            f"ray_overlap_{_name(o)}": report[f"ray_overlap_{_name(o)}"]["output_tok_s"] / local for o in runs
-        }
+        report["ratios_vs_local"] = {_name(*c): report[_name(*c)]["output_tok_s"] / local for c in configs}
     return report
 
 
@@ -263,6 +339,19 @@ def main(argv: list[str] | None = None) -> int:
         default="default",
         choices=["default", "on", "off", "both", "all"],
         help="ray: the engine's default overlaps, both overlaps on, both off, off and on, or all three",
+    )
+    parser.add_argument(
+        "--local-expert-share",
+        type=float,
+        nargs="+",
+        default=[0.0],
+        help="ray: local_expert_share values to run (experts the attention workers also hold), e.g. 0 0.5",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="ray: keep every configuration up and run them in turn this many times (medians, per-round ratios)",
     )
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args(argv)

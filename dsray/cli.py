@@ -54,6 +54,8 @@ def _serve(args: argparse.Namespace) -> int:
             engine[name] = getattr(args, name)
     if args.redundant_experts:
         engine["num_redundant_experts"] = args.redundant_experts
+    if args.local_expert_share:
+        engine["local_expert_share"] = args.local_expert_share
     if args.eplb_interval_steps:
         engine["eplb_interval_steps"] = args.eplb_interval_steps
     if args.eplb_imbalance_threshold is not None:
@@ -151,6 +153,13 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=0,
         help="extra expert slots: replicas of experts on other expert workers, sharing their rows (default 0)",
+    )
+    srv.add_argument(
+        "--local-expert-share",
+        type=float,
+        default=0.0,
+        help="share of the routed experts every attention worker also holds and computes itself, beside the "
+        "expert workers (0-1, default 0)",
     )
     srv.add_argument(
         "--eplb-interval-steps",

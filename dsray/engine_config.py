@@ -74,6 +74,15 @@ class EngineConfig(BaseModel):
         description="Which routed experts each expert worker holds (one list of expert ids per worker, the same for "
         "every MoE layer); default contiguous ranges plus num_redundant_experts replicas spread over the workers.",
     )
+    local_expert_share: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="Ray executor: the share of each MoE layer's routed experts that every attention worker also "
+        "holds (copies, evenly spread over the expert ids). Pairs routed to them are computed on the attention "
+        "worker while the other rows are at the expert workers, so both compute at once; costs their memory again "
+        "per attention worker.",
+    )
     overlap_shared_experts: bool = Field(
         True, description="Compute the shared experts while routed rows are at the expert workers (ray executor)."
     )
@@ -163,6 +172,11 @@ class EngineConfig(BaseModel):
                 "num_redundant_experts/expert_placement place experts on expert workers: they need executor='ray' "
                 "and num_expert_workers >= 2 (dsray serve: --expert-workers N); the local executor holds every "
                 "expert once"
+            )
+        if self.executor == "local" and self.local_expert_share:
+            raise ValueError(
+                "local_expert_share gives attention workers copies of experts: it needs executor='ray' (dsray serve: "
+                "--attention-workers/--expert-workers); the local executor holds every expert already"
             )
         return self
 

@@ -37,7 +37,7 @@ from dsray.weights import (
 )
 from experts import triton_moe
 from experts.shard import ExpertShard
-from router.exchange import MoEExchange
+from router.exchange import LocalExperts, MoEExchange
 from router.expert_map import ExpertMap
 
 logger = logging.getLogger(__name__)
@@ -120,77 +120,6 @@ class _Worker:
             "device": str(self.device),
         }
 
-
-class AttentionWorker(_Worker):
-    def load(self) -> int:
-        """Load the attention-side tensors and allocate the KV cache; returns its block count."""
-        c = self.config
-        model = load_transformer(
-            c.model,
-            c.torch_dtype,
-            self.device,
-            mla_mode=c.mla_mode,
-            with_experts=False,
-            progress=False,
-            fp8_weights=c.fp8_weights,
-        )
-        self.exchange = MoEExchange(self.comm, self.map, replica_offset=self.rank)
-        model.set_exchange(self.exchange, overlap_shared=c.overlap_shared_experts)
-        self.runner = ModelRunner(model, c.kv_cache_memory_bytes, c.scheduler.block_size, c.max_num_blocks)
-        return self.runner.num_blocks
-
-    def regroup(self, address: str, port: int, rank: int, world_size: int, timeout_s: float, expert_map: ExpertMap):
-        """Serve on in a new step group under ``expert_map`` (expert ranks gone or added); the KV cache
-        and the sequences' state stay."""
-        self._rejoin(address, port, rank, world_size, timeout_s)
-        self.map = self.exchange.map = expert_map
-
-    def execute(self, step: StepInput) -> StepOutput:
-        start = time.perf_counter()
-        if step.expert_map is not None:  # a rebalance: every rank switches at this step's start
-            self.map = self.exchange.map = step.expert_map
-        out = self.runner.execute(step)  # with no sequences: only the step's exchange rounds
-        self.step_seconds += time.perf_counter() - start
-        return out
-
-    def timings(self) -> dict[str, float]:
-        """Seconds since start: whole steps, and the part blocked in MoE exchanges (waiting on experts included)."""
-        return {
-            "step_seconds": self.step_seconds,
-            "exchange_seconds": self.exchange.wait_seconds,
-            **{f"wait_{k}_seconds": v for k, v in self.exchange.wait_by_phase.items()},
-        }
-
-    def expert_load(self) -> list[list[int]]:
-        return self.runner.model.expert_load()
-
-
-class ExpertWorker(_Worker):
-    """Serves its slots; a rebalance loads the next placement's slots in the background (``prepare``),
-    and the executor switches every rank to it at one step boundary (``serve_step(switch_to=…)``).
-
-    With ``fp8_weights="keep"`` (``auto`` on a GPU with FP8) and an FP8 checkpoint, its slots hold the
-    experts as stored, float8_e4m3fn with their block scales (as the local model's ``hold_fp8``), in
-    every shard it builds or changes: the first load, a rebalance's staged slots, a regroup."""
-
-    def load(self, expert_rank: int) -> list[list[int]]:
-        """Read only the experts of this rank's slots from the checkpoint; returns them per MoE layer."""
-        self.expert_rank = expert_rank
-        self.expert_mode = triton_moe.resolve_mode(self.config.expert_mode, self.device)  # auto; triton checked
-        self.fp8_block_size = self._fp8_experts()
-        self.shards = self._build_shards(self.map)
-        self.exchange = MoEExchange(self.comm, self.map, compute=[s.run_sorted for s in self.shards])
-        self._prepared: tuple[int, ExpertMap, list] | None = None
-        self._preparing: int | None = None
-        self._prepare_failed: tuple[int, str] | None = None
-        return self.map.rank_slots(expert_rank)
-
-    def _build_shards(self, expert_map: ExpertMap) -> list[ExpertShard]:
-        """This rank's shards under ``expert_map``, read from the checkpoint (only its experts' tensors)."""
-        slots = dict(zip(self.args.moe_layer_ids, expert_map.rank_slots(self.expert_rank)))
-        tensors = self._read_experts(slots)
-        return [self._layer_shard(layer_id, ids, tensors, None) for layer_id, ids in slots.items()]
-
     def _fp8_experts(self) -> tuple[int, int] | None:
         """The checkpoint's FP8 block size if the experts stay FP8 here (``fp8_weights`` keeps them and
         the checkpoint stores them so), else None: they are dequantised at load."""
@@ -229,6 +158,93 @@ class ExpertWorker(_Worker):
         shard = ExpertShard(ids, args.hidden_size, args.moe_intermediate_size, mode, self.config.torch_dtype)
         fill_expert_slots(shard, tensors, layer_id, previous, check=check and previous is not None)
         return shard.to(self.device)
+
+
+class AttentionWorker(_Worker):
+    def load(self) -> int:
+        """Load the attention-side tensors (and ``local_expert_share`` of the routed experts) and allocate
+        the KV cache; returns its block count."""
+        c = self.config
+        model = load_transformer(
+            c.model,
+            c.torch_dtype,
+            self.device,
+            mla_mode=c.mla_mode,
+            with_experts=False,
+            progress=False,
+            fp8_weights=c.fp8_weights,
+        )
+        self.exchange = MoEExchange(self.comm, self.map, replica_offset=self.rank, local=self._local_experts())
+        model.set_exchange(self.exchange, overlap_shared=c.overlap_shared_experts)
+        self.runner = ModelRunner(model, c.kv_cache_memory_bytes, c.scheduler.block_size, c.max_num_blocks)
+        return self.runner.num_blocks
+
+    def _local_experts(self) -> LocalExperts | None:
+        """The experts this rank computes itself (the same evenly spread ids in every MoE layer), or None."""
+        ids = LocalExperts.spread(self.args.n_routed_experts, self.config.local_expert_share)
+        if not ids or not self.args.moe_layer_ids:
+            return None
+        self.expert_mode = triton_moe.resolve_mode(self.config.expert_mode, self.device)
+        self.fp8_block_size = self._fp8_experts()
+        held = {layer_id: ids for layer_id in self.args.moe_layer_ids}
+        tensors = self._read_experts(held)
+        self.local_shards = [self._layer_shard(layer_id, ids, tensors, None) for layer_id in held]
+        return LocalExperts(self.args.n_routed_experts, [ids] * len(held), [s.run_sorted for s in self.local_shards])
+
+    def regroup(self, address: str, port: int, rank: int, world_size: int, timeout_s: float, expert_map: ExpertMap):
+        """Serve on in a new step group under ``expert_map`` (expert ranks gone or added); the KV cache
+        and the sequences' state stay."""
+        self._rejoin(address, port, rank, world_size, timeout_s)
+        self.map = self.exchange.map = expert_map
+
+    def execute(self, step: StepInput) -> StepOutput:
+        start = time.perf_counter()
+        if step.expert_map is not None:  # a rebalance: every rank switches at this step's start
+            self.map = self.exchange.map = step.expert_map
+        out = self.runner.execute(step)  # with no sequences: only the step's exchange rounds
+        self.step_seconds += time.perf_counter() - start
+        return out
+
+    def timings(self) -> dict[str, float]:
+        """Seconds since start: whole steps, the part blocked in MoE exchanges (waiting on experts included),
+        and the part computing local experts (``local_expert_share``)."""
+        return {
+            "step_seconds": self.step_seconds,
+            "exchange_seconds": self.exchange.wait_seconds,
+            "local_expert_seconds": self.exchange.compute_seconds,
+            "local_rows": self.exchange.local_rows,
+            **{f"wait_{k}_seconds": v for k, v in self.exchange.wait_by_phase.items()},
+        }
+
+    def expert_load(self) -> list[list[int]]:
+        return self.runner.model.expert_load()
+
+
+class ExpertWorker(_Worker):
+    """Serves its slots; a rebalance loads the next placement's slots in the background (``prepare``),
+    and the executor switches every rank to it at one step boundary (``serve_step(switch_to=…)``).
+
+    With ``fp8_weights="keep"`` (``auto`` on a GPU with FP8) and an FP8 checkpoint, its slots hold the
+    experts as stored, float8_e4m3fn with their block scales (as the local model's ``hold_fp8``), in
+    every shard it builds or changes: the first load, a rebalance's staged slots, a regroup."""
+
+    def load(self, expert_rank: int) -> list[list[int]]:
+        """Read only the experts of this rank's slots from the checkpoint; returns them per MoE layer."""
+        self.expert_rank = expert_rank
+        self.expert_mode = triton_moe.resolve_mode(self.config.expert_mode, self.device)  # auto; triton checked
+        self.fp8_block_size = self._fp8_experts()
+        self.shards = self._build_shards(self.map)
+        self.exchange = MoEExchange(self.comm, self.map, compute=[s.run_sorted for s in self.shards])
+        self._prepared: tuple[int, ExpertMap, list] | None = None
+        self._preparing: int | None = None
+        self._prepare_failed: tuple[int, str] | None = None
+        return self.map.rank_slots(expert_rank)
+
+    def _build_shards(self, expert_map: ExpertMap) -> list[ExpertShard]:
+        """This rank's shards under ``expert_map``, read from the checkpoint (only its experts' tensors)."""
+        slots = dict(zip(self.args.moe_layer_ids, expert_map.rank_slots(self.expert_rank)))
+        tensors = self._read_experts(slots)
+        return [self._layer_shard(layer_id, ids, tensors, None) for layer_id, ids in slots.items()]
 
     def held_dtypes(self) -> list[dict[str, str | None]]:
         """Per MoE layer, the dtypes of this rank's slots: ``w13``, ``w2`` and their block scales (None

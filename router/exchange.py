@@ -15,6 +15,10 @@ is its own expert rank); an attention rank with no tokens and an expert rank tak
 zero rows of their own. So attention ranks, idle ranks and expert ranks all run the same
 ``round``; which of them compute is a matter of whether they hold slots.
 
+An attention rank may also hold *local experts* (``LocalExperts``: copies of some experts, beside
+the expert ranks' slots): the pairs routed to them never leave the rank — they are computed there
+while the other rows are at the expert ranks, so both kinds of worker compute at once.
+
 ``start_round`` returns once the rows are posted: the caller can compute something else (the
 shared experts, the other micro-batch's attention) while the rows travel and the experts
 compute, then ``Combine.wait()`` for the weighted sum. A rank that holds no slots (an attention
@@ -38,20 +42,62 @@ from router.expert_map import ExpertMap
 SlotCompute = Callable[[torch.Tensor, list[int]], torch.Tensor]
 
 
+class LocalExperts:
+    """Experts an attention rank holds itself, per MoE layer: ``ids[layer]`` and their ``compute[layer]``
+    (a ``SlotCompute`` over local slots in ``ids`` order). Pairs routed to them are computed on the rank."""
+
+    def __init__(self, num_experts: int, ids: list[list[int]], compute: list[SlotCompute]):
+        if len(ids) != len(compute):
+            raise ValueError(f"local experts: {len(ids)} layers of ids but {len(compute)} of compute")
+        self.ids = [list(layer) for layer in ids]
+        self.compute = compute
+        self._slot = []  # per layer: [num_experts] local slot of each expert, -1 where not held
+        for layer in self.ids:
+            slot = torch.full((num_experts,), -1, dtype=torch.int64)
+            slot[torch.tensor(layer, dtype=torch.int64)] = torch.arange(len(layer))
+            self._slot.append(slot)
+
+    def slot_of(self, layer: int, expert_ids: torch.Tensor) -> torch.Tensor:
+        """Local slot of every expert id in ``expert_ids``, -1 for those the rank does not hold."""
+        table = self._slot[layer]
+        if table.device != expert_ids.device:
+            table = self._slot[layer] = table.to(expert_ids.device)
+        return table[expert_ids]
+
+    @staticmethod
+    def spread(num_experts: int, share: float) -> list[int]:
+        """``round(num_experts * share)`` experts evenly spaced over the ids, so that with contiguous
+        placements every expert rank gives up about the same share of its rows."""
+        k = min(num_experts, round(num_experts * share))
+        return [i * num_experts // k for i in range(k)] if k else []
+
+
 class Combine:
-    """One round's results in flight; ``wait()`` → ``sum_k w[t, k] * expert(x[t])`` as ``[T, D]``."""
+    """One round's results in flight; ``wait()`` → ``sum_k w[t, k] * expert(x[t])`` as ``[T, D]``.
+
+    ``local`` holds the results of the pairs computed on this rank: they follow the returned rows in
+    sorted-pair order (``order`` lists the remote pairs, then the local ones)."""
 
     def __init__(
-        self, exchange: MoEExchange, back: Pending, order: torch.Tensor, weights: torch.Tensor, x_dtype, counts: Pending
+        self,
+        exchange: MoEExchange,
+        back: Pending,
+        order: torch.Tensor,
+        weights: torch.Tensor,
+        x_dtype,
+        counts: Pending,
+        local: torch.Tensor | None = None,
     ):
         self._exchange, self._back, self._order, self._weights, self._dtype = exchange, back, order, weights, x_dtype
-        self._counts = counts
+        self._counts, self._local = counts, local
 
     def wait(self) -> torch.Tensor:
         start = time.perf_counter()
         back = self._back.wait()  # [T*K, D] in sorted-pair order
         self._counts.wait()  # long done (collectives complete in order); a posted op is always waited
         self._exchange.waited("combine", time.perf_counter() - start)
+        if self._local is not None:
+            back = torch.cat([back, self._local])
         T, K = self._weights.shape
         if self._dtype == torch.bfloat16 and T and cpu_kernels.usable(back, max_rows=back.shape[0]):
             return cpu_kernels.combine(back, self._order, self._weights)  # the same sums, one pass
@@ -66,7 +112,8 @@ class MoEExchange:
     ``transport`` is the step group; ``expert_map`` says which group ranks are expert ranks and
     what their slots hold. ``compute[layer]`` (an expert rank's, or the local executor's) runs
     one layer's slots; attention-only ranks pass none. ``replica_offset`` (the attention rank)
-    staggers which replica each attention rank starts with.
+    staggers which replica each attention rank starts with. ``local`` (an attention rank's) are the
+    experts it computes itself.
     """
 
     def __init__(
@@ -75,11 +122,16 @@ class MoEExchange:
         expert_map: ExpertMap,
         compute: list[SlotCompute] | None = None,
         replica_offset: int = 0,
+        local: LocalExperts | None = None,
     ):
+        if compute is not None and local is not None:
+            raise ValueError("local experts are for attention ranks, which hold no slots of the expert map")
         self.transport = transport
         self.map = expert_map
         self.compute = compute
         self.replica_offset = replica_offset
+        self.local = local
+        self.local_rows = 0  # pairs computed by this rank's local experts
         self.wait_seconds = 0.0  # blocked in the exchange (waiting on experts included)
         self.wait_by_phase = {"counts": 0.0, "rows": 0.0, "combine": 0.0}
         self.compute_seconds = 0.0  # expert compute on this rank
@@ -92,9 +144,17 @@ class MoEExchange:
         m, world = self.map, self.transport.world_size
         self.num_rounds += 1
         slots = m.route(layer, topk_ids, self.replica_offset)  # [T*K] global slot per pair
+        local_slot = num_local = None
+        if self.local is not None and topk_ids.numel():
+            local_slot = self.local.slot_of(layer, topk_ids.reshape(-1))  # [T*K], -1: remote
+            # Local pairs sort after every remote one, by local slot.
+            slots = torch.where(local_slot >= 0, m.num_slots + local_slot, slots)
         order = torch.argsort(slots, stable=True)  # pairs by destination rank, then slot
         send = torch.zeros(world, m.max_local_slots, dtype=torch.int64)
         per_slot = torch.bincount(slots, minlength=m.num_slots).cpu()
+        if local_slot is not None:
+            num_local = per_slot[m.num_slots :].tolist()  # rows per local slot
+            per_slot = per_slot[: m.num_slots]
         send[m.first_rank : m.first_rank + m.num_ranks] = per_slot.view(m.num_ranks, m.max_local_slots)
         counts = self.transport.exchange_counts(send.to(x.device))
         send_splits = send.sum(dim=1).tolist()
@@ -110,7 +170,8 @@ class MoEExchange:
         # index_select, not x[...]: advanced indexing gathers rows ~7x slower on CPU (1,024 of 1,024: 0.36 ms)
         token = torch.div(order, topk_ids.shape[1], rounding_mode="floor")
         rows = x.index_select(0, token) if x.shape[0] else x[:0]  # [T*K, D]
-        rows_in = self.transport.exchange_rows(rows, send_splits, recv_splits)
+        remote = sum(send_splits)
+        rows_in = self.transport.exchange_rows(rows[:remote], send_splits, recv_splits)
         if self.compute is not None:
             start = time.perf_counter()
             received = rows_in.wait()
@@ -119,7 +180,13 @@ class MoEExchange:
         else:
             results = x.new_empty((0, x.shape[1]))
         back = self.transport.exchange_rows(results, recv_splits, send_splits)
-        return Combine(self, back, order, topk_weights, x.dtype, counts)
+        local = None
+        if num_local is not None and remote < rows.shape[0]:  # while the other rows are away
+            start = time.perf_counter()
+            local = self.local.compute[layer](rows[remote:], num_local)
+            self.compute_seconds += time.perf_counter() - start
+            self.local_rows += rows.shape[0] - remote
+        return Combine(self, back, order, topk_weights, x.dtype, counts, local)
 
     def waited(self, phase: str, seconds: float) -> None:
         self.wait_seconds += seconds

@@ -54,6 +54,12 @@ def test_redundant_experts_need_expert_workers(capsys):
     with pytest.raises(ValidationError, match="need executor='ray'"):
         DsrayServeArgs(engine={"num_redundant_experts": 2})
     assert main(["serve", "--redundant-experts", "2"]) == 2  # refused before any Ray starts
+    assert (
+        DsrayServeArgs(expert_workers=1, engine={"local_expert_share": 0.5}).engine_config("/m").local_expert_share
+        == 0.5
+    )
+    assert main(["serve", "--local-expert-share", "0.5"]) == 2  # the in-process executor holds every expert
+    assert main(["serve", "--expert-workers", "1", "--local-expert-share", "1.5"]) == 2  # a share is at most 1
     assert main(["serve", "--expert-workers", "2", "--eplb-imbalance-threshold", "0.5"]) == 2  # must be > 1
     assert "--expert-workers" in capsys.readouterr().err
 

@@ -69,6 +69,32 @@ def test_ray_executor_matches_local(slots_cluster, models, local_outputs, model,
         assert rows == sum(map(sum, load))  # every routed pair computed once, on some replica
 
 
+@pytest.mark.parametrize(
+    ("model", "A", "E", "share", "micro_batches"), [("v3", 1, 1, 0.5, True), ("v2", 2, 2, 0.25, False)]
+)
+def test_attention_workers_with_local_experts_match_local(
+    slots_cluster, models, local_outputs, model, A, E, share, micro_batches
+):
+    """Attention workers that also hold a share of the experts compute those pairs themselves: the same
+    tokens, and every routed pair computed once, on an attention or an expert worker."""
+    with LLM(
+        models[model],
+        dtype="float32",
+        executor="ray",
+        num_attention_workers=A,
+        num_expert_workers=E,
+        local_expert_share=share,
+        micro_batch_overlap=micro_batches,
+        micro_batch_min_tokens=2,
+    ) as llm:
+        assert [o.token_ids for o in llm.generate(PROMPTS * 2, GREEDY)] == local_outputs[model] * 2
+        timings = llm.engine.executor.timings()
+        local_rows = sum(t["local_rows"] for t in timings["attention"])
+        expert_rows = sum(t["rows"] for t in timings["expert"])
+        assert local_rows > 0 and expert_rows > 0
+        assert local_rows + expert_rows == sum(map(sum, llm.engine.executor.expert_load()))
+
+
 def test_overlap_on_and_off_give_identical_outputs(slots_cluster, models, local_outputs):
     """Shared experts during the exchange and two micro-batches per step (each one's logits as soon as it is
     done) change the schedule, not the result."""
@@ -98,6 +124,10 @@ def test_a_placement_that_cannot_work_is_refused_before_anything_starts(slots_cl
         LLM(models["v3"], executor="ray", num_expert_workers=2, num_redundant_experts=17)
     with pytest.raises(ValueError, match="need executor='ray'"):
         LLM(models["v3"], num_redundant_experts=2)
+    with pytest.raises(ValueError, match="local_expert_share .* needs executor='ray'"):
+        LLM(models["v3"], local_expert_share=0.5)
+    with pytest.raises(ValueError, match="local_expert_share"):
+        LLM(models["v3"], executor="ray", local_expert_share=1.5)
     assert ray.util.placement_group_table() == {} or all(
         pg["state"] == "REMOVED" for pg in ray.util.placement_group_table().values()
     )

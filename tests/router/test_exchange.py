@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from dsray.comm import LoopbackGroup, SelfTransport, SocketTransport, free_address
 from experts.shard import ExpertShard
-from router.exchange import MoEExchange
+from router.exchange import LocalExperts, MoEExchange
 from router.expert_map import ExpertMap, contiguous_slots
 
 D, I, NUM_EXPERTS, TOP_K = 32, 16, 16, 4
@@ -70,9 +70,12 @@ def run_ep(
     weights,
     layers: int = 1,
     transport: str = "loopback",
+    local: list[list[int]] | None = None,
+    stats: list | None = None,
 ):
     """Run ``layers`` rounds on A attention + E expert ranks (threads: loopback, or sockets); returns each
-    attention rank's output."""
+    attention rank's output. ``local[layer]``: experts every attention rank also holds. ``stats`` gets
+    each rank's exchange."""
     A, E = expert_map.first_rank, expert_map.num_ranks
     make = LoopbackGroup(A + E, timeout_s=20).transport if transport == "loopback" else socket_group(A + E)
     outs: list = [None] * A
@@ -80,13 +83,21 @@ def run_ep(
     bounds = [sum(token_splits[:r]) for r in range(A + 1)]
 
     def attention(rank: int) -> None:
-        exchange = MoEExchange(make(rank), expert_map, replica_offset=rank)
+        held = None
+        if local is not None:
+            shards = [slot_shard(full, ids) for ids in local]
+            held = LocalExperts(NUM_EXPERTS, local, [s.run_sorted for s in shards])
+        exchange = MoEExchange(make(rank), expert_map, replica_offset=rank, local=held)
+        if stats is not None:
+            stats.append(exchange)
         lo, hi = bounds[rank], bounds[rank + 1]
         outs[rank] = [exchange.round(layer, x[lo:hi], ids[lo:hi], weights[lo:hi]) for layer in range(layers)]
 
     def expert(rank: int) -> None:
         shards = [slot_shard(full, slots) for slots in expert_map.rank_slots(rank)]
         exchange = MoEExchange(make(A + rank), expert_map, compute=[s.run_sorted for s in shards])
+        if stats is not None:
+            stats.append(exchange)
         for layer in range(layers):
             exchange.idle_round(layer, D, x.dtype)
 
@@ -128,6 +139,36 @@ def test_socket_ep_equals_the_plain_moe(A, E, redundant):
     outs = run_ep(expert_map, full, splits, x, ids, weights, layers=3, transport="socket")
     for layer in range(3):
         torch.testing.assert_close(torch.cat([o[layer] for o in outs]), reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("A", "E", "redundant", "transport"), [(1, 1, 0, "socket"), (2, 3, 0, "loopback"), (3, 2, 4, "socket")]
+)
+@pytest.mark.parametrize("share", [0.25, 0.5, 1.0])
+def test_attention_ranks_local_experts_equal_the_plain_moe(A, E, redundant, transport, share):
+    """Attention ranks that hold copies of some experts compute those pairs themselves, the rest go to
+    the expert ranks: the same sums, and the expert ranks get only the remote rows."""
+    full = full_shard()
+    x, ids, weights = routing(31, seed=A + E + int(share * 4), hot=True)
+    reference = full.forward_loop(x, ids, weights)
+    # A different set per layer, as the placement may give: evenly spread, and shifted by one.
+    local = [LocalExperts.spread(NUM_EXPERTS, share), [(e + 1) % NUM_EXPERTS for e in LocalExperts.spread(16, share)]]
+    expert_map = ExpertMap.contiguous(NUM_EXPERTS, E, 2, num_redundant=redundant, first_rank=A)
+    splits = [31 // A + (1 if r < 31 % A else 0) for r in range(A)]
+    stats: list = []
+    outs = run_ep(expert_map, full, splits, x, ids, weights, layers=2, transport=transport, local=local, stats=stats)
+    for layer in range(2):
+        torch.testing.assert_close(torch.cat([o[layer] for o in outs]), reference, rtol=1e-5, atol=1e-5)
+    pairs_local = sum(int(torch.isin(ids, torch.tensor(held)).sum()) for held in local)
+    assert sum(e.local_rows for e in stats if e.local is not None) == pairs_local > 0
+    assert sum(e.rows_computed for e in stats if e.compute is not None) == 2 * ids.numel() - pairs_local
+
+
+def test_local_experts_are_spread_over_the_ids():
+    assert LocalExperts.spread(16, 0.25) == [0, 4, 8, 12]
+    assert LocalExperts.spread(64, 0.5) == list(range(0, 64, 2))
+    assert LocalExperts.spread(16, 1.0) == list(range(16))
+    assert LocalExperts.spread(16, 0.01) == []
 
 
 @pytest.mark.parametrize(("A", "E", "redundant"), [(1, 2, 2), (2, 3, 5), (2, 4, 16), (1, 2, 16)])
