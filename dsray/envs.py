@@ -45,7 +45,7 @@ def serve_fast_ingress() -> bool:
 
 
 def cpu_exchange() -> str:
-    """How CPU workers exchange MoE rows (``DSRAY_CPU_EXCHANGE``): ``socket`` (default, ``dsray/comm.py``'s
+    """How CPU workers exchange MoE rows (``DSRAY_CPU_EXCHANGE``): ``socket`` (default, ``dsray/comm_socket.py``'s
     ``SocketTransport``: 0.64x of local against 0.46x with gloo on ``small`` A=1/E=1) or ``gloo``
     (torch.distributed's ``all_to_all_single``)."""
     value = os.environ.get("DSRAY_CPU_EXCHANGE", "socket").strip().lower()

@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dsray.comm import SocketTransport, free_address
+from dsray.comm import free_address
+from dsray.comm_socket import SocketTransport
 
 
 def connect(world: int, timeout_s: float = 20.0) -> list[SocketTransport]:

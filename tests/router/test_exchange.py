@@ -13,7 +13,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dsray.comm import LoopbackGroup, SelfTransport, SocketTransport, free_address
+from dsray.comm import LoopbackGroup, SelfTransport, free_address
+from dsray.comm_socket import SocketTransport
 from experts.shard import ExpertShard
 from router.exchange import LocalExperts, MoEExchange
 from router.expert_map import ExpertMap, contiguous_slots
