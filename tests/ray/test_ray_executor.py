@@ -43,17 +43,15 @@ def slots_cluster(fresh_ray):
     ray.shutdown()
 
 
+def _ep_llm(path, A: int, E: int, **kw) -> LLM:
+    """A float32 Ray-executor ``LLM`` with A attention and E expert workers."""
+    return LLM(path, dtype="float32", executor="ray", num_attention_workers=A, num_expert_workers=E, **kw)
+
+
 @pytest.mark.parametrize("model", ["v3", "v2"])
 @pytest.mark.parametrize(("A", "E", "redundant"), [(1, 1, 0), (1, 2, 0), (2, 2, 0), (1, 3, 0), (1, 2, 4), (2, 3, 5)])
 def test_ray_executor_matches_local(slots_cluster, models, local_outputs, model, A, E, redundant):
-    with LLM(
-        models[model],
-        dtype="float32",
-        executor="ray",
-        num_attention_workers=A,
-        num_expert_workers=E,
-        num_redundant_experts=redundant,
-    ) as llm:
+    with _ep_llm(models[model], A, E, num_redundant_experts=redundant) as llm:
         executor = llm.engine.executor
         if (E, redundant) == (3, 0):
             assert executor.map.ranges == [(0, 6), (6, 11), (11, 16)]  # uneven shards
@@ -77,15 +75,8 @@ def test_attention_workers_with_local_experts_match_local(
 ):
     """Attention workers that also hold a share of the experts compute those pairs themselves: the same
     tokens, and every routed pair computed once, on an attention or an expert worker."""
-    with LLM(
-        models[model],
-        dtype="float32",
-        executor="ray",
-        num_attention_workers=A,
-        num_expert_workers=E,
-        local_expert_share=share,
-        micro_batch_overlap=micro_batches,
-        micro_batch_min_tokens=2,
+    with _ep_llm(
+        models[model], A, E, local_expert_share=share, micro_batch_overlap=micro_batches, micro_batch_min_tokens=2
     ) as llm:
         assert [o.token_ids for o in llm.generate(PROMPTS * 2, GREEDY)] == local_outputs[model] * 2
         timings = llm.engine.executor.timings()
