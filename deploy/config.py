@@ -183,7 +183,10 @@ class DsrayServeArgs(_Strict):
         None, ge=1, description="Attention worker actors per model instance; set → engine.executor 'ray'."
     )
     expert_workers: int | None = Field(
-        None, ge=1, description="Expert worker actors per model instance; set → engine.executor 'ray'."
+        None,
+        ge=0,
+        description="Expert worker actors per model instance; set → engine.executor 'ray'. 0: the attention "
+        "workers hold the experts themselves.",
     )
 
     @field_validator("engine")
@@ -201,7 +204,9 @@ class DsrayServeArgs(_Strict):
                 **self.engine,
                 "executor": "ray",
                 "num_attention_workers": self.attention_workers or self.engine.get("num_attention_workers", 1),
-                "num_expert_workers": self.expert_workers or self.engine.get("num_expert_workers", 1),
+                "num_expert_workers": (
+                    self.expert_workers if self.expert_workers is not None else self.engine.get("num_expert_workers", 1)
+                ),
             }
         # Fail here, naming the bad field, not in a replica (after the worker counts chose the executor).
         EngineConfig(model="<checkpoint>", **self.engine)

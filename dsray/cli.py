@@ -146,7 +146,8 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
         "--expert-workers",
         type=int,
         default=None,
-        help="expert workers per model instance (Ray actors sharing the routed experts)",
+        help="expert workers per model instance (Ray actors sharing the routed experts); 0: the attention workers "
+        "hold the experts themselves, a share each (fastest with few workers; no scaling or surviving a lost worker)",
     )
     srv.add_argument(
         "--redundant-experts",

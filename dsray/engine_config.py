@@ -62,7 +62,14 @@ class EngineConfig(BaseModel):
         "local", description="Where the model runs: in-process ('local') or attention/expert Ray actors ('ray')."
     )
     num_attention_workers: int = Field(1, ge=1, description="Data-parallel attention workers (ray executor).")
-    num_expert_workers: int = Field(1, ge=1, description="Expert workers sharing the routed experts (ray executor).")
+    num_expert_workers: int = Field(
+        1,
+        ge=0,
+        description="Expert workers sharing the routed experts (ray executor). 0: the attention workers hold the "
+        "experts themselves, each a share, and serve each other's rows (data-parallel attention with expert "
+        "parallelism on the same workers); faster when workers are few, but a lost worker stops the executor and "
+        "the pools cannot scale.",
+    )
     num_redundant_experts: int = Field(
         0,
         ge=0,
@@ -89,7 +96,8 @@ class EngineConfig(BaseModel):
     micro_batch_overlap: bool = Field(
         True,
         description="Split a step's batch in two micro-batches so one's attention runs while the other's rows are at "
-        "the experts (ray executor; only for steps of at least micro_batch_min_tokens tokens on some rank).",
+        "the experts (ray executor with expert workers; only for steps of at least micro_batch_min_tokens tokens "
+        "on some rank).",
     )
     micro_batch_min_tokens: int = Field(
         8, ge=2, description="Smallest per-rank batch (tokens) that micro_batch_overlap splits in two."
@@ -173,6 +181,11 @@ class EngineConfig(BaseModel):
                 "and num_expert_workers >= 2 (dsray serve: --expert-workers N); the local executor holds every "
                 "expert once"
             )
+        if self.num_expert_workers == 0 and self.local_expert_share:
+            raise ValueError(
+                "local_expert_share gives attention workers copies of experts held by expert workers; with "
+                "num_expert_workers=0 the attention workers hold every expert already: drop one of the two"
+            )
         if self.executor == "local" and self.local_expert_share:
             raise ValueError(
                 "local_expert_share gives attention workers copies of experts: it needs executor='ray' (dsray serve: "
@@ -199,6 +212,11 @@ class EngineConfig(BaseModel):
             return self
         if self.executor != "ray":
             raise ValueError("autoscaling grows and shrinks worker pools: it needs executor='ray'")
+        if self.num_expert_workers == 0:
+            raise ValueError(
+                "autoscaling grows and shrinks worker pools, and with num_expert_workers=0 the attention workers hold "
+                "the experts, so the pools cannot change: give expert workers (num_expert_workers >= 1)"
+            )
         for pool, n in (("attention", self.num_attention_workers), ("experts", self.num_expert_workers)):
             low, high = getattr(a, f"{pool}_min"), getattr(a, f"{pool}_max")
             if not low <= n <= high:

@@ -53,18 +53,22 @@ def expert_map_for(config: EngineConfig, args: ModelArgs) -> ExpertMap:
     """The expert map a config asks for; refuses, saying which option to change, one that cannot work."""
     A, E, n = config.num_attention_workers, config.num_expert_workers, args.n_routed_experts
     layers = len(args.moe_layer_ids) or 1
+    # No expert workers: the attention workers are the expert ranks (group ranks 0 … A-1).
+    ranks, first = (E, A) if E else (A, 0)
     try:
         if config.expert_placement is None:
-            return ExpertMap.contiguous(n, E, layers, config.num_redundant_experts, first_rank=A)
+            return ExpertMap.contiguous(n, ranks, layers, config.num_redundant_experts, first_rank=first)
         placement = config.expert_placement
-        if len(placement) != E:
-            raise ValueError(f"it lists {len(placement)} expert workers but num_expert_workers is {E}")
+        if len(placement) != ranks:
+            holders = f"the {A} attention workers hold them (num_expert_workers=0)"
+            holders = f"num_expert_workers is {E}" if E else holders
+            raise ValueError(f"it lists {len(placement)} workers' experts but {holders}")
         extra = sum(len(slots) for slots in placement) - n
         if config.num_redundant_experts and extra != config.num_redundant_experts:
             raise ValueError(
                 f"it has {extra} redundant slots but num_redundant_experts is {config.num_redundant_experts}"
             )
-        return ExpertMap.from_rank_slots(n, placement, layers, first_rank=A)
+        return ExpertMap.from_rank_slots(n, placement, layers, first_rank=first)
     except ValueError as exc:
         option = "expert_placement" if config.expert_placement is not None else "num_redundant_experts"
         raise ValueError(f"{option}: {exc}") from None
@@ -266,7 +270,11 @@ class RayExecutor(WorkerPools, Executor):
         if switch is not None:
             self._switched(switch)
         elif self._rebalance is not None:
-            self._poll_rebalance(results[len(self.attention) :])
+            self._poll_rebalance(
+                results[len(self.attention) :]
+                if self.experts
+                else self._get([w.rebalance_status.remote() for w in self.attention], "reading a rebalance")
+            )
         return [out if r in ranks else None for r, out in enumerate(outputs)]
 
     # Rebalancing -----------------------------------------------------------------------------
@@ -296,7 +304,7 @@ class RayExecutor(WorkerPools, Executor):
         version = self.map_version + 1
         now = time.monotonic()
         timeout = timeout_s if timeout_s is not None else max(60.0, self.config.step_timeout_s)
-        self._get([e.prepare.remote(version, expert_map) for e in self.experts], "starting a rebalance")
+        self._get([e.prepare.remote(version, expert_map) for e in self.slot_holders], "starting a rebalance")
         self._rebalance = _Rebalance(version, expert_map, now, now + timeout)
         return version
 
@@ -312,10 +320,11 @@ class RayExecutor(WorkerPools, Executor):
 
     def _abandon(self, reason: str) -> None:
         r = self._rebalance
+        holders = self.slot_holders
         self._get(
-            [e.cancel.remote(r.version) for e in self.experts],
+            [e.cancel.remote(r.version) for e in holders],
             "cancelling a rebalance",
-            names=self.names[self.num_attention_ranks :],
+            names=self.names[len(self.workers) - len(holders) :],
         )
         self._drop_rebalance(reason)
 
@@ -345,6 +354,12 @@ class RayExecutor(WorkerPools, Executor):
         return self._rebalance is not None or self.degraded is not None or bool(self._replacements)
 
     @property
+    def slot_holders(self) -> list:
+        """The workers that hold the expert map's slots: the expert workers, or (``num_expert_workers=0``)
+        the attention workers."""
+        return self.experts or self.attention
+
+    @property
     def num_attention_ranks(self) -> int:
         """The live attention workers: the engine keeps a scheduler for each."""
         return len(self.attention)
@@ -352,8 +367,8 @@ class RayExecutor(WorkerPools, Executor):
     def _num_micro_batches(self, steps: list[StepInput]) -> int:
         """Two when some rank has a batch worth splitting (every rank must run the same number of rounds)."""
         c = self.config
-        if not c.micro_batch_overlap:
-            return 1
+        if not c.micro_batch_overlap or not self.experts:
+            return 1  # without expert workers every rank computes experts: a second round reads them again
         big = any(len(s.seqs) >= 2 and s.num_tokens >= c.micro_batch_min_tokens for s in steps)
         return 2 if big else 1
 

@@ -75,6 +75,14 @@ class WorkerPools:
         if not lost:  # every worker answered, some with an error: a bug, not a loss
             i, exc = min(errors.items())
             self._fail(f"{self.names[i]} failed during {what}: {type(exc).__name__}: {exc}")
+        if not self.experts:
+            i = lost[0]
+            self._fail(
+                f"{self.names[i]} was lost during {what}; with the experts on the attention workers "
+                "(num_expert_workers=0) a lost worker takes its experts with it and the executor stops: use expert "
+                f"workers (num_expert_workers >= 1) to serve on through worker losses ({type(errors[i]).__name__}: "
+                f"{errors[i]})"
+            )
         A = len(self.attention)
         names = [self.names[i] for i in lost]
         detail = "; ".join(f"{self.names[i]}: {type(errors[i]).__name__}: {errors[i]}" for i in lost)
@@ -222,6 +230,11 @@ class WorkerPools:
         returned so that the engine moves their sequences (recomputed, as after a lost worker).
         Refused while workers are still joining or replacing lost ones."""
         A, E = len(self.attention), len(self.experts)
+        if not E:
+            raise ValueError(
+                "scale: the attention workers hold the experts (num_expert_workers=0), so the pools cannot change "
+                "while serving; start with expert workers (num_expert_workers >= 1) to scale them"
+            )
         A2, E2 = attention or A, experts or E
         n = self.map.num_experts
         if A2 < 1 or not 1 <= E2 <= n:

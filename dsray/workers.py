@@ -160,85 +160,19 @@ class _Worker:
         return shard.to(self.device)
 
 
-class AttentionWorker(_Worker):
-    def load(self) -> int:
-        """Load the attention-side tensors (and ``local_expert_share`` of the routed experts) and allocate
-        the KV cache; returns its block count."""
-        c = self.config
-        model = load_transformer(
-            c.model,
-            c.torch_dtype,
-            self.device,
-            mla_mode=c.mla_mode,
-            with_experts=False,
-            progress=False,
-            fp8_weights=c.fp8_weights,
-        )
-        self.exchange = MoEExchange(self.comm, self.map, replica_offset=self.rank, local=self._local_experts())
-        model.set_exchange(self.exchange, overlap_shared=c.overlap_shared_experts)
-        self.runner = ModelRunner(model, c.kv_cache_memory_bytes, c.scheduler.block_size, c.max_num_blocks)
-        return self.runner.num_blocks
+class _Slots:
+    """An expert rank's slots (a mix-in for ``_Worker``s): its shards of every MoE layer, and a rebalance's
+    background load (``prepare``) and switch at a step boundary (``_switch``). The expert workers hold
+    slots; so do the attention workers when there are no expert workers (``num_expert_workers=0``)."""
 
-    def _local_experts(self) -> LocalExperts | None:
-        """The experts this rank computes itself (the same evenly spread ids in every MoE layer), or None."""
-        ids = LocalExperts.spread(self.args.n_routed_experts, self.config.local_expert_share)
-        if not ids or not self.args.moe_layer_ids:
-            return None
-        self.expert_mode = triton_moe.resolve_mode(self.config.expert_mode, self.device)
-        self.fp8_block_size = self._fp8_experts()
-        held = {layer_id: ids for layer_id in self.args.moe_layer_ids}
-        tensors = self._read_experts(held)
-        self.local_shards = [self._layer_shard(layer_id, ids, tensors, None) for layer_id in held]
-        return LocalExperts(self.args.n_routed_experts, [ids] * len(held), [s.run_sorted for s in self.local_shards])
-
-    def regroup(self, address: str, port: int, rank: int, world_size: int, timeout_s: float, expert_map: ExpertMap):
-        """Serve on in a new step group under ``expert_map`` (expert ranks gone or added); the KV cache
-        and the sequences' state stay."""
-        self._rejoin(address, port, rank, world_size, timeout_s)
-        self.map = self.exchange.map = expert_map
-
-    def execute(self, step: StepInput) -> StepOutput:
-        start = time.perf_counter()
-        if step.expert_map is not None:  # a rebalance: every rank switches at this step's start
-            self.map = self.exchange.map = step.expert_map
-        out = self.runner.execute(step)  # with no sequences: only the step's exchange rounds
-        self.step_seconds += time.perf_counter() - start
-        return out
-
-    def timings(self) -> dict[str, float]:
-        """Seconds since start: whole steps, the part blocked in MoE exchanges (waiting on experts included),
-        and the part computing local experts (``local_expert_share``)."""
-        return {
-            "step_seconds": self.step_seconds,
-            "exchange_seconds": self.exchange.wait_seconds,
-            "local_expert_seconds": self.exchange.compute_seconds,
-            "local_rows": self.exchange.local_rows,
-            **{f"wait_{k}_seconds": v for k, v in self.exchange.wait_by_phase.items()},
-        }
-
-    def expert_load(self) -> list[list[int]]:
-        return self.runner.model.expert_load()
-
-
-class ExpertWorker(_Worker):
-    """Serves its slots; a rebalance loads the next placement's slots in the background (``prepare``),
-    and the executor switches every rank to it at one step boundary (``serve_step(switch_to=…)``).
-
-    With ``fp8_weights="keep"`` (``auto`` on a GPU with FP8) and an FP8 checkpoint, its slots hold the
-    experts as stored, float8_e4m3fn with their block scales (as the local model's ``hold_fp8``), in
-    every shard it builds or changes: the first load, a rebalance's staged slots, a regroup."""
-
-    def load(self, expert_rank: int) -> list[list[int]]:
-        """Read only the experts of this rank's slots from the checkpoint; returns them per MoE layer."""
+    def _load_slots(self, expert_rank: int) -> None:
         self.expert_rank = expert_rank
         self.expert_mode = triton_moe.resolve_mode(self.config.expert_mode, self.device)  # auto; triton checked
         self.fp8_block_size = self._fp8_experts()
         self.shards = self._build_shards(self.map)
-        self.exchange = MoEExchange(self.comm, self.map, compute=[s.run_sorted for s in self.shards])
         self._prepared: tuple[int, ExpertMap, list] | None = None
         self._preparing: int | None = None
         self._prepare_failed: tuple[int, str] | None = None
-        return self.map.rank_slots(expert_rank)
 
     def _build_shards(self, expert_map: ExpertMap) -> list[ExpertShard]:
         """This rank's shards under ``expert_map``, read from the checkpoint (only its experts' tensors)."""
@@ -264,30 +198,6 @@ class ExpertWorker(_Worker):
     def held(self) -> list[list[int]]:
         """The experts in this rank's slots, per MoE layer (what a new map built after a loss keeps)."""
         return [list(shard.expert_ids) for shard in self.shards]
-
-    def regroup(
-        self,
-        address: str,
-        port: int,
-        rank: int,
-        world_size: int,
-        timeout_s: float,
-        expert_map: ExpertMap,
-        expert_rank: int,
-    ) -> None:
-        """Serve as expert rank ``expert_rank`` of ``expert_map`` in a new step group: first bring the slots
-        to what the map gives this rank (copying experts it holds, reading the others from the checkpoint;
-        nothing when they are the same), then join. A rebalance being loaded is dropped."""
-        self._prepared = self._preparing = self._prepare_failed = None
-        targets = expert_map.rank_slots(expert_rank)
-        changed = [i for i, ids in enumerate(targets) if ids != self.shards[i].expert_ids]
-        with torch.inference_mode():  # the steps wait: no second read of what was just read (check=False)
-            layer_ids = self.args.moe_layer_ids
-            staged = [self._stage_layer(layer_ids[i], targets[i], self.shards[i], check=False) for i in changed]
-            self._apply_staged(staged, changed)
-        self.expert_rank = expert_rank
-        self._rejoin(address, port, rank, world_size, timeout_s)
-        self.map = self.exchange.map = expert_map
 
     def room_for(self, expert_map: ExpertMap, expert_rank: int) -> str | None:
         """None when this worker can hold the slots ``expert_map`` gives expert rank ``expert_rank``; else
@@ -377,27 +287,152 @@ class ExpertWorker(_Worker):
         if self._preparing == version:
             self._prepared, self._preparing, self._prepare_failed = None, None, None
 
+    def _switch(self, version: int) -> None:
+        """Write the prepared placement ``version``'s staged slots and serve under its map from now on."""
+        prepared, expert_map, staged = self._prepared
+        assert prepared == version, (prepared, version)
+        self._apply_staged(staged, list(range(len(staged))))
+        self.map = self.exchange.map = expert_map
+        self._prepared = self._preparing = None
+
+    def rebalance_status(self) -> dict:
+        """Where a rebalance stands here: the version loaded (``prepared``) and a failed load (``failed``)."""
+        return {
+            "prepared": self._prepared[0] if self._prepared is not None else None,
+            "failed": self._prepare_failed,
+        }
+
+
+class AttentionWorker(_Slots, _Worker):
+    """Without expert workers (``num_expert_workers=0``) an attention worker is also expert rank ``rank``
+    of the map: it holds slots and serves the other attention workers' rows as they serve its own (data-
+    parallel attention with expert parallelism over the same workers, as DeepSeek deploys V3)."""
+
+    def load(self) -> int:
+        """Load the attention-side tensors (and this rank's slots, or ``local_expert_share`` of the routed
+        experts) and allocate the KV cache; returns its block count."""
+        c = self.config
+        model = load_transformer(
+            c.model,
+            c.torch_dtype,
+            self.device,
+            mla_mode=c.mla_mode,
+            with_experts=False,
+            progress=False,
+            fp8_weights=c.fp8_weights,
+        )
+        if self.holds_slots:
+            self._load_slots(self.rank)
+            compute = [s.run_sorted for s in self.shards]
+            self.exchange = MoEExchange(self.comm, self.map, compute=compute, replica_offset=self.rank)
+        else:
+            self.exchange = MoEExchange(self.comm, self.map, replica_offset=self.rank, local=self._local_experts())
+        model.set_exchange(self.exchange, overlap_shared=c.overlap_shared_experts)
+        self.runner = ModelRunner(model, c.kv_cache_memory_bytes, c.scheduler.block_size, c.max_num_blocks)
+        return self.runner.num_blocks
+
+    @property
+    def holds_slots(self) -> bool:
+        """No expert workers: the expert map's ranks are the attention workers."""
+        return self.config.num_expert_workers == 0
+
+    def _local_experts(self) -> LocalExperts | None:
+        """The experts this rank computes itself (the same evenly spread ids in every MoE layer), or None."""
+        ids = LocalExperts.spread(self.args.n_routed_experts, self.config.local_expert_share)
+        if not ids or not self.args.moe_layer_ids:
+            return None
+        self.expert_mode = triton_moe.resolve_mode(self.config.expert_mode, self.device)
+        self.fp8_block_size = self._fp8_experts()
+        held = {layer_id: ids for layer_id in self.args.moe_layer_ids}
+        tensors = self._read_experts(held)
+        self.local_shards = [self._layer_shard(layer_id, ids, tensors, None) for layer_id in held]
+        return LocalExperts(self.args.n_routed_experts, [ids] * len(held), [s.run_sorted for s in self.local_shards])
+
+    def regroup(self, address: str, port: int, rank: int, world_size: int, timeout_s: float, expert_map: ExpertMap):
+        """Serve on in a new step group under ``expert_map`` (expert ranks gone or added); the KV cache
+        and the sequences' state stay."""
+        self._rejoin(address, port, rank, world_size, timeout_s)
+        self.map = self.exchange.map = expert_map
+
+    def execute(self, step: StepInput) -> StepOutput:
+        start = time.perf_counter()
+        if step.expert_map is not None:  # a rebalance: every rank switches at this step's start
+            if self.holds_slots:  # to the slots it loaded for that placement (every rank has them)
+                assert self._prepared is not None and self._prepared[1].placement == step.expert_map.placement
+                self._switch(self._prepared[0])
+            else:
+                self.map = self.exchange.map = step.expert_map
+        out = self.runner.execute(step)  # with no sequences: only the step's exchange rounds
+        self.step_seconds += time.perf_counter() - start
+        return out
+
+    def timings(self) -> dict[str, float]:
+        """Seconds since start: whole steps, the part blocked in MoE exchanges (waiting on experts included),
+        and the part computing experts here (``local_expert_share``, or this rank's slots)."""
+        return {
+            "step_seconds": self.step_seconds,
+            "exchange_seconds": self.exchange.wait_seconds,
+            "local_expert_seconds": self.exchange.compute_seconds,
+            "local_rows": self.exchange.local_rows,
+            "rows_served": self.exchange.rows_computed,  # its slots' rows (num_expert_workers=0)
+            **{f"wait_{k}_seconds": v for k, v in self.exchange.wait_by_phase.items()},
+        }
+
+    def expert_load(self) -> list[list[int]]:
+        return self.runner.model.expert_load()
+
+
+class ExpertWorker(_Slots, _Worker):
+    """Serves its slots; a rebalance loads the next placement's slots in the background (``prepare``),
+    and the executor switches every rank to it at one step boundary (``serve_step(switch_to=…)``).
+
+    With ``fp8_weights="keep"`` (``auto`` on a GPU with FP8) and an FP8 checkpoint, its slots hold the
+    experts as stored, float8_e4m3fn with their block scales (as the local model's ``hold_fp8``), in
+    every shard it builds or changes: the first load, a rebalance's staged slots, a regroup."""
+
+    def load(self, expert_rank: int) -> list[list[int]]:
+        """Read only the experts of this rank's slots from the checkpoint; returns them per MoE layer."""
+        self._load_slots(expert_rank)
+        self.exchange = MoEExchange(self.comm, self.map, compute=[s.run_sorted for s in self.shards])
+        return self.map.rank_slots(expert_rank)
+
+    def regroup(
+        self,
+        address: str,
+        port: int,
+        rank: int,
+        world_size: int,
+        timeout_s: float,
+        expert_map: ExpertMap,
+        expert_rank: int,
+    ) -> None:
+        """Serve as expert rank ``expert_rank`` of ``expert_map`` in a new step group: first bring the slots
+        to what the map gives this rank (copying experts it holds, reading the others from the checkpoint;
+        nothing when they are the same), then join. A rebalance being loaded is dropped."""
+        self._prepared = self._preparing = self._prepare_failed = None
+        targets = expert_map.rank_slots(expert_rank)
+        changed = [i for i, ids in enumerate(targets) if ids != self.shards[i].expert_ids]
+        with torch.inference_mode():  # the steps wait: no second read of what was just read (check=False)
+            layer_ids = self.args.moe_layer_ids
+            staged = [self._stage_layer(layer_ids[i], targets[i], self.shards[i], check=False) for i in changed]
+            self._apply_staged(staged, changed)
+        self.expert_rank = expert_rank
+        self._rejoin(address, port, rank, world_size, timeout_s)
+        self.map = self.exchange.map = expert_map
+
     @torch.inference_mode()
     def serve_step(self, num_micro_batches: int = 1, switch_to: int | None = None) -> dict:
         """Serve one step's rounds (layer by layer, micro-batch by micro-batch), after switching to the
         prepared placement ``switch_to`` if given. Returns rows computed and where a rebalance stands."""
         if switch_to is not None:
-            version, expert_map, staged = self._prepared
-            assert version == switch_to, (version, switch_to)
-            self._apply_staged(staged, list(range(len(staged))))
-            self.map = self.exchange.map = expert_map
-            self._prepared = self._preparing = None
+            self._switch(switch_to)
         start = time.perf_counter()
         before = self.exchange.rows_computed
         for layer in range(self.map.num_layers):
             for _ in range(num_micro_batches):
                 self.exchange.idle_round(layer, self.args.hidden_size, self.config.torch_dtype, self.device)
         self.step_seconds += time.perf_counter() - start
-        return {
-            "rows": self.exchange.rows_computed - before,
-            "prepared": self._prepared[0] if self._prepared is not None else None,
-            "failed": self._prepare_failed,
-        }
+        return {"rows": self.exchange.rows_computed - before, **self.rebalance_status()}
 
     def timings(self) -> dict[str, float]:
         """Seconds since start: whole steps, and expert compute within them (the rest is exchanges/waiting)."""

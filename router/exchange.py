@@ -23,8 +23,14 @@ while the other rows are at the expert ranks, so both kinds of worker compute at
 shared experts, the other micro-batch's attention) while the rows travel and the experts
 compute, then ``Combine.wait()`` for the weighted sum. A rank that holds no slots (an attention
 rank) receives no rows, so it posts its rows without waiting for the counts round: it blocks
-only when it combines, and two micro-batches' rounds can be in flight at once. Combining sums each token's K results in
-k order, so the result does not depend on which replica or rank served a row.
+only when it combines, and two micro-batches' rounds can be in flight at once. A rank that holds
+slots posts only its counts in ``start_round``; the rest of its round (rows out, its slots'
+compute, rows back) runs in ``wait()``, so the caller's work in between hides the other ranks'
+lateness. Every rank still issues the collectives in the same order, as long as the ranks with
+slots run the same program: expert ranks run one round at a time, and attention ranks that hold
+slots themselves (``num_expert_workers=0``) all start and wait their rounds alike. Combining sums
+each token's K results in k order, so the result does not depend on which replica or rank served
+a row.
 """
 
 from __future__ import annotations
@@ -81,7 +87,7 @@ class Combine:
     def __init__(
         self,
         exchange: MoEExchange,
-        back: Pending,
+        back: Pending | Callable[[], Pending],
         order: torch.Tensor,
         weights: torch.Tensor,
         x_dtype,
@@ -92,6 +98,8 @@ class Combine:
         self._counts, self._local = counts, local
 
     def wait(self) -> torch.Tensor:
+        if callable(self._back):  # a rank with slots: the rest of its round (``MoEExchange._serve_round``)
+            self._back = self._back()
         start = time.perf_counter()
         back = self._back.wait()  # [T*K, D] in sorted-pair order
         self._counts.wait()  # long done (collectives complete in order); a posted op is always waited
@@ -158,28 +166,22 @@ class MoEExchange:
         send[m.first_rank : m.first_rank + m.num_ranks] = per_slot.view(m.num_ranks, m.max_local_slots)
         counts = self.transport.exchange_counts(send.to(x.device))
         send_splits = send.sum(dim=1).tolist()
-        if self.compute is not None:
-            start = time.perf_counter()
-            recv = counts.wait().cpu()  # [world, M] from each source
-            self.waited("counts", time.perf_counter() - start)
-            recv_splits = recv.sum(dim=1).tolist()
-        elif m.first_rank <= self.transport.rank < m.first_rank + m.num_ranks:
+        is_expert_rank = m.first_rank <= self.transport.rank < m.first_rank + m.num_ranks
+        if is_expert_rank and self.compute is None:
             raise RuntimeError(f"rank {self.transport.rank} holds slots in the expert map but has no expert compute")
-        else:
-            recv_splits = [0] * world  # holds no slots: receives no rows
         # index_select, not x[...]: advanced indexing gathers rows ~7x slower on CPU (1,024 of 1,024: 0.36 ms)
         token = torch.div(order, topk_ids.shape[1], rounding_mode="floor")
         rows = x.index_select(0, token) if x.shape[0] else x[:0]  # [T*K, D]
         remote = sum(send_splits)
-        rows_in = self.transport.exchange_rows(rows[:remote], send_splits, recv_splits)
         if self.compute is not None:
-            start = time.perf_counter()
-            received = rows_in.wait()
-            self.waited("rows", time.perf_counter() - start)
-            results = self._serve(layer, received, recv)
-        else:
-            results = x.new_empty((0, x.shape[1]))
-        back = self.transport.exchange_rows(results, recv_splits, send_splits)
+            # The rest waits on the other ranks' counts: the caller's work (the shared experts) runs first.
+            def rest() -> Pending:
+                return self._serve_round(layer, rows, send_splits, counts)
+
+            return Combine(self, rest, order, topk_weights, x.dtype, counts)
+        # Holds no slots: receives no rows, so it posts rows and the (empty) results at once.
+        self.transport.exchange_rows(rows[:remote], send_splits, [0] * world)
+        back = self.transport.exchange_rows(x.new_empty((0, x.shape[1])), [0] * world, send_splits)
         local = None
         if num_local is not None and remote < rows.shape[0]:  # while the other rows are away
             start = time.perf_counter()
@@ -187,6 +189,20 @@ class MoEExchange:
             self.compute_seconds += time.perf_counter() - start
             self.local_rows += rows.shape[0] - remote
         return Combine(self, back, order, topk_weights, x.dtype, counts, local)
+
+    def _serve_round(self, layer: int, rows: torch.Tensor, send_splits: list[int], counts: Pending) -> Pending:
+        """A rank with slots: learn what every rank sends it, send its rows, compute those it receives and
+        post the results back; returns the pending rows back."""
+        start = time.perf_counter()
+        recv = counts.wait().cpu()  # [world, M] from each source
+        self.waited("counts", time.perf_counter() - start)
+        recv_splits = recv.sum(dim=1).tolist()
+        rows_in = self.transport.exchange_rows(rows, send_splits, recv_splits)
+        start = time.perf_counter()
+        received = rows_in.wait()
+        self.waited("rows", time.perf_counter() - start)
+        results = self._serve(layer, received, recv)
+        return self.transport.exchange_rows(results, recv_splits, send_splits)
 
     def waited(self, phase: str, seconds: float) -> None:
         self.wait_seconds += seconds

@@ -46,6 +46,19 @@ def test_worker_counts_select_the_ray_executor():
     assert (args.engine_config("/m").num_attention_workers, args.engine_config("/m").num_expert_workers) == (1, 4)
 
 
+def test_zero_expert_workers_put_the_experts_on_the_attention_workers(capsys):
+    from dsray.cli import main
+
+    config = DsrayServeArgs(attention_workers=2, expert_workers=0).engine_config("/m")
+    assert (config.executor, config.num_attention_workers, config.num_expert_workers) == ("ray", 2, 0)
+    with pytest.raises(ValidationError, match="hold every expert already"):
+        DsrayServeArgs(expert_workers=0, engine={"local_expert_share": 0.5})
+    with pytest.raises(ValidationError, match="the pools cannot change"):
+        DsrayServeArgs(expert_workers=0, engine={"autoscaling": {}})
+    assert main(["serve", "--expert-workers", "-1"]) == 2
+    assert "expert_workers: Input should be greater than or equal to 0" in capsys.readouterr().err
+
+
 def test_redundant_experts_need_expert_workers(capsys):
     from dsray.cli import main
 

@@ -12,6 +12,7 @@ from dsray import LLM, SamplingParams
 from dsray.async_llm import AsyncLLM
 from dsray.engine_config import EngineConfig
 from dsray.make_model import make_model
+from dsray.protocol import SeqStep, StepInput
 from dsray.testing import make_hf_checkpoint
 
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
@@ -84,6 +85,25 @@ def test_attention_workers_with_local_experts_match_local(
         expert_rows = sum(t["rows"] for t in timings["expert"])
         assert local_rows > 0 and expert_rows > 0
         assert local_rows + expert_rows == sum(map(sum, llm.engine.executor.expert_load()))
+
+
+@pytest.mark.parametrize(("model", "A", "redundant"), [("v3", 1, 0), ("v2", 2, 0), ("v3", 2, 3), ("v3", 3, 0)])
+def test_attention_workers_holding_the_experts_match_local(slots_cluster, models, local_outputs, model, A, redundant):
+    """num_expert_workers=0: the attention workers are the expert ranks, each serving the others' rows.
+    The same tokens; every routed pair computed once; an idle attention worker still serves its slots."""
+    with _ep_llm(models[model], A, 0, num_redundant_experts=redundant) as llm:
+        executor = llm.engine.executor
+        assert (executor.map.first_rank, executor.map.num_ranks, executor.map.num_redundant) == (0, A, redundant)
+        assert executor.experts == [] and len(executor.workers) == A
+        assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == local_outputs[model]
+        served = [t["rows_served"] for t in executor.timings()["attention"]]
+        assert sum(served) == sum(map(sum, executor.expert_load()))
+        assert llm.generate(PROMPTS[1], GREEDY)[0].token_ids == local_outputs[model][1]  # one rank busy, all serve
+        after = [t["rows_served"] for t in executor.timings()["attention"]]
+        assert all(b > a for a, b in zip(served, after))
+        # Experts on every rank: a second micro-batch would read them again, so a step runs one round per layer.
+        seqs = [SeqStep(str(i), 16, 0, [], True) for i in range(4)]
+        assert executor._num_micro_batches([StepInput(seqs=seqs)]) == 1
 
 
 def test_overlap_on_and_off_give_identical_outputs(slots_cluster, models, local_outputs):

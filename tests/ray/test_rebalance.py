@@ -44,7 +44,9 @@ def expected(skewed):
 
 
 def _rank_rows(llm: LLM) -> list[int]:
-    return [t["rows"] for t in llm.engine.executor.timings()["expert"]]
+    """Rows each expert rank computed: the expert workers', or the attention workers' (num_expert_workers=0)."""
+    timings = llm.engine.executor.timings()
+    return [t["rows"] for t in timings["expert"]] or [t["rows_served"] for t in timings["attention"]]
 
 
 def _imbalance(rows_before: list[int], rows_after: list[int]) -> float:
@@ -52,9 +54,19 @@ def _imbalance(rows_before: list[int], rows_after: list[int]) -> float:
     return max(work) / (sum(work) / len(work))
 
 
-def test_rebalance_moves_load_off_the_hot_rank_without_changing_outputs(ray_cluster, skewed, expected):
+@pytest.mark.parametrize(("A", "E"), [(1, 2), (2, 0)])
+def test_rebalance_moves_load_off_the_hot_rank_without_changing_outputs(ray_cluster, skewed, expected, A, E):
+    """With expert workers, and with the experts on the attention workers (E=0: they load the new slots
+    in the background between their own steps)."""
     args = ModelArgs.from_pretrained(skewed)
-    with LLM(skewed, dtype="float32", executor="ray", num_expert_workers=2, num_redundant_experts=2) as llm:
+    with LLM(
+        skewed,
+        dtype="float32",
+        executor="ray",
+        num_attention_workers=A,
+        num_expert_workers=E,
+        num_redundant_experts=2,
+    ) as llm:
         executor = llm.engine.executor
         rows = _rank_rows(llm)
         assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == expected  # before
@@ -62,7 +74,8 @@ def test_rebalance_moves_load_off_the_hot_rank_without_changing_outputs(ray_clus
         load = executor.expert_load()
         assert sum(load[0][:2]) > 0.2 * sum(load[0])  # experts 0 and 1 take a big share of every token
         plan = plan_placement(load, num_ranks=2, num_redundant=2, current=executor.map.as_placement())
-        new_map, old_map = ExpertMap(args.n_routed_experts, plan.slots, first_rank=1), executor.map
+        old_map = executor.map
+        new_map = ExpertMap(args.n_routed_experts, plan.slots, first_rank=old_map.first_rank)
         assert executor.rebalance(new_map) == 1
         assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == expected  # during: the switch is mid-run
         assert executor.map_version == 1 and not executor.rebalancing

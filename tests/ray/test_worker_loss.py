@@ -168,6 +168,23 @@ def test_no_expert_worker_left_and_none_can_load_fails_cleanly(cluster, model, t
         llm.shutdown()
 
 
+def test_with_the_experts_on_the_attention_workers_a_loss_stops_the_executor_saying_why(cluster, model):
+    """num_expert_workers=0: a lost worker takes its share of the experts and its sequences with it. The
+    executor stops at once (no hang, the survivor killed too) with a message naming the setting to change;
+    the pools cannot be scaled either."""
+    llm = LLM(model, dtype="float32", executor="ray", num_attention_workers=2, num_expert_workers=0, step_timeout_s=15)
+    try:
+        executor = llm.engine.executor
+        with pytest.raises(ValueError, match="num_expert_workers=0"):
+            executor.scale(attention=3)
+        victim = _pid_of(executor, 1, "attention")
+        with pytest.raises(RuntimeError, match=r"attention worker 1 was lost .*num_expert_workers >= 1"):
+            _generate(llm, {2: [victim]})
+        assert executor.dead and not _live("AttentionWorker")
+    finally:
+        llm.shutdown()
+
+
 def _generate_with(llm: LLM, actions: dict[int, object]) -> list[list[int]]:
     """Run PROMPTS (LONG) step by step, calling ``actions[n]()`` before step ``n``."""
     engine = llm.engine

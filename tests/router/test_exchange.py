@@ -165,6 +165,65 @@ def test_attention_ranks_local_experts_equal_the_plain_moe(A, E, redundant, tran
     assert sum(e.rows_computed for e in stats if e.compute is not None) == 2 * ids.numel() - pairs_local
 
 
+def run_colocated(
+    expert_map: ExpertMap, full: ExpertShard, token_splits: list[int], x, ids, weights, layers: int, transport: str
+) -> tuple[list, list[MoEExchange]]:
+    """Every rank both sends its tokens' rows and serves its slots (``num_expert_workers=0``): per layer it
+    starts the round, does other work (as the shared experts run there), then waits."""
+    world = expert_map.num_ranks
+    make = LoopbackGroup(world, timeout_s=20).transport if transport == "loopback" else socket_group(world)
+    outs: list = [None] * world
+    exchanges: list = [None] * world
+    errors: list = []
+    bounds = [sum(token_splits[:r]) for r in range(world + 1)]
+
+    def rank(r: int) -> None:
+        try:
+            shards = [slot_shard(full, slots) for slots in expert_map.rank_slots(r)]
+            exchange = exchanges[r] = MoEExchange(make(r), expert_map, [s.run_sorted for s in shards], replica_offset=r)
+            lo, hi = bounds[r], bounds[r + 1]
+            outs[r] = []
+            for layer in range(layers):
+                combine = exchange.start_round(layer, x[lo:hi], ids[lo:hi], weights[lo:hi])
+                torch.randn(64, 64) @ torch.randn(64, 64)  # the caller's work between start and wait
+                outs[r].append(combine.wait())
+        except BaseException as exc:  # surfaced below: a failed rank must fail the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors
+    return outs, exchanges
+
+
+@pytest.mark.parametrize(
+    ("world", "redundant", "splits", "transport"),
+    [
+        (1, 0, [19], "loopback"),
+        (2, 0, [10, 9], "socket"),
+        (3, 4, [12, 0, 7], "loopback"),
+        (4, 6, [5, 5, 5, 4], "socket"),
+    ],
+)
+def test_ranks_that_send_and_serve_equal_the_plain_moe(world, redundant, splits, transport):
+    """Without expert workers each rank holds a share of the experts and serves the others' rows: the same
+    sums, an idle rank still serves, and every pair is computed once."""
+    full = full_shard()
+    x, ids, weights = routing(19, seed=world + redundant, hot=True)
+    reference = full.forward_loop(x, ids, weights)
+    expert_map = ExpertMap.contiguous(NUM_EXPERTS, world, 3, num_redundant=redundant, first_rank=0)
+    outs, exchanges = run_colocated(expert_map, full, splits, x, ids, weights, 3, transport)
+    for layer in range(3):
+        torch.testing.assert_close(torch.cat([o[layer] for o in outs]), reference, rtol=1e-5, atol=1e-5)
+    served = [e.rows_computed for e in exchanges]
+    assert sum(served) == 3 * ids.numel()
+    if world > 1:
+        assert all(n > 0 for n in served)  # the idle rank (no tokens of its own) serves too
+
+
 def test_local_experts_are_spread_over_the_ids():
     assert LocalExperts.spread(16, 0.25) == [0, 4, 8, 12]
     assert LocalExperts.spread(64, 0.5) == list(range(0, 64, 2))
