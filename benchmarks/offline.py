@@ -19,11 +19,14 @@ step time); ``--compare-local`` runs the local executor on the same prompts in t
 (``--local-threads``, default 2) and gives the ratio; ``--overlap`` runs the Ray executor
 with the engine's default overlaps, or with both overlaps (shared experts during the exchange, two
 micro-batches) on or off (``all``: the three in one run); ``--local-expert-share`` runs each of
-those with attention workers that also hold that share of the experts:
+those with attention workers that also hold that share of the experts; ``--shapes`` runs each for
+several worker counts (``AxE``; ``2x0``: two attention workers that hold the experts themselves):
 
     python benchmarks/offline.py --executor ray --num-prompts 32 --skip-hf --compare-local --overlap all
     python benchmarks/offline.py --executor ray --num-prompts 32 --skip-hf --compare-local --overlap both \
         --local-expert-share 0 0.5 --rounds 6
+    python benchmarks/offline.py --executor ray --num-prompts 32 --skip-hf --compare-local --overlap both \
+        --shapes 1x1 2x0 --local-expert-share 0.5 --rounds 3
 
 ``--rounds N`` keeps every Ray configuration up at once and runs them in turn N times, so that the
 machine's drift (its memory bandwidth moves by 2x within minutes) hits them alike; it reports each
@@ -161,7 +164,9 @@ def step_breakdown(before: dict, after: dict, wall: float) -> dict:
 
     attention_step = delta("attention", "step_seconds")
     exchange = delta("attention", "exchange_seconds")
-    expert_compute = delta("expert", "compute_seconds")
+    # Without expert workers (E=0) the attention workers compute the experts: their local_expert_seconds.
+    where = ("expert", "compute_seconds") if after["expert"] else ("attention", "local_expert_seconds")
+    expert_compute = delta(*where)
     return {
         "wall_s": wall,
         "attention_step_s": attention_step,
@@ -174,34 +179,37 @@ def step_breakdown(before: dict, after: dict, wall: float) -> dict:
     }
 
 
-def ray_llm(args, overlap: bool | None, share: float) -> LLM:
-    """A Ray-executor ``LLM`` for one configuration, one thread per worker; ``share``:
-    ``local_expert_share`` (experts the attention workers compute themselves)."""
+Config = tuple[tuple[int, int], bool | None, float]  # ((A, E), overlap, local_expert_share)
+
+
+def ray_llm(args, shape: tuple[int, int], overlap: bool | None, share: float) -> LLM:
+    """A Ray-executor ``LLM`` for one configuration, one thread per worker: ``shape`` (A attention, E expert
+    workers; E=0: the attention workers hold the experts), ``share``: ``local_expert_share`` (experts the
+    attention workers compute themselves)."""
     return LLM(
         args.model,
         dtype=args.dtype,
         device=args.device,
         executor="ray",
-        num_attention_workers=args.attention_workers,
-        num_expert_workers=args.expert_workers,
+        num_attention_workers=shape[0],
+        num_expert_workers=shape[1],
         local_expert_share=share,
         **({} if overlap is None else {"overlap_shared_experts": overlap, "micro_batch_overlap": overlap}),
     )
 
 
-def ray_batched(args, prompts: list[list[int]], overlap: bool | None, share: float = 0.0) -> dict:
+def ray_batched(args, prompts: list[list[int]], shape: tuple[int, int], overlap: bool | None, share: float) -> dict:
     """The batched workload on the Ray executor (one thread per worker), with its time breakdown."""
-    with ray_llm(args, overlap, share) as llm:
+    with ray_llm(args, shape, overlap, share) as llm:
         ours_batched(llm, prompts[:2], 4)  # warm-up
         before = llm.engine.executor.timings()
         out = ours_batched(llm, prompts, args.new_tokens)
         out["breakdown"] = step_breakdown(before, llm.engine.executor.timings(), out["seconds"])
-        out["overlap"] = overlap
-        out["local_expert_share"] = share
+        out |= {"workers": shape, "overlap": overlap, "local_expert_share": share}
     return out
 
 
-def ray_alternating(args, prompts: list[list[int]], configs: list[tuple[bool | None, float]]) -> dict:
+def ray_alternating(args, prompts: list[list[int]], configs: list[Config]) -> dict:
     """Every configuration's ``LLM`` alive at once (idle ones take no CPU), each running the batched
     workload in turn, ``--rounds`` times (with ``--compare-local``, the local executor too, in a fresh
     process each round): the machine's drift hits them alike, and the per-round ratios against the first
@@ -210,7 +218,7 @@ def ray_alternating(args, prompts: list[list[int]], configs: list[tuple[bool | N
     import ray
 
     if not ray.is_initialized():  # a logical CPU per worker of every configuration: one thread each
-        ray.init(num_cpus=len(configs) * (args.attention_workers + args.expert_workers), include_dashboard=False)
+        ray.init(num_cpus=sum(sum(c[0]) for c in configs), include_dashboard=False)
     llms = [ray_llm(args, *c) for c in configs]
     try:
         for llm in llms:
@@ -248,8 +256,9 @@ def ray_alternating(args, prompts: list[list[int]], configs: list[tuple[bool | N
                     if local
                     else {}
                 ),
-                "overlap": c[0],
-                "local_expert_share": c[1],
+                "workers": c[0],
+                "overlap": c[1],
+                "local_expert_share": c[2],
             }
         return out
     finally:
@@ -279,8 +288,8 @@ def local_batched(args, prompts: list[list[int]]) -> dict:
     return result
 
 
-def _name(overlap: bool | None, share: float) -> str:
-    name = "ray_overlap_" + ("default" if overlap is None else "on" if overlap else "off")
+def _name(shape: tuple[int, int], overlap: bool | None, share: float) -> str:
+    name = f"ray_{shape[0]}x{shape[1]}_overlap_" + ("default" if overlap is None else "on" if overlap else "off")
     return name + (f"_local_experts_{share:g}" if share else "")
 
 
@@ -294,21 +303,27 @@ def ray_report(args) -> dict:
         "model": args.model,
         "dtype": args.dtype,
         "workload": f"{args.num_prompts} prompts of 16-128 tokens x {args.new_tokens} new tokens",
-        "attention_workers": args.attention_workers,
-        "expert_workers": args.expert_workers,
+        "workers_attention_x_expert": [f"{a}x{e}" for a, e in args.shapes],
         "threads_per_worker": 1,
     }
     runs = {"default": [None], "on": [True], "off": [False], "both": [False, True], "all": [False, None, True]}[
         args.overlap
     ]
-    configs = [(overlap, share) for share in args.local_expert_share for overlap in runs]
+    configs = list(
+        dict.fromkeys(  # without expert workers the attention workers hold every expert: share 0 (once)
+            (shape, overlap, share if shape[1] else 0.0)
+            for shape in args.shapes
+            for share in args.local_expert_share
+            for overlap in runs
+        )
+    )
     if args.rounds > 1:  # the local executor runs in every round (paired_vs_local)
         report |= ray_alternating(args, prompts, configs)
         return report
     if args.compare_local:
         report["local_before"] = local_batched(args, prompts)
-    for overlap, share in configs:
-        report[_name(overlap, share)] = ray_batched(args, prompts, overlap, share)
+    for c in configs:
+        report[_name(*c)] = ray_batched(args, prompts, *c)
     if args.compare_local:
         report["local_after"] = local_batched(args, prompts)
         local = (report["local_before"]["output_tok_s"] + report["local_after"]["output_tok_s"]) / 2
@@ -325,7 +340,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--executor", default="local", choices=["local", "ray"])
     parser.add_argument("--attention-workers", type=int, default=1)
-    parser.add_argument("--expert-workers", type=int, default=1)
+    parser.add_argument("--expert-workers", type=int, default=1, help="0: the attention workers hold the experts")
+    parser.add_argument(
+        "--shapes",
+        nargs="+",
+        default=None,
+        help="ray: worker shapes to run as AxE (attention x expert workers), e.g. 1x1 2x0; default: the two above",
+    )
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument(
@@ -355,6 +376,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args(argv)
+    try:
+        shapes = args.shapes or [f"{args.attention_workers}x{args.expert_workers}"]
+        args.shapes = [tuple(int(n) for n in shape.split("x")) for shape in shapes]
+        if any(len(shape) != 2 for shape in args.shapes):
+            raise ValueError
+    except ValueError:
+        parser.error(f"--shapes: give each as AxE, e.g. 1x1 2x0; got {args.shapes}")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.model is None:
