@@ -17,6 +17,7 @@ import contextlib
 import importlib.util
 import json
 import logging
+import math
 import os
 import shlex
 import shutil
@@ -202,11 +203,24 @@ def init_cluster(args: DsrayServeArgs | None = None, **ray_init: Any) -> None:
     if GRPC_LIMIT_ENV not in os.environ:
         env[GRPC_LIMIT_ENV] = str(grpc_message_limit(args))
     ray_init.setdefault("dashboard_host", "127.0.0.1")
+    ray_init.setdefault("num_cpus", max(os.cpu_count() or 1, math.ceil(logical_cpus_wanted(args))))
     if args.host in LOOPBACK_HOSTS:  # every worker of the job (Serve's proxies too) binds gRPC to 127.0.0.1
         ray_init["runtime_env"] = {"worker_process_setup_hook": LOOPBACK_HOOK, **(ray_init.get("runtime_env") or {})}
     with cluster_env(env), single_machine(args.host in LOOPBACK_HOSTS):
         # "local": never attach to some other cluster on this machine unless RAY_ADDRESS says so.
         ray.init(address="local", **ray_init)
+
+
+def logical_cpus_wanted(args: DsrayServeArgs) -> float:
+    """The logical CPUs the deployment reserves at its largest: every LLMServer replica with its Ray-executor
+    workers, and the ingress replicas. A cluster of our own offers at least that many (oversubscribing a
+    small machine, as ``LLM`` does), so that ``--attention-workers 1 --expert-workers 1`` places on two cores."""
+    config = args.engine_config("<checkpoint>")
+    per_instance = args.llm_server.num_cpus
+    if config.executor == "ray":
+        per_instance += config.num_attention_workers * config.attention_worker_resources.get("CPU", 0)
+        per_instance += config.num_expert_workers * config.expert_worker_resources.get("CPU", 0)
+    return args.llm_server.max_replicas * per_instance + args.ingress.num_replicas * args.ingress.num_cpus
 
 
 @contextlib.contextmanager

@@ -59,6 +59,18 @@ def test_zero_expert_workers_put_the_experts_on_the_attention_workers(capsys):
     assert "expert_workers: Input should be greater than or equal to 0" in capsys.readouterr().err
 
 
+def test_a_cluster_of_our_own_offers_the_cpus_the_workers_reserve():
+    from deploy.launch import logical_cpus_wanted
+
+    assert logical_cpus_wanted(DsrayServeArgs()) == 1  # the replica runs the model itself
+    assert logical_cpus_wanted(DsrayServeArgs(attention_workers=1, expert_workers=1)) == 3
+    assert logical_cpus_wanted(DsrayServeArgs(attention_workers=2, expert_workers=0)) == 3
+    two = DsrayServeArgs(
+        expert_workers=2, llm_server={"max_replicas": 2}, engine={"expert_worker_resources": {"CPU": 2}}
+    )
+    assert logical_cpus_wanted(two) == 2 * (1 + 1 + 2 * 2)
+
+
 def test_redundant_experts_need_expert_workers(capsys):
     from dsray.cli import main
 
