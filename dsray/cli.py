@@ -147,7 +147,7 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=None,
         help="expert workers per model instance (Ray actors sharing the routed experts); 0: the attention workers "
-        "hold the experts themselves, a share each (fastest with few workers; no scaling or surviving a lost worker)",
+        "hold the experts themselves, a share each (fastest with few workers; the pools cannot scale)",
     )
     srv.add_argument(
         "--redundant-experts",

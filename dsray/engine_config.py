@@ -67,8 +67,7 @@ class EngineConfig(BaseModel):
         ge=0,
         description="Expert workers sharing the routed experts (ray executor). 0: the attention workers hold the "
         "experts themselves, each a share, and serve each other's rows (data-parallel attention with expert "
-        "parallelism on the same workers); faster when workers are few, but a lost worker stops the executor and "
-        "the pools cannot scale.",
+        "parallelism on the same workers); faster when workers are few, but the pools cannot scale.",
     )
     num_redundant_experts: int = Field(
         0,

@@ -75,14 +75,6 @@ class WorkerPools:
         if not lost:  # every worker answered, some with an error: a bug, not a loss
             i, exc = min(errors.items())
             self._fail(f"{self.names[i]} failed during {what}: {type(exc).__name__}: {exc}")
-        if not self.experts:
-            i = lost[0]
-            self._fail(
-                f"{self.names[i]} was lost during {what}; with the experts on the attention workers "
-                "(num_expert_workers=0) a lost worker takes its experts with it and the executor stops: use expert "
-                f"workers (num_expert_workers >= 1) to serve on through worker losses ({type(errors[i]).__name__}: "
-                f"{errors[i]})"
-            )
         A = len(self.attention)
         names = [self.names[i] for i in lost]
         detail = "; ".join(f"{self.names[i]}: {type(errors[i]).__name__}: {errors[i]}" for i in lost)
@@ -104,7 +96,7 @@ class WorkerPools:
         self.expert_index = [k for j, k in enumerate(self.expert_index) if j not in lost_experts]
         self._sync_workers()
         self._set_degraded(f"{', '.join(names)} lost")
-        if not self.attention or not self.experts:
+        if self._short_of_a_role():
             self._await_replacements()  # nothing to serve with until one is in
         elif (no_room := self._no_room(survivors := self._survivors_map())) is not None:
             self.degraded += f"; the survivors cannot hold the lost experts ({no_room})"
@@ -115,6 +107,10 @@ class WorkerPools:
         logger.warning("dsray: serving on after %.2fs: %s", self.losses["last_recovery_s"], self.degraded)
         return lost_attention
 
+    def _short_of_a_role(self) -> bool:
+        """No attention worker left, or no expert worker where they hold the experts."""
+        return not self.attention or (not self.experts and self.num_workers_wanted["expert"] > 0)
+
     def _set_degraded(self, why: str) -> None:
         want = self.num_workers_wanted
         self.degraded = (
@@ -123,21 +119,31 @@ class WorkerPools:
         )
 
     def _no_room(self, expert_map: ExpertMap) -> str | None:
-        """Why some live expert worker (of the map's first ranks) cannot hold what ``expert_map`` gives it, or None."""
-        refs = [e.room_for.remote(expert_map, j) for j, e in enumerate(self.experts[: expert_map.num_ranks])]
-        why = [w for w in self._get(refs, "a regroup", names=self.names[len(self.attention) :]) if w is not None]
+        """Why some live slot holder (of the map's first ranks) cannot hold what ``expert_map`` gives it, or None."""
+        holders = self.slot_holders
+        refs = [e.room_for.remote(expert_map, j) for j, e in enumerate(holders[: expert_map.num_ranks])]
+        names = self.names[len(self.workers) - len(holders) :]
+        why = [w for w in self._get(refs, "a regroup", names=names) if w is not None]
         return "; ".join(why) if why else None
 
     def _survivors_map(self) -> ExpertMap:
-        """What the live expert workers hold, plus the experts no one holds any more (read from the checkpoint)."""
-        held = self._get([e.held.remote() for e in self.experts], "a regroup", names=self.names[len(self.attention) :])
-        return ExpertMap.covering(self.map.num_experts, held, first_rank=len(self.attention))
+        """What the live slot holders hold, plus the experts no one holds any more (read from the checkpoint)."""
+        holders = self.slot_holders
+        held = self._get(
+            [e.held.remote() for e in holders], "a regroup", names=self.names[len(self.workers) - len(holders) :]
+        )
+        return ExpertMap.covering(self.map.num_experts, held, first_rank=self._first_expert_rank())
+
+    def _first_expert_rank(self) -> int:
+        """The group rank of expert rank 0: after the attention ranks, or 0 where they hold the experts."""
+        return len(self.attention) if self.num_workers_wanted["expert"] > 0 else 0
 
     def _replace(self, cls, index: int, tries: int = 1) -> None:
         """Start a new worker in the lost one's bundle (``index``: its attention index, or its expert index =
-        its rank in the full placement, whose slots it loads)."""
+        its rank in the full placement, whose slots it loads; an attention worker that holds slots loads those
+        of its index too)."""
         actor = self._spawn(cls, index, 0, len(self.workers), self.full_map)
-        loaded = actor.load.remote() if cls is AttentionWorker else actor.load.remote(index)
+        loaded = actor.load.remote(index)
         self._replacements.append(Replacement(cls, index, actor, loaded, tries))
         self._held.actors.append(actor)
 
@@ -178,8 +184,10 @@ class WorkerPools:
         self.expert_index = sorted(by_index)
         self.experts = [by_index[k] for k in self.expert_index]
         self._sync_workers()
-        held = [self.full_map.rank_slots(k) for k in self.expert_index]  # lost ones' experts: to the others
-        self._regroup(ExpertMap.covering(self.map.num_experts, held, first_rank=len(self.attention)))
+        # The full placement's slots by index; a rank still missing leaves its experts to the others.
+        indexes = self.expert_index if self.experts else self.attention_index
+        held = [self.full_map.rank_slots(k) for k in indexes]
+        self._regroup(ExpertMap.covering(self.map.num_experts, held, first_rank=self._first_expert_rank()))
         self.losses["replacements_joined"] += len(joining)
         self.losses["last_join_s"] = round(time.perf_counter() - start, 3)
         logger.info("dsray: %d new worker(s) joined in %.2fs", len(joining), self.losses["last_join_s"])
@@ -193,7 +201,7 @@ class WorkerPools:
         """Nothing to serve with until the replacements are in (no attention or no expert worker left, or
         the survivors cannot hold the lost experts): wait for them, up to ``step_timeout_s``."""
         self.admit_workers(block=True)
-        if self._replacements or not self.attention or not self.experts:
+        if self._replacements or self._short_of_a_role():
             why = (
                 f"the last replacement failed: {self._replacement_error}"
                 if self._replacement_error

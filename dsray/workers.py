@@ -287,6 +287,19 @@ class _Slots:
         if self._preparing == version:
             self._prepared, self._preparing, self._prepare_failed = None, None, None
 
+    def _take_slots(self, expert_map: ExpertMap, expert_rank: int) -> None:
+        """Bring the slots to what ``expert_map`` gives expert rank ``expert_rank`` (a regroup: copying
+        experts held, reading the others from the checkpoint; nothing when they are the same). A rebalance
+        being loaded is dropped."""
+        self._prepared = self._preparing = self._prepare_failed = None
+        targets = expert_map.rank_slots(expert_rank)
+        changed = [i for i, ids in enumerate(targets) if ids != self.shards[i].expert_ids]
+        with torch.inference_mode():  # the steps wait: no second read of what was just read (check=False)
+            layer_ids = self.args.moe_layer_ids
+            staged = [self._stage_layer(layer_ids[i], targets[i], self.shards[i], check=False) for i in changed]
+            self._apply_staged(staged, changed)
+        self.expert_rank = expert_rank
+
     def _switch(self, version: int) -> None:
         """Write the prepared placement ``version``'s staged slots and serve under its map from now on."""
         prepared, expert_map, staged = self._prepared
@@ -308,9 +321,10 @@ class AttentionWorker(_Slots, _Worker):
     of the map: it holds slots and serves the other attention workers' rows as they serve its own (data-
     parallel attention with expert parallelism over the same workers, as DeepSeek deploys V3)."""
 
-    def load(self) -> int:
-        """Load the attention-side tensors (and this rank's slots, or ``local_expert_share`` of the routed
-        experts) and allocate the KV cache; returns its block count."""
+    def load(self, expert_rank: int | None = None) -> int:
+        """Load the attention-side tensors (and the slots of expert rank ``expert_rank``, default its own
+        rank, or ``local_expert_share`` of the routed experts) and allocate the KV cache; returns its block
+        count."""
         c = self.config
         model = load_transformer(
             c.model,
@@ -322,7 +336,7 @@ class AttentionWorker(_Slots, _Worker):
             fp8_weights=c.fp8_weights,
         )
         if self.holds_slots:
-            self._load_slots(self.rank)
+            self._load_slots(self.rank if expert_rank is None else expert_rank)
             compute = [s.run_sorted for s in self.shards]
             self.exchange = MoEExchange(self.comm, self.map, compute=compute, replica_offset=self.rank)
         else:
@@ -350,7 +364,9 @@ class AttentionWorker(_Slots, _Worker):
 
     def regroup(self, address: str, port: int, rank: int, world_size: int, timeout_s: float, expert_map: ExpertMap):
         """Serve on in a new step group under ``expert_map`` (expert ranks gone or added); the KV cache
-        and the sequences' state stay."""
+        and the sequences' state stay. Holding slots, it first takes those the map gives its new rank."""
+        if self.holds_slots:
+            self._take_slots(expert_map, rank)
         self._rejoin(address, port, rank, world_size, timeout_s)
         self.map = self.exchange.map = expert_map
 
@@ -407,16 +423,8 @@ class ExpertWorker(_Slots, _Worker):
         expert_rank: int,
     ) -> None:
         """Serve as expert rank ``expert_rank`` of ``expert_map`` in a new step group: first bring the slots
-        to what the map gives this rank (copying experts it holds, reading the others from the checkpoint;
-        nothing when they are the same), then join. A rebalance being loaded is dropped."""
-        self._prepared = self._preparing = self._prepare_failed = None
-        targets = expert_map.rank_slots(expert_rank)
-        changed = [i for i, ids in enumerate(targets) if ids != self.shards[i].expert_ids]
-        with torch.inference_mode():  # the steps wait: no second read of what was just read (check=False)
-            layer_ids = self.args.moe_layer_ids
-            staged = [self._stage_layer(layer_ids[i], targets[i], self.shards[i], check=False) for i in changed]
-            self._apply_staged(staged, changed)
-        self.expert_rank = expert_rank
+        to what the map gives this rank, then join. A rebalance being loaded is dropped."""
+        self._take_slots(expert_map, expert_rank)
         self._rejoin(address, port, rank, world_size, timeout_s)
         self.map = self.exchange.map = expert_map
 
