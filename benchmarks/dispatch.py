@@ -1,7 +1,9 @@
 """The MoE exchange: one layer's round trip, and the bytes of a step message vs context.
 
 1. Round trip: A attention ranks and E expert ranks (processes on this machine, over loopback)
-   run ``router/exchange.py``'s rounds; expert ranks echo rows back, so the figure is the exchange
+   run ``router/exchange.py``'s rounds (``--expert-ranks 0``: every attention rank also holds a share
+   of the experts and serves the others' rows, as with ``num_expert_workers=0``); expert ranks echo
+   rows back, so the figure is the exchange
    alone (as DeepEP's dispatch/combine figures are). µs per round trip and DeepEP-style GB/s (bytes
    of rows moved in both directions ÷ time), per token count, for each CPU transport in the same
    run (``--transports``: dsray's ``SocketTransport``, the default, and gloo), with their ratio.
@@ -37,8 +39,12 @@ def echo(rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
 def _rank_main(rank: int, world: int, num_attention: int, port: int, cfg: dict, queue) -> None:
     torch.set_num_threads(1)
     comm = init_group("127.0.0.1", port, rank, world, torch.device("cpu"), 60)
-    emap = ExpertMap.contiguous(cfg["experts"], world - num_attention, 1, first_rank=num_attention)
-    is_expert = rank >= num_attention
+    colocated = world == num_attention  # --expert-ranks 0: every rank sends its tokens and serves its slots
+    if colocated:
+        emap = ExpertMap.contiguous(cfg["experts"], world, 1, first_rank=0)
+    else:
+        emap = ExpertMap.contiguous(cfg["experts"], world - num_attention, 1, first_rank=num_attention)
+    is_expert = colocated or rank >= num_attention
     exchange = MoEExchange(comm, emap, compute=[echo] if is_expert else None, replica_offset=rank)
     dtype = torch.bfloat16
     results = {}
@@ -139,7 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--experts", type=int, default=64)
     parser.add_argument("--topk", type=int, default=8)
     parser.add_argument("--attention", type=int, default=1, help="attention ranks (A)")
-    parser.add_argument("--expert-ranks", type=int, default=2, help="expert ranks (E)")
+    parser.add_argument(
+        "--expert-ranks", type=int, default=2, help="expert ranks (E); 0: the attention ranks hold the experts"
+    )
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--contexts", type=int, nargs="+", default=[100, 4000], help="step-bytes contexts")
