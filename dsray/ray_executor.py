@@ -271,9 +271,9 @@ class RayExecutor(WorkerPools, Executor):
             self._switched(switch)
         elif self._rebalance is not None:
             self._poll_rebalance(
-                results[len(self.attention) :]
-                if self.experts
-                else self._get([w.rebalance_status.remote() for w in self.attention], "reading a rebalance")
+                self._get([w.rebalance_status.remote() for w in self.attention], "reading a rebalance")
+                if self.experts_on_attention
+                else results[len(self.attention) :]
             )
         return [out if r in ranks else None for r, out in enumerate(outputs)]
 
@@ -354,10 +354,14 @@ class RayExecutor(WorkerPools, Executor):
         return self._rebalance is not None or self.degraded is not None or bool(self._replacements)
 
     @property
+    def experts_on_attention(self) -> bool:
+        """No expert workers (``num_expert_workers=0``): the attention workers hold the experts."""
+        return self.config.num_expert_workers == 0
+
+    @property
     def slot_holders(self) -> list:
-        """The workers that hold the expert map's slots: the expert workers, or (``num_expert_workers=0``)
-        the attention workers."""
-        return self.experts or self.attention
+        """The workers that hold the expert map's slots: the expert workers, or the attention workers."""
+        return self.attention if self.experts_on_attention else self.experts
 
     @property
     def num_attention_ranks(self) -> int:
@@ -367,7 +371,7 @@ class RayExecutor(WorkerPools, Executor):
     def _num_micro_batches(self, steps: list[StepInput]) -> int:
         """Two when some rank has a batch worth splitting (every rank must run the same number of rounds)."""
         c = self.config
-        if not c.micro_batch_overlap or not self.experts:
+        if not c.micro_batch_overlap or self.experts_on_attention:
             return 1  # without expert workers every rank computes experts: a second round reads them again
         big = any(len(s.seqs) >= 2 and s.num_tokens >= c.micro_batch_min_tokens for s in steps)
         return 2 if big else 1

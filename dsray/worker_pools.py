@@ -109,13 +109,16 @@ class WorkerPools:
 
     def _short_of_a_role(self) -> bool:
         """No attention worker left, or no expert worker where they hold the experts."""
-        return not self.attention or (not self.experts and self.num_workers_wanted["expert"] > 0)
+        return not self.attention or (not self.experts and not self.experts_on_attention)
 
     def _set_degraded(self, why: str) -> None:
         want = self.num_workers_wanted
+        experts = f"{len(self.experts)} of {want['expert']} expert workers"
+        if self.experts_on_attention:
+            experts = "no expert workers: the attention workers hold the experts"
         self.degraded = (
-            f"serving with {len(self.attention)} of {want['attention']} attention and {len(self.experts)} of "
-            f"{want['expert']} expert workers ({why}; replacements are starting)"
+            f"serving with {len(self.attention)} of {want['attention']} attention workers and {experts} ({why}; "
+            "replacements are starting)"
         )
 
     def _no_room(self, expert_map: ExpertMap) -> str | None:
@@ -136,7 +139,7 @@ class WorkerPools:
 
     def _first_expert_rank(self) -> int:
         """The group rank of expert rank 0: after the attention ranks, or 0 where they hold the experts."""
-        return len(self.attention) if self.num_workers_wanted["expert"] > 0 else 0
+        return 0 if self.experts_on_attention else len(self.attention)
 
     def _replace(self, cls, index: int, tries: int = 1) -> None:
         """Start a new worker in the lost one's bundle (``index``: its attention index, or its expert index =
@@ -185,7 +188,7 @@ class WorkerPools:
         self.experts = [by_index[k] for k in self.expert_index]
         self._sync_workers()
         # The full placement's slots by index; a rank still missing leaves its experts to the others.
-        indexes = self.expert_index if self.experts else self.attention_index
+        indexes = self.attention_index if self.experts_on_attention else self.expert_index
         held = [self.full_map.rank_slots(k) for k in indexes]
         self._regroup(ExpertMap.covering(self.map.num_experts, held, first_rank=self._first_expert_rank()))
         self.losses["replacements_joined"] += len(joining)
@@ -238,7 +241,7 @@ class WorkerPools:
         returned so that the engine moves their sequences (recomputed, as after a lost worker).
         Refused while workers are still joining or replacing lost ones."""
         A, E = len(self.attention), len(self.experts)
-        if not E:
+        if self.experts_on_attention:
             raise ValueError(
                 "scale: the attention workers hold the experts (num_expert_workers=0), so the pools cannot change "
                 "while serving; start with expert workers (num_expert_workers >= 1) to scale them"
