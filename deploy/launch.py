@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import random
 import shlex
 import shutil
 import signal
@@ -50,9 +51,35 @@ def grpc_options(args: DsrayServeArgs) -> dict[str, Any] | None:
     return {"port": args.grpc_port, "grpc_servicer_functions": [SERVICER_FUNCTION]}
 
 
+# Ray's workers take ports from 10002-19999 (its min/max_worker_port defaults).
+_RAY_WORKER_PORTS_END = 20000
+
+
+def _ephemeral_ports() -> tuple[int, int]:
+    """The kernel's range for port-0 binds (``ip_local_port_range``; Linux's default if unreadable)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as sock:
+    """A TCP port free on 127.0.0.1 now that nothing is handed later while the cluster starts.
+
+    A port-0 bind's port is back in the kernel's pool once released, and the dozens of servers Ray
+    starts next bind port 0 too: one took HAProxy's stats port and HAProxy failed to start. So the
+    port comes from between Ray's worker ports and the ephemeral range, which neither hands out."""
+    low, high = _ephemeral_ports()
+    pool = list(range(_RAY_WORKER_PORTS_END, low)) or list(range(high + 1, 65536))
+    for port in random.sample(pool, min(len(pool), 64)):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as sock:  # every one tried is taken: any free port
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 

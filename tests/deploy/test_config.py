@@ -71,6 +71,21 @@ def test_a_cluster_of_our_own_offers_the_cpus_the_workers_reserve():
     assert logical_cpus_wanted(two) == 2 * (1 + 1 + 2 * 2)
 
 
+def test_ports_picked_for_haproxy_are_none_that_ray_or_the_kernel_hand_out():
+    """Ray binds dozens of port-0 servers as the cluster starts: a port from the ephemeral range (or Ray's
+    worker ports) could be taken before HAProxy binds it."""
+    import socket
+
+    from deploy.launch import _ephemeral_ports, free_port
+
+    low, high = _ephemeral_ports()
+    for _ in range(20):
+        port = free_port()
+        assert not low <= port <= high and not 10002 <= port <= 19999, port
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))  # free
+
+
 def test_redundant_experts_need_expert_workers(capsys):
     from dsray.cli import main
 
