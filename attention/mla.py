@@ -119,42 +119,123 @@ class MLA(nn.Module):
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata, kv_cache: torch.Tensor) -> torch.Tensor:
         """``x [T, D]`` → ``[T, D]``; writes this step's latents into ``kv_cache [slots, C + R]`` first."""
-        T, C, H = x.shape[0], self.kv_lora_rank, self.n_heads
+        T, H = x.shape[0], self.n_heads
         q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora_rank else self.q_proj(x)
         q = q.view(T, H, -1)  # [T, H, d_nope + R]
         kv = self.kv_a_proj_with_mqa(x)  # [T, C + R]
         cis = meta.rope_cis if meta.rope_cis is not None else self.rope.cis(meta.positions)
-        if self._decode_kernel(x, meta, kv_cache):
-            # Latent write, rope, absorbed attention and W_UV in one kernel call (same rounding as below).
-            w_uk_t, w_uv = self._kernel_weights()
-            out = cpu_kernels.mla_decode_step(
-                q, kv, self.kv_a_layernorm.weight, self.kv_a_layernorm.eps, cis, self.rope.interleaved,
-                meta.slot_mapping, w_uk_t, w_uv, kv_cache, meta.block_tables, meta.context_lens_t,
-                meta.block_size, self.softmax_scale,
-            )  # fmt: skip
-            return self.o_proj(out.view(T, -1))
-        q_nope = q[..., : self.qk_nope_head_dim]  # [T, H, d_nope]
-        # Query and key rope dims rotate at the same positions: one rotation for both.
-        pe = torch.cat([q[..., self.qk_nope_head_dim :], kv[:, None, C:]], dim=1)  # [T, H + 1, R]
-        pe = self.rope.rotate(pe, cis)
-        q_pe, k_pe = pe[:, :H], pe[:, H]  # [T, H, R], [T, R]
-        c_kv = self.kv_a_layernorm(kv[:, :C])  # [T, C]
-        kv_cache[meta.slot_mapping] = torch.cat([c_kv, k_pe], dim=-1).to(kv_cache.dtype)
-
         spans = list(_spans(meta))
+        kernel_rows = self._kernel_rows(x, meta, kv_cache, spans)
+        if kernel_rows is None:
+            out = self._torch_attend(q, kv, cis, meta.slot_mapping, meta, kv_cache, spans)
+        elif len(kernel_rows) == T:
+            out = self._kernel_attend(
+                q, kv, cis, meta.slot_mapping, meta.block_tables, meta.context_lens_t, meta.block_size, kv_cache
+            )
+        else:
+            out = self._split_attend(q, kv, cis, meta, kv_cache, spans, kernel_rows)
+        return self.o_proj(out.reshape(T, -1))
+
+    def _kernel_rows(
+        self, x: torch.Tensor, meta: AttentionMetadata, kv_cache: torch.Tensor, spans: list
+    ) -> list[tuple[int, int]] | None:
+        """``(i, row)`` of every sequence with one new token, when ``cpu_kernels.mla_decode_step`` can
+        take them (absorbed mode, bf16 on CPU); None when it cannot or no sequence has one row.
+
+        A one-row span is a decode row whatever brought it (a decode, a one-token chunk): its query is
+        the last position and sees the whole context. In a step that also carries prompt spans these
+        rows still take the kernel, the spans the torch path: one serving step admits a few prompts
+        beside hundreds of decodes, and attending those one by one in torch cost a third of the step.
+        """
+        if not (
+            self.mode == "absorbed"
+            and self._kernel_shapes
+            and kv_cache.dtype == torch.bfloat16
+            and cpu_kernels.usable(x, max_rows=x.shape[0])
+        ):
+            return None
+        if meta.is_decode_only:
+            return [(i, a) for i, a, _ in spans]
+        rows = [(i, a) for i, a, b in spans if b - a == 1]
+        return rows or None
+
+    def _kernel_attend(
+        self,
+        q: torch.Tensor,
+        kv: torch.Tensor,
+        cis: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        block_tables: torch.Tensor,
+        context_lens: torch.Tensor,
+        block_size: int,
+        kv_cache: torch.Tensor,
+    ) -> torch.Tensor:
+        """Decode rows in one kernel call: latent write, rope, absorbed attention and W_UV (same rounding
+        as the torch path). ``q [n, H, d_nope + R]``, ``kv [n, C + R]`` → ``[n, H, d_v]``."""
+        w_uk_t, w_uv = self._kernel_weights()
+        return cpu_kernels.mla_decode_step(
+            q, kv, self.kv_a_layernorm.weight, self.kv_a_layernorm.eps, cis, self.rope.interleaved, slot_mapping,
+            w_uk_t, w_uv, kv_cache, block_tables, context_lens, block_size, self.softmax_scale,
+        )  # fmt: skip
+
+    def _split_attend(
+        self,
+        q: torch.Tensor,
+        kv: torch.Tensor,
+        cis: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_cache: torch.Tensor,
+        spans: list,
+        kernel_rows: list[tuple[int, int]],
+    ) -> torch.Tensor:
+        """A mixed step: ``kernel_rows`` through the decode kernel, the other spans through the torch
+        path over their rows packed together. → ``[T, H, d_v]``."""
+        out = q.new_empty(q.shape[0], self.n_heads, self.v_head_dim)
+        seqs, rows = (torch.tensor(v, device=q.device) for v in zip(*kernel_rows))
+        out[rows] = self._kernel_attend(
+            q[rows], kv[rows], cis[rows], meta.slot_mapping[rows], meta.block_tables[seqs],
+            meta.context_lens_t[seqs], meta.block_size, kv_cache,
+        )  # fmt: skip
+        rest, packed, start = [], [], 0
+        for i, a, b in spans:
+            if b - a > 1:
+                rest.append(torch.arange(a, b, device=q.device))
+                packed.append((i, start, start + b - a))
+                start += b - a
+        rows = torch.cat(rest)
+        out[rows] = self._torch_attend(q[rows], kv[rows], cis[rows], meta.slot_mapping[rows], meta, kv_cache, packed)
+        return out
+
+    def _torch_attend(
+        self,
+        q: torch.Tensor,
+        kv: torch.Tensor,
+        cis: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_cache: torch.Tensor,
+        spans: list,
+    ) -> torch.Tensor:
+        """The torch path over rows ``q [n, H, d_nope + R]`` / ``kv [n, C + R]`` (``spans``: sequence
+        i's rows ``[a, b)`` of them): rope, latent write, then the mode's attention. → ``[n, H, d_v]``."""
+        C, H = self.kv_lora_rank, self.n_heads
+        q_nope = q[..., : self.qk_nope_head_dim]  # [n, H, d_nope]
+        # Query and key rope dims rotate at the same positions: one rotation for both.
+        pe = torch.cat([q[..., self.qk_nope_head_dim :], kv[:, None, C:]], dim=1)  # [n, H + 1, R]
+        pe = self.rope.rotate(pe, cis)
+        q_pe, k_pe = pe[:, :H], pe[:, H]  # [n, H, R], [n, R]
+        c_kv = self.kv_a_layernorm(kv[:, :C])  # [n, C]
+        kv_cache[slot_mapping] = torch.cat([c_kv, k_pe], dim=-1).to(kv_cache.dtype)
         if self.mode in ("absorbed", "triton"):
             wide = set()
             if not meta.is_decode_only:
                 wide = {i for i, a, b in spans if self._expands(b - a, meta.context_lens[i])}
             if wide:
-                out = self._mixed_attend(q_nope, q_pe, meta, kv_cache, spans, wide)
-            else:
-                out = self._latent_attend(q_nope, q_pe, meta, kv_cache, spans)
-        else:
-            out = torch.cat(
-                [self._naive_seq(q_nope[a:b], q_pe[a:b], kv_cache[meta.context_slots(i)]) for i, a, b in spans]
-            )
-        return self.o_proj(out.reshape(T, -1))
+                return self._mixed_attend(q_nope, q_pe, meta, kv_cache, spans, wide)
+            return self._latent_attend(q_nope, q_pe, meta, kv_cache, spans)
+        return torch.cat(
+            [self._naive_seq(q_nope[a:b], q_pe[a:b], kv_cache[meta.context_slots(i)]) for i, a, b in spans]
+        )
 
     def _mixed_attend(
         self,
@@ -204,7 +285,31 @@ class MLA(nn.Module):
         """The torch absorbed path: ``q_full [n, H, C + R]`` → ``o_lat [n, H, C]``."""
         if meta.is_decode_only:
             return self._absorbed_decode(q_full, meta, kv_cache)
+        if _pads_cheaply(spans, meta.context_lens):
+            return self._absorbed_padded(q_full, meta, kv_cache, spans)
         return torch.cat([self._absorbed_seq(q_full[a:b], kv_cache[meta.context_slots(i)]) for i, a, b in spans])
+
+    def _absorbed_padded(
+        self, q_full: torch.Tensor, meta: AttentionMetadata, kv_cache: torch.Tensor, spans: list
+    ) -> torch.Tensor:
+        """Several spans at once, each padded to the longest span and context: ``q_full [n, H, C + R]``
+        → ``o_lat [n, H, C]``, as ``_absorbed_seq`` gives span by span. A padded query row repeats its
+        span's last row and is dropped; a padded key is masked for every real row."""
+        S, device = len(spans), q_full.device
+        q_lens = [b - a for _, a, b in spans]
+        lens = [meta.context_lens[i] for i, _, _ in spans]
+        Q, L = max(q_lens), max(lens)
+        rows = torch.tensor([a + min(j, b - a - 1) for _, a, b in spans for j in range(Q)], device=device)
+        q = q_full[rows].view(S, Q, *q_full.shape[1:])  # [S, Q, H, C + R]
+        slots = torch.stack([F.pad(meta.context_slots(i), (0, L - n), value=0) for (i, _, _), n in zip(spans, lens)])
+        latent = kv_cache[slots].to(q_full.dtype)  # [S, L, C + R]
+        scores = torch.einsum("sqhc,slc->shql", q, latent)  # [S, H, Q, L]
+        # Query j of span s sits at position lens[s] - q_lens[s] + j and sees the keys up to it.
+        last = torch.tensor(lens, device=device) - torch.tensor(q_lens, device=device)
+        mask = torch.arange(L, device=device) > (last[:, None] + torch.arange(Q, device=device))[:, :, None]
+        o_lat = self._scores_to_output(scores, mask[:, None], latent[:, None, :, : self.kv_lora_rank])  # [S, H, Q, C]
+        keep = torch.tensor([s * Q + j for s, n in enumerate(q_lens) for j in range(n)], device=device)
+        return o_lat.transpose(1, 2).reshape(S * Q, q_full.shape[1], -1)[keep]
 
     def _triton_attend(
         self, q_full: torch.Tensor, meta: AttentionMetadata, kv_cache: torch.Tensor, spans: list
@@ -227,16 +332,6 @@ class MLA(nn.Module):
                 self.softmax_scale,
             )  # fmt: skip
         return o_lat
-
-    def _decode_kernel(self, x: torch.Tensor, meta: AttentionMetadata, kv_cache: torch.Tensor) -> bool:
-        """Whether this step can take ``cpu_kernels.mla_decode_step`` (absorbed decode, bf16 on CPU)."""
-        return (
-            self.mode == "absorbed"
-            and meta.is_decode_only
-            and self._kernel_shapes
-            and kv_cache.dtype == torch.bfloat16
-            and cpu_kernels.usable(x, max_rows=x.shape[0])
-        )
 
     def _scores_to_output(self, scores: torch.Tensor, mask: torch.Tensor | None, values: torch.Tensor) -> torch.Tensor:
         scores = scores.float() * self.softmax_scale
@@ -314,6 +409,16 @@ def expanding_is_cheaper(q: int, L: int, H: int, C: int, d_nope: int, R: int, d_
     expanded = L * C * H * (d_nope + d_v) + q * L * H * (d_nope + R + d_v)
     absorbed = q * H * d_nope * C + q * L * H * (2 * C + R) + q * H * C * d_v
     return expanded < absorbed
+
+
+def _pads_cheaply(spans: list, context_lens: list[int]) -> bool:
+    """Whether padding ``spans`` (``(i, start, end)``) to the longest span and context costs at most
+    twice the score products of attending them one by one (and there is more than one)."""
+    if len(spans) < 2:
+        return False
+    Q = max(b - a for _, a, b in spans)
+    L = max(context_lens[i] for i, _, _ in spans)
+    return len(spans) * Q * L <= 2 * sum((b - a) * context_lens[i] for i, a, b in spans)
 
 
 def _spans(meta: AttentionMetadata):

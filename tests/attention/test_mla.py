@@ -143,6 +143,38 @@ def test_prefill_spans_expand_beside_absorbed_ones_and_equal_naive(mla, monkeypa
         assert (n - g).abs().max().item() <= TOL
 
 
+def test_prompt_spans_padded_into_one_product_equal_naive(mla, monkeypatch):
+    """Steps of several short prompt spans over contexts of similar length attend in one padded product
+    (padded queries and keys of every kind: shorter spans, shorter contexts, chunks over cached tokens);
+    a step whose padding would cost too much goes span by span. Both equal the naive form."""
+    from attention import mla as mla_module
+
+    calls = {"_absorbed_padded": 0, "_absorbed_seq": 0}
+    for name in calls:
+        real = getattr(MLA, name)
+
+        def counted(self, *a, _real=real, _name=name, **k):
+            calls[_name] += 1
+            return _real(self, *a, **k)
+
+        monkeypatch.setattr(MLA, name, counted)
+    monkeypatch.setattr(mla_module, "expanding_is_cheaper", lambda *a: False)  # every span absorbed
+    dim = mla["naive"].o_proj.out_features
+    xs = _inputs(dim, [6, 6, 6, 6])
+    chunks = [[3, 3], [2, 4], [4, 1, 1], [3, 2, 1]]  # step 1: chunks of 3, 4, 1 and 2 over 3, 2, 4 and 3 cached
+    naive = _run(mla["naive"], xs, chunks, block_size=4, seed=0)
+    got = _run(mla["absorbed"], xs, chunks, block_size=4, seed=0)
+    assert calls == {"_absorbed_padded": 2, "_absorbed_seq": 0}  # step 2 is decode only
+    for n, g in zip(naive, got):
+        assert (n - g).abs().max().item() <= TOL
+    xs = _inputs(dim, [40, 2, 3])
+    got = _run(mla["absorbed"], xs, [[40], [2], [3]], block_size=4, seed=1)  # padding 2 and 3 to 40: one by one
+    assert calls == {"_absorbed_padded": 2, "_absorbed_seq": 3}
+    naive = _run(mla["naive"], xs, [[40], [2], [3]], block_size=4, seed=1)
+    for n, g in zip(naive, got):
+        assert (n - g).abs().max().item() <= TOL
+
+
 def test_expanding_is_cheaper_for_long_chunks_over_short_contexts():
     small = dict(H=16, C=256, d_nope=64, R=32, d_v=64)  # the `small` preset
     assert expanding_is_cheaper(128, 128, **small) and expanding_is_cheaper(4096, 4096, **small)

@@ -251,6 +251,53 @@ def test_mla_decode_kernel_equals_the_torch_absorbed_path(kv_lora_rank):
     assert err <= 0.02 * want.float().abs().max().item(), err
 
 
+def test_a_step_mixing_prompt_spans_and_decode_rows_sends_the_decode_rows_to_the_kernel(monkeypatch):
+    """A serving step: decode rows beside a prompt's first chunk (expanded), a later chunk over a longer
+    context (absorbed) and a one-token chunk. The one-row spans take one kernel call, the others the
+    torch path; outputs and the latents written equal the all-torch step's."""
+    from attention.kv_cache import allocate_latent_cache
+    from attention.mla import MLA
+    from attention.rope import RotaryEmbedding
+
+    args = ModelArgs.from_hf_config(hf_config("v3").to_dict())
+    torch.manual_seed(0)
+    mla = MLA(args, RotaryEmbedding(args), "absorbed")
+    for p in mla.parameters():
+        p.data = torch.randn(p.shape) * 0.1 if p.dim() > 1 else torch.rand(p.shape) + 0.5
+    mla = mla.bfloat16().eval()
+    cached = [9, 0, 3, 14, 30, 5, 21]  # tokens already in the cache per sequence
+    new = [1, 24, 1, 4, 1, 1, 1]  # this step: decodes, a whole prompt, a chunk, and a one-token chunk
+    block, per_seq = 4, 9
+    tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(len(cached))]
+    cache = allocate_latent_cache(1, len(cached) * per_seq, block, args.kv_cache_dim, torch.bfloat16)[0]
+    x = _randn(sum(cached) + sum(new), args.hidden_size, seed=5)
+    rows = []
+    real = cpu_kernels.mla_decode_step
+    monkeypatch.setattr(cpu_kernels, "mla_decode_step", lambda q, *a: rows.append(q.shape[0]) or real(q, *a))
+    with torch.inference_mode():
+        mla(x[: sum(cached)], AttentionMetadata.build(tables, [0] * len(cached), cached, block), cache)
+        rows.clear()
+        meta = AttentionMetadata.build(tables, cached, new, block)
+        got_cache, want_cache = cache.clone(), cache.clone()
+        got = mla(x[sum(cached) :], meta, got_cache)
+        assert rows == [new.count(1)]
+        with cpu_kernels.disabled():
+            want = mla(x[sum(cached) :], meta, want_cache)
+    err = (got.float() - want.float()).abs().max().item()
+    assert err <= 0.02 * want.float().abs().max().item(), err
+    assert (got_cache.float() - want_cache.float()).abs().max() <= BF16_STEP * want_cache.float().abs().max()
+    written = meta.slot_mapping
+    assert got_cache[written].abs().sum() > 0 and torch.equal(
+        got_cache[~_mask(written, len(cache))], cache[~_mask(written, len(cache))]
+    )
+
+
+def _mask(slots: torch.Tensor, n: int) -> torch.Tensor:
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[slots] = True
+    return mask
+
+
 @pytest.mark.parametrize(("tokens", "k", "dim"), [(1, 8, 1024), (5, 6, 100), (64, 8, 1040)])
 def test_combine_equals_the_exchanges_torch_combine(tokens, k, dim):
     """Bit for bit: the same fp32 products summed in the same k order, rounded once (D tails too)."""
