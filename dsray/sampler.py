@@ -19,11 +19,25 @@ from dsray.sampling_params import SamplingParams
 
 @dataclass
 class SampleRequest:
-    """What the sampler needs of one row."""
+    """What the sampler needs of one row: its parameters and its sequence's tokens (prompt, then
+    output). The list is the sequence's own, not a copy: only the penalties read it, and copying a
+    whole context per row per step cost more than sampling a large batch."""
 
     params: SamplingParams
-    prompt_token_ids: list[int]
-    output_token_ids: list[int]
+    token_ids: list[int]
+    num_prompt_tokens: int
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
 
 
 @dataclass
@@ -40,7 +54,7 @@ def _apply_penalties(logits: torch.Tensor, req: SampleRequest) -> torch.Tensor:
         seen = seen[seen < logits.shape[0]]
         vals = logits[seen]
         logits[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
-    if (p.presence_penalty or p.frequency_penalty) and req.output_token_ids:
+    if (p.presence_penalty or p.frequency_penalty) and req.num_output_tokens:
         ids = torch.tensor(req.output_token_ids, device=logits.device)
         counts = torch.bincount(ids, minlength=logits.shape[0])[: logits.shape[0]]
         logits -= p.frequency_penalty * counts.to(logits.dtype)
@@ -74,7 +88,7 @@ def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
 def _generator_for(req: SampleRequest, device: torch.device) -> torch.Generator | None:
     if req.params.seed is None:
         return None
-    return torch.Generator(device).manual_seed((req.params.seed * 1_000_003 + len(req.output_token_ids)) % 2**63)
+    return torch.Generator(device).manual_seed((req.params.seed * 1_000_003 + req.num_output_tokens) % 2**63)
 
 
 def sample(logits: torch.Tensor, requests: list[SampleRequest]) -> list[SampleResult]:
