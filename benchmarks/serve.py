@@ -294,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-threads", type=int, default=None, help="torch threads of the engine (both sides)")
     parser.add_argument("--stream-interval-ms", type=float, default=0.0, help="LLMServer: least gather time")
     parser.add_argument("--stream-chunks-per-s", type=float, default=500.0, help="LLMServer: chunk rate target")
+    parser.add_argument(
+        "--front-end-cores", type=int, default=None, help="server's engine.front_end_cores (default: the server's, 1)"
+    )
     parser.add_argument("--no-offline", action="store_true", help="skip the offline peer")
     parser.add_argument("--out", help="also write the JSON here")
     parser.add_argument("--deadline", action="store_true", help="deadline-aware scheduling under overload instead")
@@ -340,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
             "model": model,
             "served_model_name": served,
             "api_key": args.api_key or "",
-            "engine": engine,
+            "engine": engine if args.front_end_cores is None else {**engine, "front_end_cores": args.front_end_cores},
             "stream_interval_ms": args.stream_interval_ms,
             "stream_chunks_per_s": args.stream_chunks_per_s,
             "port": port,
@@ -376,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         "output_len": args.output_len,
         "stream_interval_ms": args.stream_interval_ms,
         "stream_chunks_per_s": args.stream_chunks_per_s,
+        "server_front_end_cores": args.front_end_cores,
         "results": results,
     }
     text = json.dumps(report, indent=2)

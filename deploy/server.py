@@ -161,6 +161,9 @@ class LLMServer:
             # inherits it: serving ran the model on one core where dsray.LLM takes all of them
             # (0.68 of offline speed at one client on 2 cores). Torch's own default instead.
             config = config.model_copy(update={"num_threads": default_num_threads()})
+        if config.engine_process and "front_end_cores" not in config.model_fields_set:
+            # The engine shares this node's cores with the replicas, HAProxy and Ray streaming its chunks.
+            config = config.model_copy(update={"front_end_cores": 1})
         self.config = config
         self.model_name = served_model_name or config.model.rstrip("/").rsplit("/", 1)[-1]
         self.replica_id = uuid.uuid4().hex[:8]

@@ -49,7 +49,7 @@ def _serve(args: argparse.Namespace) -> int:
     from dsray.engine_config import resolve_device
 
     engine = {"dtype": args.dtype, "device": args.device}
-    for name in ("max_num_seqs", "max_num_batched_tokens", "kv_cache_memory_gb", "max_model_len"):
+    for name in ("max_num_seqs", "max_num_batched_tokens", "kv_cache_memory_gb", "max_model_len", "num_threads"):
         if getattr(args, name) is not None:
             engine[name] = getattr(args, name)
     if args.redundant_experts:
@@ -121,6 +121,12 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget per engine step")
     srv.add_argument("--kv-cache-memory-gb", type=float, default=None, help="KV cache memory per model instance")
     srv.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output")
+    srv.add_argument(
+        "--num-threads",
+        type=int,
+        default=None,
+        help="CPU threads of the engine (default: the physical cores, less one for the front end under load)",
+    )
     srv.add_argument(
         "--max-waiting-requests", type=int, default=None, help="queue beyond a full batch; more get 429 (default 1024)"
     )

@@ -69,7 +69,11 @@ class LocalExecutor(Executor):
             fp8_weights=config.fp8_weights,
         )
         self.runner = ModelRunner(
-            model, config.kv_cache_memory_bytes, config.scheduler.block_size, config.max_num_blocks
+            model,
+            config.kv_cache_memory_bytes,
+            config.scheduler.block_size,
+            config.max_num_blocks,
+            config.front_end_cores,
         )
         self.num_blocks = self.runner.num_blocks
 

@@ -16,6 +16,17 @@ from dsray.sampler import SampleRequest, sample
 from dsray.sampling_params import SamplingParams
 
 
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    """Torch (and with it the kernels) on ``n`` threads, at least one, inside this block."""
+    was = torch.get_num_threads()
+    torch.set_num_threads(max(1, n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(was)
+
+
 @dataclass
 class SeqState:
     """What a worker keeps of a running sequence between steps."""
@@ -26,13 +37,20 @@ class SeqState:
     block_table: list[int]
 
     def sample_request(self) -> SampleRequest:
-        ids, n = self.token_ids, self.num_prompt_tokens
-        return SampleRequest(self.params, ids[:n], ids[n:])
+        return SampleRequest(self.params, self.token_ids, self.num_prompt_tokens)
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, cache_memory_bytes: int, block_size: int, max_num_blocks: int | None = None):
+    def __init__(
+        self,
+        model: Transformer,
+        cache_memory_bytes: int,
+        block_size: int,
+        max_num_blocks: int | None = None,
+        front_end_cores: int = 0,
+    ):
         args = model.args
+        self.front_end_cores = front_end_cores
         self.model = model
         self.block_size = block_size
         self.dtype = model.model.embed_tokens.weight.dtype
@@ -81,13 +99,22 @@ class ModelRunner:
         exchange of the step (its micro-batches are empty).
         """
         self.apply(step)
-        with self._threads_for(sum(s.num_new_tokens for s in step.seqs)):
+        with self._threads_for(sum(s.num_new_tokens for s in step.seqs), len(step.seqs)):
             return self._execute(step)
 
-    def _threads_for(self, num_tokens: int):
-        """A decode-sized step on the CPU kernels runs torch single-threaded (``cpu_kernels.torch_single_threaded``)."""
-        if self.device.type == "cpu" and num_tokens <= cpu_kernels.GEMM_MAX_ROWS and cpu_kernels.available():
+    def _threads_for(self, num_tokens: int, num_seqs: int):
+        """A decode-sized step on the CPU kernels runs torch single-threaded (``cpu_kernels.torch_single_threaded``);
+        a step of more sequences than the kernels take leaves ``front_end_cores`` to the server streaming them.
+
+        Measured on 2 cores (``benchmarks/serve.py``, tiny, 1,000 clients): two engine threads beside a busy
+        front end ran at 0.7-0.8 of one, each thread waiting on the other whenever a server process took its
+        core; at one client (``small``) the front end is nearly idle and two threads stay ahead."""
+        if self.device.type != "cpu":
+            return contextlib.nullcontext()
+        if num_tokens <= cpu_kernels.GEMM_MAX_ROWS and cpu_kernels.available():
             return cpu_kernels.torch_single_threaded()
+        if self.front_end_cores and num_seqs > cpu_kernels.GEMM_MAX_ROWS:
+            return _torch_threads(torch.get_num_threads() - self.front_end_cores)
         return contextlib.nullcontext()
 
     def _execute(self, step: StepInput) -> StepOutput:

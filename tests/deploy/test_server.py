@@ -258,5 +258,8 @@ def test_the_engine_process_takes_every_core_not_rays_cap(tiny_model, monkeypatc
     monkeypatch.delenv("DSRAY_NUM_THREADS", raising=False)
     assert _server(tiny_model, engine_cls=_ConfigOnly).llm.config.num_threads == default_num_threads() >= 1
     assert _server(tiny_model, engine_cls=_ConfigOnly, engine={"num_threads": 1}).llm.config.num_threads == 1
+    assert _server(tiny_model, engine_cls=_ConfigOnly).llm.config.front_end_cores == 1  # the front end's core
+    given = _server(tiny_model, engine_cls=_ConfigOnly, engine={"front_end_cores": 0}).llm.config
+    assert given.front_end_cores == 0
     in_thread = _server(tiny_model, engine_cls=_ConfigOnly, engine={"engine_process": False}).llm.config
     assert in_thread.num_threads is None  # the engine shares this process: its threads are the host's business
