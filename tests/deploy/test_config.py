@@ -59,6 +59,18 @@ def test_zero_expert_workers_put_the_experts_on_the_attention_workers(capsys):
     assert "expert_workers: Input should be greater than or equal to 0" in capsys.readouterr().err
 
 
+def test_num_threads_reaches_the_engine(monkeypatch, capsys):
+    import deploy.launch
+    from dsray.cli import main
+
+    seen = []
+    monkeypatch.setattr(deploy.launch, "serve_forever", lambda args: seen.append(args) or 0)
+    assert main(["serve", "--num-threads", "3"]) == 0
+    assert seen[0].engine_config("/m").num_threads == 3
+    assert main(["serve", "--num-threads", "0"]) == 2
+    assert "num_threads: Input should be greater than or equal to 1" in capsys.readouterr().err
+
+
 def test_a_cluster_of_our_own_offers_the_cpus_the_workers_reserve():
     from deploy.launch import logical_cpus_wanted
 
