@@ -285,7 +285,7 @@ class MLA(nn.Module):
         """The torch absorbed path: ``q_full [n, H, C + R]`` → ``o_lat [n, H, C]``."""
         if meta.is_decode_only:
             return self._absorbed_decode(q_full, meta, kv_cache)
-        if _pads_cheaply(spans, meta.context_lens):
+        if _pads_cheaply(spans, meta.context_lens, self.n_heads):
             return self._absorbed_padded(q_full, meta, kv_cache, spans)
         return torch.cat([self._absorbed_seq(q_full[a:b], kv_cache[meta.context_slots(i)]) for i, a, b in spans])
 
@@ -411,14 +411,19 @@ def expanding_is_cheaper(q: int, L: int, H: int, C: int, d_nope: int, R: int, d_
     return expanded < absorbed
 
 
-def _pads_cheaply(spans: list, context_lens: list[int]) -> bool:
+PADDED_SCORES_MAX = 1 << 24  # fp32 scores of one padded product (64 MiB); past it, span by span
+
+
+def _pads_cheaply(spans: list, context_lens: list[int], heads: int) -> bool:
     """Whether padding ``spans`` (``(i, start, end)``) to the longest span and context costs at most
-    twice the score products of attending them one by one (and there is more than one)."""
+    twice the score products of attending them one by one (and there is more than one), in scores
+    that fit ``PADDED_SCORES_MAX``: chunks of long prompts attend one at a time, as before."""
     if len(spans) < 2:
         return False
     Q = max(b - a for _, a, b in spans)
     L = max(context_lens[i] for i, _, _ in spans)
-    return len(spans) * Q * L <= 2 * sum((b - a) * context_lens[i] for i, a, b in spans)
+    padded = len(spans) * Q * L
+    return padded * heads <= PADDED_SCORES_MAX and padded <= 2 * sum((b - a) * context_lens[i] for i, a, b in spans)
 
 
 def _spans(meta: AttentionMetadata):

@@ -173,6 +173,10 @@ def test_prompt_spans_padded_into_one_product_equal_naive(mla, monkeypatch):
     naive = _run(mla["naive"], xs, [[40], [2], [3]], block_size=4, seed=1)
     for n, g in zip(naive, got):
         assert (n - g).abs().max().item() <= TOL
+    heads = mla["naive"].n_heads
+    monkeypatch.setattr(mla_module, "PADDED_SCORES_MAX", 4 * 4 * 6 * heads - 1)  # step 1's scores, less one
+    _run(mla["absorbed"], _inputs(dim, [6, 6, 6, 6]), chunks, block_size=4, seed=0)
+    assert calls == {"_absorbed_padded": 3, "_absorbed_seq": 7}  # step 0 padded, step 1's four one by one
 
 
 def test_expanding_is_cheaper_for_long_chunks_over_short_contexts():
