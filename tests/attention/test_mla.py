@@ -119,12 +119,10 @@ def test_metadata_maps_each_token_to_its_block_slot_and_pads_decode_reads():
     assert prefill.context_slots(0).tolist() == [12, 13, 14]
 
 
-def test_prefill_spans_expand_beside_absorbed_ones_and_equal_naive(mla, monkeypatch):
-    """Step 2 holds a long chunk over a short context (expanded), a short chunk over a long context
-    and a decode row (both absorbed, packed into one call): each path runs, and every output
-    equals the naive form."""
-    calls = {"_expanded_seq": 0, "_latent_attend": 0}
-    for name in calls:
+def _count_calls(monkeypatch, *names: str) -> dict[str, int]:
+    """Calls of these ``MLA`` methods during the test, by name (proves which paths ran)."""
+    calls = dict.fromkeys(names, 0)
+    for name in names:
         real = getattr(MLA, name)
 
         def counted(self, *a, _real=real, _name=name, **k):
@@ -132,6 +130,14 @@ def test_prefill_spans_expand_beside_absorbed_ones_and_equal_naive(mla, monkeypa
             return _real(self, *a, **k)
 
         monkeypatch.setattr(MLA, name, counted)
+    return calls
+
+
+def test_prefill_spans_expand_beside_absorbed_ones_and_equal_naive(mla, monkeypatch):
+    """Step 2 holds a long chunk over a short context (expanded), a short chunk over a long context
+    and a decode row (both absorbed, packed into one call): each path runs, and every output
+    equals the naive form."""
+    calls = _count_calls(monkeypatch, "_expanded_seq", "_latent_attend")
     dim = mla["naive"].o_proj.out_features
     xs = _inputs(dim, [32, 44, 30])
     chunks = [[8, 24], [40, 4], [29, 1]]
@@ -149,15 +155,7 @@ def test_prompt_spans_padded_into_one_product_equal_naive(mla, monkeypatch):
     a step whose padding would cost too much goes span by span. Both equal the naive form."""
     from attention import mla as mla_module
 
-    calls = {"_absorbed_padded": 0, "_absorbed_seq": 0}
-    for name in calls:
-        real = getattr(MLA, name)
-
-        def counted(self, *a, _real=real, _name=name, **k):
-            calls[_name] += 1
-            return _real(self, *a, **k)
-
-        monkeypatch.setattr(MLA, name, counted)
+    calls = _count_calls(monkeypatch, "_absorbed_padded", "_absorbed_seq")
     monkeypatch.setattr(mla_module, "expanding_is_cheaper", lambda *a: False)  # every span absorbed
     dim = mla["naive"].o_proj.out_features
     xs = _inputs(dim, [6, 6, 6, 6])
