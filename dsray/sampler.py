@@ -28,10 +28,6 @@ class SampleRequest:
     num_prompt_tokens: int
 
     @property
-    def prompt_token_ids(self) -> list[int]:
-        return self.token_ids[: self.num_prompt_tokens]
-
-    @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens :]
 
@@ -49,7 +45,7 @@ class SampleResult:
 def _apply_penalties(logits: torch.Tensor, req: SampleRequest) -> torch.Tensor:
     p = req.params
     if p.repetition_penalty != 1.0:
-        seen = set(req.prompt_token_ids) | set(req.output_token_ids)
+        seen = set(req.token_ids)  # prompt and output
         seen = torch.tensor(sorted(seen), dtype=torch.long, device=logits.device)
         seen = seen[seen < logits.shape[0]]
         vals = logits[seen]
