@@ -30,6 +30,7 @@ class AttentionMetadata:
     rope_cis: torch.Tensor | None = None  # [T, 1, R/2] complex64
     is_decode_only: bool = field(init=False)
     _context_slots: dict[int, torch.Tensor] = field(default_factory=dict, init=False, repr=False)
+    _one_row_split: tuple | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.is_decode_only = all(q == 1 for q in self.query_lens)
@@ -79,3 +80,29 @@ class AttentionMetadata:
             slots = self.block_tables[i, pos // self.block_size] * self.block_size + pos % self.block_size
             self._context_slots[i] = slots
         return slots
+
+    def one_row_split(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list] | None:
+        """The sequences with one new token apart from the others, built once per step for every layer:
+        ``(seqs, rows)`` of the one-row spans, then ``rows`` of the other spans packed together and
+        their ``(i, start, end)`` over those packed rows. None when no span has exactly one row."""
+        if self._one_row_split is None:
+            one, rest, packed, start, end = [], [], [], 0, 0
+            for i, n in enumerate(self.query_lens):
+                if n == 1:
+                    one.append((i, end))
+                elif n > 1:
+                    rest.extend(range(end, end + n))
+                    packed.append((i, start, start + n))
+                    start += n
+                end += n
+            device = self.block_tables.device
+            self._one_row_split = (
+                (
+                    *(torch.tensor(v, device=device) for v in zip(*one)),
+                    torch.tensor(rest, dtype=torch.int64, device=device),
+                    packed,
+                )
+                if one
+                else ()
+            )
+        return self._one_row_split or None

@@ -124,40 +124,33 @@ class MLA(nn.Module):
         q = q.view(T, H, -1)  # [T, H, d_nope + R]
         kv = self.kv_a_proj_with_mqa(x)  # [T, C + R]
         cis = meta.rope_cis if meta.rope_cis is not None else self.rope.cis(meta.positions)
-        spans = list(_spans(meta))
-        kernel_rows = self._kernel_rows(x, meta, kv_cache, spans)
-        if kernel_rows is None:
-            out = self._torch_attend(q, kv, cis, meta.slot_mapping, meta, kv_cache, spans)
-        elif len(kernel_rows) == T:
+        kernel = self._kernel_takes(x, kv_cache)
+        split = meta.one_row_split() if kernel and not meta.is_decode_only else None
+        if kernel and meta.is_decode_only:
             out = self._kernel_attend(
                 q, kv, cis, meta.slot_mapping, meta.block_tables, meta.context_lens_t, meta.block_size, kv_cache
             )
+        elif split is not None:
+            out = self._split_attend(q, kv, cis, meta, kv_cache, *split)
         else:
-            out = self._split_attend(q, kv, cis, meta, kv_cache, spans, kernel_rows)
+            out = self._torch_attend(q, kv, cis, meta.slot_mapping, meta, kv_cache, list(_spans(meta)))
         return self.o_proj(out.reshape(T, -1))
 
-    def _kernel_rows(
-        self, x: torch.Tensor, meta: AttentionMetadata, kv_cache: torch.Tensor, spans: list
-    ) -> list[tuple[int, int]] | None:
-        """``(i, row)`` of every sequence with one new token, when ``cpu_kernels.mla_decode_step`` can
-        take them (absorbed mode, bf16 on CPU); None when it cannot or no sequence has one row.
+    def _kernel_takes(self, x: torch.Tensor, kv_cache: torch.Tensor) -> bool:
+        """Whether ``cpu_kernels.mla_decode_step`` can take this module's decode rows (absorbed mode, bf16
+        on CPU).
 
-        A one-row span is a decode row whatever brought it (a decode, a one-token chunk): its query is
-        the last position and sees the whole context. In a step that also carries prompt spans these
-        rows still take the kernel, the spans the torch path: one serving step admits a few prompts
-        beside hundreds of decodes, and attending those one by one in torch cost a third of the step.
+        It takes them in a step that also carries prompt spans too (``meta.one_row_split``): a one-row
+        span is a decode row whatever brought it (a decode, a one-token chunk), its query the last
+        position seeing the whole context. One serving step admits a few prompts beside hundreds of
+        decodes, and attending those one by one in torch cost a third of the step.
         """
-        if not (
+        return (
             self.mode == "absorbed"
             and self._kernel_shapes
             and kv_cache.dtype == torch.bfloat16
             and cpu_kernels.usable(x, max_rows=x.shape[0])
-        ):
-            return None
-        if meta.is_decode_only:
-            return [(i, a) for i, a, _ in spans]
-        rows = [(i, a) for i, a, b in spans if b - a == 1]
-        return rows or None
+        )
 
     def _kernel_attend(
         self,
@@ -185,25 +178,20 @@ class MLA(nn.Module):
         cis: torch.Tensor,
         meta: AttentionMetadata,
         kv_cache: torch.Tensor,
-        spans: list,
-        kernel_rows: list[tuple[int, int]],
+        seqs: torch.Tensor,
+        rows: torch.Tensor,
+        rest: torch.Tensor,
+        packed: list,
     ) -> torch.Tensor:
-        """A mixed step: ``kernel_rows`` through the decode kernel, the other spans through the torch
-        path over their rows packed together. → ``[T, H, d_v]``."""
+        """A mixed step (``meta.one_row_split``): the one-row spans ``rows`` (of sequences ``seqs``)
+        through the decode kernel, the ``rest`` rows through the torch path, their spans ``packed``.
+        → ``[T, H, d_v]``."""
         out = q.new_empty(q.shape[0], self.n_heads, self.v_head_dim)
-        seqs, rows = (torch.tensor(v, device=q.device) for v in zip(*kernel_rows))
         out[rows] = self._kernel_attend(
             q[rows], kv[rows], cis[rows], meta.slot_mapping[rows], meta.block_tables[seqs],
             meta.context_lens_t[seqs], meta.block_size, kv_cache,
         )  # fmt: skip
-        rest, packed, start = [], [], 0
-        for i, a, b in spans:
-            if b - a > 1:
-                rest.append(torch.arange(a, b, device=q.device))
-                packed.append((i, start, start + b - a))
-                start += b - a
-        rows = torch.cat(rest)
-        out[rows] = self._torch_attend(q[rows], kv[rows], cis[rows], meta.slot_mapping[rows], meta, kv_cache, packed)
+        out[rest] = self._torch_attend(q[rest], kv[rest], cis[rest], meta.slot_mapping[rest], meta, kv_cache, packed)
         return out
 
     def _torch_attend(

@@ -281,6 +281,7 @@ def test_a_step_mixing_prompt_spans_and_decode_rows_sends_the_decode_rows_to_the
         got_cache, want_cache = cache.clone(), cache.clone()
         got = mla(x[sum(cached) :], meta, got_cache)
         assert rows == [new.count(1)]
+        assert meta.one_row_split() is meta.one_row_split()  # built once for every layer of the step
         with cpu_kernels.disabled():
             want = mla(x[sum(cached) :], meta, want_cache)
     err = (got.float() - want.float()).abs().max().item()
