@@ -152,10 +152,10 @@ class EngineConfig(BaseModel):
     front_end_cores: int = Field(
         0,
         ge=0,
-        description="Cores a step of more than 64 sequences (local executor) leaves to the serving front end: its "
-        "torch and kernel threads are num_threads less these. Such a step streams to as many clients, whose chunks "
-        "and requests need CPU of their own; the OpenAI server sets 1 (as vLLM's CPU backend reserves one) unless "
-        "given.",
+        description="Cores a step of more than 64 sequences (local executor) leaves to the serving front end while "
+        "other processes keep that many cores busy (measured every half second, dsray/cpu_load.py): its torch and "
+        "kernel threads are num_threads less these. Such a step streams to as many clients, whose chunks and "
+        "requests need CPU of their own; the OpenAI server sets 1 (as vLLM's CPU backend reserves one) unless given.",
     )
     engine_process: bool = Field(
         False,

@@ -10,6 +10,7 @@ import torch
 from attention.kv_cache import allocate_latent_cache, num_blocks_for_budget
 from attention.metadata import AttentionMetadata
 from dsray import cpu_kernels, decode_step
+from dsray.cpu_load import OthersLoad
 from dsray.model import Transformer
 from dsray.protocol import SeqStep, StepInput, StepOutput
 from dsray.sampler import SampleRequest, sample
@@ -51,6 +52,7 @@ class ModelRunner:
     ):
         args = model.args
         self.front_end_cores = front_end_cores
+        self.others_load = OthersLoad()  # read only when front_end_cores is set
         self.model = model
         self.block_size = block_size
         self.dtype = model.model.embed_tokens.weight.dtype
@@ -104,16 +106,23 @@ class ModelRunner:
 
     def _threads_for(self, num_tokens: int, num_seqs: int):
         """A decode-sized step on the CPU kernels runs torch single-threaded (``cpu_kernels.torch_single_threaded``);
-        a step of more sequences than the kernels take leaves ``front_end_cores`` to the server streaming them.
+        a step of more sequences than the kernels take leaves ``front_end_cores`` to the server streaming them,
+        while other processes keep that many cores busy (``dsray/cpu_load.py``).
 
-        Measured on 2 cores (``benchmarks/serve.py``, tiny, 1,000 clients): two engine threads beside a busy
+        Measured on 2 cores (``benchmarks/serve.py``, 1,000 clients): on tiny, two engine threads beside a busy
         front end ran at 0.7-0.8 of one, each thread waiting on the other whenever a server process took its
-        core; at one client (``small``) the front end is nearly idle and two threads stay ahead."""
+        core; on ``small`` the front end streams a few hundred tokens a second, stays nearly idle, and a
+        second thread nearly doubles the engine. At one client the front end is idle between chunks and
+        every thread stays."""
         if self.device.type != "cpu":
             return contextlib.nullcontext()
         if num_tokens <= cpu_kernels.GEMM_MAX_ROWS and cpu_kernels.available():
             return cpu_kernels.torch_single_threaded()
-        if self.front_end_cores and num_seqs > cpu_kernels.GEMM_MAX_ROWS:
+        if (
+            self.front_end_cores
+            and num_seqs > cpu_kernels.GEMM_MAX_ROWS
+            and self.others_load.busy(self.front_end_cores)
+        ):
             return _torch_threads(torch.get_num_threads() - self.front_end_cores)
         return contextlib.nullcontext()
 

@@ -350,28 +350,43 @@ def test_decode_steps_run_torch_single_threaded_and_the_kernels_with_torchs_thre
     assert seen == {"prefill": {(2, 2)}, "decode": {(1, 2)}}
 
 
-def test_steps_of_many_sequences_leave_the_front_end_its_cores(monkeypatch, tmp_path):
+def test_steps_of_many_sequences_leave_the_front_end_its_cores_while_it_is_busy(monkeypatch, tmp_path):
     """With ``front_end_cores=1`` a step of more than 64 sequences runs torch and the kernels on one thread
-    fewer; steps of fewer sequences (a long prompt too) keep every thread, and each step restores them."""
+    fewer while other processes keep a core busy (``OthersLoad.busy``), and on all of them when they do not;
+    steps of fewer sequences (a long prompt too) keep every thread, and each step restores them."""
     from dsray import LLM, SamplingParams
+    from dsray.cpu_load import OthersLoad
     from dsray.model_runner import ModelRunner
 
     make_hf_checkpoint("v3", tmp_path)
     seen = set()
     real_execute = ModelRunner._execute
+    others_busy = {"now": True}
+    asked = []
 
     def execute(self, step):
-        seen.add((len(step.seqs) > cpu_kernels.GEMM_MAX_ROWS, torch.get_num_threads(), cpu_kernels.threads()))
+        many = len(step.seqs) > cpu_kernels.GEMM_MAX_ROWS
+        seen.add((others_busy["now"], many, torch.get_num_threads(), cpu_kernels.threads()))
         return real_execute(self, step)
 
+    def busy(self, cores):
+        asked.append(cores)
+        return others_busy["now"]
+
     monkeypatch.setattr(ModelRunner, "_execute", execute)
+    monkeypatch.setattr(OthersLoad, "busy", busy)
     threads = torch.get_num_threads()
     try:
         llm = LLM(str(tmp_path), dtype="bfloat16", num_threads=3, front_end_cores=1)
         params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
         llm.generate([list(range(2, 2 + 80))], params)  # one sequence: an 80-token prefill, then a decode
-        llm.generate([[2 + i, 3 + i, 4 + i] for i in range(70)], params)  # 70 sequences
+        assert asked == []  # only steps of many sequences ask
+        many = [[2 + i, 3 + i, 4 + i] for i in range(70)]
+        llm.generate(many, params)  # 70 sequences, others busy
+        others_busy["now"] = False
+        llm.generate(many, params)  # 70 sequences, others idle
         assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(threads)
-    assert seen == {(False, 3, 3), (False, 1, 3), (True, 2, 2)}
+    assert set(asked) == {1}
+    assert seen == {(True, False, 3, 3), (True, False, 1, 3), (True, True, 2, 2), (False, True, 3, 3)}
