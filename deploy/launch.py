@@ -36,6 +36,8 @@ from dsray import envs
 
 APP_NAME = "dsray"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+logger = logging.getLogger(__name__)
+
 _run_dir: Path | None = None  # the private folder of the cluster start() made; stop() removes it
 # HAProxy refuses unix socket paths over 97 characters; Serve puts its sockets at <folder>/<node id>/*.sock.
 _SOCKET_PATH_MAX = 97
@@ -374,8 +376,53 @@ def stop() -> None:
             ray.shutdown()
     finally:
         if _run_dir is not None:
+            kill_processes_using(_run_dir)
             shutil.rmtree(_run_dir, ignore_errors=True)
             _run_dir = None
+
+
+def kill_processes_using(run_dir: Path, timeout_s: float = 5.0) -> list[int]:
+    """Kill what still runs with ``run_dir`` in its command line once Serve is down; their pids.
+
+    Serve's HAProxy manager kills its HAProxy when it shuts down, but one started by a reload just
+    before (Serve reloads as replicas come and go) outlived a shutdown under load in our runs: an
+    orphan holding the stats and metrics ports, found 40 minutes later. Every HAProxy this cluster
+    ran was given its config in ``run_dir`` (``haproxy_env``), a folder no other process knows.
+    Linux only (``/proc``); elsewhere nothing is found.
+    """
+    needle = str(run_dir).encode()
+    found = []
+    try:
+        pids = [int(name) for name in os.listdir("/proc") if name.isdigit()]
+    except OSError:
+        return []
+    for pid in pids:
+        if pid == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+        except OSError:
+            continue  # gone, or not ours to read
+        if any(needle in arg for arg in args):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+                found.append(pid)
+    deadline = time.monotonic() + timeout_s
+    while found and time.monotonic() < deadline and any(_alive(pid) for pid in found):
+        time.sleep(0.05)
+    if found:
+        logger.warning("dsray: killed %d process(es) left running from %s: %s", len(found), run_dir, found)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` still runs (a zombie, killed and not yet reaped by its parent, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _banner(url: str, args: DsrayServeArgs) -> str:

@@ -87,6 +87,7 @@ def server(tiny_model) -> Server:
         if ray.is_initialized():  # tests/ray may have ended this session already for its own clusters
             serve.shutdown()
             ray.shutdown()
+        launch.kill_processes_using(run_dir)  # an HAProxy a last reload left behind, as `dsray serve` does
         shutil.rmtree(run_dir, ignore_errors=True)
 
 

@@ -25,7 +25,7 @@ import grpc
 import pytest
 import requests
 
-from deploy.launch import free_port
+from deploy.launch import free_port, kill_processes_using
 from dsray.testing import descendants, stop_process_group
 
 KEY = "door-key"
@@ -338,3 +338,4 @@ def test_ctrl_c_stops_cleanly_removing_haproxy_files(door):
     assert "Connecting to existing Serve app" not in output
     assert "graceful_shutdown" not in output and "Traceback" not in output, output[-3000:]
     assert not run_dir.exists()
+    assert kill_processes_using(run_dir) == []  # no HAProxy (or anything else) left running from it

@@ -3,7 +3,10 @@ header and client timeouts, a per-client connection limit, no splicing — still
 
 from __future__ import annotations
 
+import signal
 import subprocess
+import sys
+import time
 
 import pytest
 
@@ -82,3 +85,25 @@ def test_maxconn_fits_the_open_file_limit():
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     assert max_connections(10**9) * 3 < hard or hard == resource.RLIM_INFINITY
     assert max_connections(100) == 100
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_stop_kills_what_still_runs_from_the_run_dir_and_nothing_else(tmp_path):
+    """``launch.stop`` reaps an HAProxy outliving Serve's shutdown: any process naming the run dir."""
+    from deploy.launch import kill_processes_using
+
+    run_dir = tmp_path / "dsray-run"
+    run_dir.mkdir()
+    sleeper = "import sys, time; time.sleep(120)"
+    stray = subprocess.Popen([sys.executable, "-c", sleeper, "-f", str(run_dir / "haproxy.cfg")])
+    other = subprocess.Popen([sys.executable, "-c", sleeper, "-f", str(tmp_path / "elsewhere.cfg")])
+    try:
+        time.sleep(0.2)  # both have exec'd: their command lines are readable
+        assert kill_processes_using(run_dir) == [stray.pid]
+        assert stray.wait(timeout=10) == -signal.SIGKILL
+        assert other.poll() is None
+        assert kill_processes_using(run_dir) == []
+    finally:
+        for proc in (stray, other):
+            proc.kill()
+            proc.wait()
