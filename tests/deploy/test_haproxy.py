@@ -7,11 +7,14 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from deploy.config import FrontDoorArgs
 from deploy.haproxy import harden, max_connections
+
+REPO = Path(__file__).resolve().parents[2]
 
 # The shape of what Ray Serve 2.60's template renders (ray/serve/_private/haproxy_templates.py).
 SERVE_CONFIG = """global
@@ -107,3 +110,42 @@ def test_stop_kills_what_still_runs_from_the_run_dir_and_nothing_else(tmp_path):
         for proc in (stray, other):
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl is Linux's")
+def test_the_haproxy_shim_dies_with_its_parent(tmp_path):
+    """``die_with_parent``: a process that called it (and exec'd, as the shim does) is killed when its parent
+    is, so an HAProxy cannot outlive Serve's manager."""
+    pid_file = tmp_path / "child.pid"
+    child = (
+        "import os, sys, time; sys.path.insert(0, sys.argv[1]); from deploy.haproxy import die_with_parent; "
+        "die_with_parent(); os.execv(sys.executable, [sys.executable, '-c', "
+        "f'import os, time; open({sys.argv[2]!r}, \"w\").write(str(os.getpid())); time.sleep(120)'])"
+    )
+    parent = (
+        "import subprocess, sys, time; "
+        f"subprocess.Popen([sys.executable, '-c', {child!r}, {str(REPO)!r}, {str(pid_file)!r}]); time.sleep(120)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", parent])
+    try:
+        deadline = time.monotonic() + 30
+        while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        pid = int(pid_file.read_text())
+        assert _running(pid)  # alive beside its parent, after the exec
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 10
+    while _running(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _running(pid)
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie awaiting its reaper does not)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return False
