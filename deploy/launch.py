@@ -384,11 +384,11 @@ def stop() -> None:
 def kill_processes_using(run_dir: Path, timeout_s: float = 5.0) -> list[int]:
     """Kill what still runs with ``run_dir`` in its command line once Serve is down; their pids.
 
-    Serve's HAProxy manager kills its HAProxy when it shuts down, but one started by a reload just
-    before (Serve reloads as replicas come and go) outlived a shutdown under load in our runs: an
-    orphan holding the stats and metrics ports, found 40 minutes later. Every HAProxy this cluster
-    ran was given its config in ``run_dir`` (``haproxy_env``), a folder no other process knows.
-    Linux only (``/proc``); elsewhere nothing is found.
+    Every HAProxy this cluster ran was given its config in ``run_dir`` (``haproxy_env``), a folder no
+    other process knows, so nothing of it may outlive ``stop()``: we found orphaned HAProxies 40
+    minutes after their servers ended, holding their stats and metrics ports. (Those servers were
+    killed before ``stop()`` ran; ``deploy/haproxy.py::die_with_parent`` covers that case, this the
+    orderly one.) Linux only (``/proc``); elsewhere nothing is found.
     """
     needle = str(run_dir).encode()
     found = []
@@ -409,14 +409,14 @@ def kill_processes_using(run_dir: Path, timeout_s: float = 5.0) -> list[int]:
                 os.kill(pid, signal.SIGKILL)
                 found.append(pid)
     deadline = time.monotonic() + timeout_s
-    while found and time.monotonic() < deadline and any(_alive(pid) for pid in found):
+    while found and time.monotonic() < deadline and any(is_running(pid) for pid in found):
         time.sleep(0.05)
     if found:
         logger.warning("dsray: killed %d process(es) left running from %s: %s", len(found), run_dir, found)
     return found
 
 
-def _alive(pid: int) -> bool:
+def is_running(pid: int) -> bool:
     """Whether ``pid`` still runs (a zombie, killed and not yet reaped by its parent, does not)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:

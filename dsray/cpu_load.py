@@ -62,19 +62,21 @@ class OthersLoad:
         self._unreadable = False
 
     def update(self) -> float | None:
-        """Close the window if it is long enough; the latest measure (None before the first, or unreadable)."""
+        """Close the window if it is long enough; the latest measure (None before the first, or unreadable).
+
+        Reads ``/proc/stat`` only when a window may close, not at every step that asks."""
+        now, base = self._clock(), self._base
+        if base is not None and now - base[0] < self.window_s:
+            return self.cores
         machine = self._machine()
         self._unreadable = machine is None
         if machine is None:
             self.cores = None
             return None
-        now, own = self._clock(), self._own()
-        base = self._base
-        if base is None or now - base[0] > STALE_S:
-            self._base = (now, machine, own)
-        elif now - base[0] >= self.window_s:
+        own = self._own()
+        if base is not None and now - base[0] <= STALE_S:
             self.cores = max(0.0, ((machine - base[1]) - (own - base[2])) / (now - base[0]))
-            self._base = (now, machine, own)
+        self._base = (now, machine, own)
         return self.cores
 
     def busy(self, cores: int) -> bool:

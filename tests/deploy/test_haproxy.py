@@ -116,6 +116,8 @@ def test_stop_kills_what_still_runs_from_the_run_dir_and_nothing_else(tmp_path):
 def test_the_haproxy_shim_dies_with_its_parent(tmp_path):
     """``die_with_parent``: a process that called it (and exec'd, as the shim does) is killed when its parent
     is, so an HAProxy cannot outlive Serve's manager."""
+    from deploy.launch import is_running
+
     pid_file = tmp_path / "child.pid"
     child = (
         "import os, sys, time; sys.path.insert(0, sys.argv[1]); from deploy.haproxy import die_with_parent; "
@@ -132,20 +134,11 @@ def test_the_haproxy_shim_dies_with_its_parent(tmp_path):
         while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
             time.sleep(0.05)
         pid = int(pid_file.read_text())
-        assert _running(pid)  # alive beside its parent, after the exec
+        assert is_running(pid)  # alive beside its parent, after the exec
     finally:
         proc.kill()
         proc.wait()
     deadline = time.monotonic() + 10
-    while _running(pid) and time.monotonic() < deadline:
+    while is_running(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not _running(pid)
-
-
-def _running(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie awaiting its reaper does not)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except (OSError, IndexError):
-        return False
+    assert not is_running(pid)

@@ -19,9 +19,14 @@ class Readings:
         self.machine: float | None = 100.0
         self.own = 10.0
         self.now = 1000.0
+        self.machine_reads = 0
+
+    def read_machine(self) -> float | None:
+        self.machine_reads += 1
+        return self.machine
 
     def load(self) -> OthersLoad:
-        return OthersLoad(machine=lambda: self.machine, own=lambda: self.own, clock=lambda: self.now)
+        return OthersLoad(machine=self.read_machine, own=lambda: self.own, clock=lambda: self.now)
 
     def advance(self, seconds: float, others_cores: float, own_cores: float) -> None:
         self.now += seconds
@@ -35,6 +40,7 @@ def test_the_measure_is_the_machine_less_this_process_over_a_full_window():
     assert load.update() is None  # the baseline
     r.advance(0.2, others_cores=1.0, own_cores=1.0)
     assert load.update() is None  # the window is still open
+    assert r.machine_reads == 1  # ... and /proc/stat is not read again until it may close
     r.advance(0.4, others_cores=1.0, own_cores=1.0)
     assert load.update() == pytest.approx(1.0)  # 0.6 s: the others' core, not this process's
     r.advance(0.5, others_cores=0.25, own_cores=2.0)
