@@ -23,6 +23,10 @@ import statistics
 import sys
 import time
 
+# isort: off
+import dsray  # noqa: F401  first, so torch's OpenMP threads load with dsray's short spin (dsray/__init__.py)
+
+# isort: on
 import torch
 import torch.multiprocessing as mp
 

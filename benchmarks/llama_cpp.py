@@ -52,6 +52,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+# isort: off
+import dsray  # noqa: F401  first, so torch's OpenMP threads load with dsray's short spin (dsray/__init__.py)
+
+# isort: on
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -24,6 +24,10 @@ import json
 import os
 import time
 
+# isort: off
+import dsray  # noqa: F401  first, so torch's OpenMP threads load with dsray's short spin (dsray/__init__.py)
+
+# isort: on
 import torch
 
 from attention.kv_cache import allocate_latent_cache

@@ -12,6 +12,7 @@ import os
 # millisecond). Read at the first matmul, so set before any; a value in the environment wins.
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "256")
 
+from dsray import openmp  # noqa: E402, F401  (before torch loads: see its docstring)
 from dsray.sampling_params import SamplingParams  # noqa: E402
 
 __version__ = "0.1.0"

@@ -26,10 +26,12 @@ from dsray.fp8 import dequantize_fp8_blocks
 from dsray.layers import linear
 from experts import triton_moe
 
-# A slot with more rows goes to oneDNN. 2 threads, 16 slots (K 1024 and 256), grouped kernel vs one
-# expert at a time: 16 rows 3.2 vs 4.1 ms, 40 rows 6.6 vs 11.8, 64 rows 8.3 vs 14.9, 80 rows 9.9 vs 9.0.
+# The grouped kernel takes a slot's rows at most this many at a time: a slot with more is cut into
+# even pieces of whole 16-row blocks, each reading the slot's weights again. 2 threads, 64 slots of
+# `small` (D 1024, I 256), kernel vs one oneDNN expert at a time: 128 rows a slot 345 vs 268 GFLOP/s,
+# 256 rows 252 vs 286 (the slot's packed rows no longer stay in L2 across its weight tiles).
 # At least decode_step.MAX_TOKENS, so a decode batch's experts all take the kernel on both paths.
-GROUPED_MAX_ROWS = 64
+GROUPED_MAX_ROWS = 128
 
 
 class ExpertShard(nn.Module):
@@ -195,13 +197,11 @@ class ExpertShard(nn.Module):
             if n:
                 spans.append((local_id, start, start + n))
             start += n
-        few = [s for s in spans if s[2] - s[1] <= GROUPED_MAX_ROWS] if self._grouped_kernel(rows) else []
-        if few:  # every slot with a few rows in one call; the wider ones below
-            slots, bounds = [s for s, _, _ in few], [(b, e) for _, b, e in few]
-            out = cpu_kernels.swiglu_grouped(rows, slots, bounds, self.w13, self.w2)
-            spans = [s for s in spans if s[2] - s[1] > GROUPED_MAX_ROWS]
-        else:
-            out = torch.empty_like(rows)
+        if spans and self._grouped_kernel(rows):  # every slot in one call
+            pieces = [piece for span in spans for piece in _kernel_pieces(*span)]
+            slots, bounds = [s for s, _, _ in pieces], [(b, e) for _, b, e in pieces]
+            return cpu_kernels.swiglu_grouped(rows, slots, bounds, self.w13, self.w2)
+        out = torch.empty_like(rows)
         for local_id, begin, end in spans:
             out[begin:end] = self.expert_ffn(local_id, rows[begin:end])
         return out
@@ -214,3 +214,14 @@ class ExpertShard(nn.Module):
             and self.w13.is_contiguous()
             and self.w2.is_contiguous()
         )
+
+
+def _kernel_pieces(slot: int, begin: int, end: int) -> list[tuple[int, int, int]]:
+    """A slot's rows ``[begin, end)`` for the grouped kernel: whole, or past ``GROUPED_MAX_ROWS`` cut
+    into as few even pieces of whole 16-row blocks (the kernel's lanes) as fit under it."""
+    n = end - begin
+    if n <= GROUPED_MAX_ROWS:
+        return [(slot, begin, end)]
+    count = -(-n // GROUPED_MAX_ROWS)
+    size = -(-n // count // 16) * 16
+    return [(slot, b, min(b + size, end)) for b in range(begin, end, size)]

@@ -31,11 +31,7 @@ def _shard(num_slots: int, dim: int, inter: int) -> ExpertShard:
     return shard
 
 
-def test_grouped_kernel_equals_each_slots_expert_ffn():
-    shard = _shard(6, 160, 48)  # D, I not multiples of the kernel's 32-wide blocks: tails too
-    rows = _randn(23, 160, seed=3)
-    spans = [(0, 1), (1, 5), (9, 23), (5, 9)]  # any order; rows in no span are not touched
-    slots = [4, 0, 5, 2]
+def _assert_each_slot_is_its_expert_ffn(shard: ExpertShard, rows: torch.Tensor, slots: list[int], spans: list) -> None:
     got = cpu_kernels.swiglu_grouped(rows, slots, spans, shard.w13.data, shard.w2.data)
     with cpu_kernels.disabled():
         for slot, (begin, end) in zip(slots, spans):
@@ -44,10 +40,47 @@ def test_grouped_kernel_equals_each_slots_expert_ffn():
             assert (got[begin:end].float() - want.float()).abs().max() <= BF16_STEP * scale, (slot, begin, end)
 
 
+def test_grouped_kernel_equals_each_slots_expert_ffn():
+    shard = _shard(6, 160, 48)  # D, I not multiples of the kernel's 32-wide blocks: tails too
+    rows = _randn(23, 160, seed=3)
+    spans = [(0, 1), (1, 5), (9, 23), (5, 9)]  # any order; rows in no span are not touched
+    slots = [4, 0, 5, 2]
+    _assert_each_slot_is_its_expert_ffn(shard, rows, slots, spans)
+
+
+@pytest.mark.parametrize(
+    ("dim", "inter"),
+    [(256, 64), (160, 48), (97, 38), (64, 21)],  # odd D and odd I: a last pair with one half
+)
+def test_wide_tiles_equal_each_slots_expert_ffn(dim, inter):
+    """Slots past ``NARROW_MAX_ROWS`` (8) rows take the wide tiles: one 16-row block part full, exactly
+    full, and several blocks with a part-full last one, beside narrow slots, in any order."""
+    shard = _shard(5, dim, inter)
+    sizes = {0: 9, 1: 16, 2: 3, 3: 41, 4: 17}
+    order = [3, 2, 0, 4, 1]
+    spans, start = [], 0
+    for slot in order:
+        spans.append((start, start + sizes[slot]))
+        start += sizes[slot]
+    rows = _randn(start, dim, seed=4)
+    _assert_each_slot_is_its_expert_ffn(shard, rows, order, spans)
+
+
+def test_kernel_pieces_cut_wide_slots_into_even_whole_blocks():
+    assert shard_module._kernel_pieces(3, 10, 10 + GROUPED_MAX_ROWS) == [(3, 10, 10 + GROUPED_MAX_ROWS)]
+    pieces = shard_module._kernel_pieces(3, 10, 10 + GROUPED_MAX_ROWS + 5)
+    assert [e - b for _, b, e in pieces] == [80, GROUPED_MAX_ROWS + 5 - 80]  # not 128 + 5
+    assert pieces[0][1] == 10 and pieces[-1][2] == 10 + GROUPED_MAX_ROWS + 5
+    assert all(b == e0 for (_, _, e0), (_, b, _) in zip(pieces, pieces[1:]))
+    n = 3 * GROUPED_MAX_ROWS + 1
+    pieces = shard_module._kernel_pieces(0, 0, n)
+    assert len(pieces) == 4 and all((e - b) % 16 == 0 and e - b <= GROUPED_MAX_ROWS for _, b, e in pieces[:-1])
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_run_sorted_with_the_kernel_equals_torch_and_the_loop(monkeypatch, seed):
-    """Slots with no rows, a few rows and more than ``GROUPED_MAX_ROWS`` (those stay on torch), and
-    counts padded past the shard's slots with zeros, as the exchange sends them."""
+    """Slots with no rows, a few rows and more than ``GROUPED_MAX_ROWS`` (cut into pieces, all in the
+    one kernel call), and counts padded past the shard's slots with zeros, as the exchange sends them."""
     num_slots, dim, inter = 9, 256, 64
     shard = _shard(num_slots, dim, inter)
     g = torch.Generator().manual_seed(seed)
@@ -61,7 +94,8 @@ def test_run_sorted_with_the_kernel_equals_torch_and_the_loop(monkeypatch, seed)
     monkeypatch.setattr(shard_module.cpu_kernels, "swiglu_grouped", lambda *a: calls.append(a[1]) or real(*a))
 
     got = shard.run_sorted(rows, counts)
-    assert calls == [[s for s, n in enumerate(counts) if 0 < n <= GROUPED_MAX_ROWS]]
+    big = seed + 3
+    assert calls == [[s for s, n in enumerate(counts) for _ in range(2 if s == big else 1) if n]]
     with cpu_kernels.disabled():
         want = shard.run_sorted(rows, counts)
         # the loop oracle: each row is its slot's expert with weight 1
