@@ -61,7 +61,7 @@ typedef void (*chunk_fn)(void* ctx, long begin, long end);
 // A worker spins this long for the next job before it sleeps. Between kernel calls a decode step
 // hands over at once; a longer spin (200 us before) only takes the core from torch's OpenMP thread
 // when torch ops run between our kernels, as in a prefill: 128-token prefill of `small`, 2 threads,
-// 594 -> 795 tok/s with this and GOMP_SPINCOUNT=10000 (dsray/__init__.py) together.
+// 594 -> 795 tok/s with this and GOMP_SPINCOUNT=10000 (dsray/openmp.py) together.
 #define SPIN_NS 20000L
 
 static struct {
