@@ -121,13 +121,7 @@ def _library() -> ctypes.CDLL | None:
     except (OSError, RuntimeError) as exc:
         logger.warning("dsray CPU kernels unavailable, using torch's bf16 kernels: %s", exc)
         return None
-    if openmp.torch_spins_long():
-        logger.warning(
-            "torch was imported before dsray, so its OpenMP threads keep libgomp's long spin after each op "
-            "and take cores from dsray's kernels in prefills (~25%% slower on 2 cores): import dsray first, "
-            "or set GOMP_SPINCOUNT=%s before Python starts",
-            openmp.SPIN_DEFAULT,
-        )
+    openmp.warn_if_torch_spins_long()
     # X, ldx, W, ldw, Y, ldy, M, N, K, nthreads
     lib.dsray_gemm_bf16.argtypes = [_bf16_p, _long, _bf16_p, _long, _bf16_p, _long, _int, _int, _int, _int]
     lib.dsray_gemm_bf16.restype = None

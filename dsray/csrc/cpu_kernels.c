@@ -927,12 +927,11 @@ static void wide_down(const grouped_ctx* a, long j, const bf16* w, long d0, long
     }
 }
 
-// A slot's rows are taken up to GROUP_ROWS at a time against a chunk's weight rows (block_products).
-#define GROUP_ROWS NARROW_MAX_ROWS
-
+// The narrow tiles take a slot's rows NARROW_MAX_ROWS at a time: a narrow slot's in one pass, a
+// wide slot's in several where the memory to pack its rows could not be had.
 static void grouped_gate_up_chunk(void* p, long c0, long c1) {
     const grouped_ctx* a = p;
-    float g[GROUP_ROWS * a->per_index], u[GROUP_ROWS * a->per_index];
+    float g[NARROW_MAX_ROWS * a->per_index], u[NARROW_MAX_ROWS * a->per_index];
     for (long c = c0; c < c1; ++c) {
         long j = c / a->blocks1, i0 = (c % a->blocks1) * a->per_index;
         long i1 = i0 + a->per_index < a->I ? i0 + a->per_index : a->I;
@@ -944,8 +943,8 @@ static void grouped_gate_up_chunk(void* p, long c0, long c1) {
             wide_gate_up(a, j, w, i0, i1);
             continue;
         }
-        for (long r = a->row_off[2 * j]; r < a->row_off[2 * j + 1]; r += GROUP_ROWS) {
-            int mr = a->row_off[2 * j + 1] - r < GROUP_ROWS ? (int)(a->row_off[2 * j + 1] - r) : GROUP_ROWS;
+        for (long r = a->row_off[2 * j]; r < a->row_off[2 * j + 1]; r += NARROW_MAX_ROWS) {
+            int mr = a->row_off[2 * j + 1] - r < NARROW_MAX_ROWS ? (int)(a->row_off[2 * j + 1] - r) : NARROW_MAX_ROWS;
             const bf16* x = a->X + r * a->D;
             block_products(w, a->D, i0, i1, x, a->D, mr, a->D, g, a->per_index);
             block_products(w + a->I * a->D, a->D, i0, i1, x, a->D, mr, a->D, u, a->per_index);
@@ -961,7 +960,7 @@ static void grouped_gate_up_chunk(void* p, long c0, long c1) {
 
 static void grouped_down_chunk(void* p, long c0, long c1) {
     const grouped_ctx* a = p;
-    float y[GROUP_ROWS * a->per_row];
+    float y[NARROW_MAX_ROWS * a->per_row];
     for (long c = c0; c < c1; ++c) {
         long j = c / a->blocks2, d0 = (c % a->blocks2) * a->per_row;
         long d1 = d0 + a->per_row < a->D ? d0 + a->per_row : a->D;
@@ -971,8 +970,8 @@ static void grouped_down_chunk(void* p, long c0, long c1) {
             wide_down(a, j, w, d0, d1);
             continue;
         }
-        for (long r = a->row_off[2 * j]; r < a->row_off[2 * j + 1]; r += GROUP_ROWS) {
-            int mr = a->row_off[2 * j + 1] - r < GROUP_ROWS ? (int)(a->row_off[2 * j + 1] - r) : GROUP_ROWS;
+        for (long r = a->row_off[2 * j]; r < a->row_off[2 * j + 1]; r += NARROW_MAX_ROWS) {
+            int mr = a->row_off[2 * j + 1] - r < NARROW_MAX_ROWS ? (int)(a->row_off[2 * j + 1] - r) : NARROW_MAX_ROWS;
             block_products(w, a->I, d0, d1, a->act + r * a->I, a->I, mr, a->I, y, a->per_row);
             for (int m = 0; m < mr; ++m)
                 for (long d = d0; d < d1; ++d) a->Y[(r + m) * a->D + d] = f32_to_bf16(y[m * a->per_row + d - d0]);
