@@ -1,6 +1,6 @@
 """A whole decode step of a local model in one C call (``csrc/decode_step.c``).
 
-On a CPU with the AVX512-BF16 kernels (``dsray/cpu_kernels.py``), a decode step of a few tokens is
+On a CPU with dsray's kernels (``dsray/cpu_kernels.py``: AVX512-BF16 or AVX2), a decode step of a few tokens is
 the same dozen kernel calls per layer; from Python they cost ~5 ms per step on ``small`` at one
 token (module calls, argument checks, allocations) and another ~15 ms at 16 tokens (the MoE
 dispatch's small torch ops), next to ~13 ms and ~80 ms of kernel work. ``DecodeStep`` collects a

@@ -32,8 +32,14 @@ def ray_address() -> str | None:
 
 
 def cpu_kernels_enabled() -> bool:
-    """Whether dsray's AVX512-BF16 decode kernels may run (``DSRAY_CPU_KERNELS``, default on; ``0`` turns off)."""
+    """Whether dsray's CPU kernels may run (``DSRAY_CPU_KERNELS``, default on; ``0`` turns off)."""
     return os.environ.get("DSRAY_CPU_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def cpu_kernels_isa() -> str | None:
+    """The instruction set to build dsray's CPU kernels for (``DSRAY_CPU_KERNELS_ISA``: ``avx512bf16``
+    or ``avx2``); unset: the best the CPU has."""
+    return os.environ.get("DSRAY_CPU_KERNELS_ISA", "").strip().lower() or None
 
 
 def serve_fast_ingress() -> bool:

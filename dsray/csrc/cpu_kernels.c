@@ -1,4 +1,4 @@
-// Decode kernels for x86 CPUs with AVX512-BF16: bf16 weights, fp32 accumulation.
+// Decode kernels for x86 CPUs with AVX512-BF16 or AVX2: bf16 weights, fp32 accumulation.
 //
 // A batch-1 decode step is a chain of matrix-vector products whose weights are read once each, so
 // its speed is memory bandwidth. Torch's bf16 GEMV on CPU is AVX2 code converting bf16 to fp32 on
@@ -18,7 +18,7 @@
 // another thread has claimed, never for a thread to wake up. On a busy machine (a serving node
 // runs several processes on few cores) an OpenMP barrier waits a whole scheduler time slice for
 // a descheduled thread, many times per decode step; here a late thread finds no work left.
-// Built at first use by dsray/cpu_kernels.py (gcc -O3 -mavx512bf16).
+// Built at first use by dsray/cpu_kernels.py, once per instruction set (simd.h says what differs).
 
 #include <immintrin.h>
 #include <linux/futex.h>
@@ -30,27 +30,22 @@
 #include <unistd.h>
 
 #include "cpu_kernels.h"
-
-static inline __m512bh load_bh(const bf16* p) { return (__m512bh)_mm512_loadu_si512((const void*)p); }
-
-static inline __m512bh load_bh_tail(const bf16* p, int n) {
-    return (__m512bh)_mm512_maskz_loadu_epi16(_bzhi_u32(0xffffffffu, (unsigned)n), (const void*)p);
-}
+#include "simd.h"
 
 // dot(w[:K], x[:K]) for one row. One row at a time with four independent accumulators: a single
 // sequential stream per thread reads DRAM faster here than four interleaved rows (~20 %).
 static inline float dot1(const bf16* w, const bf16* x, int K) {
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    vacc a0 = vzero(), a1 = vzero(), a2 = vzero(), a3 = vzero();
     int k = 0;
-    for (; k + 128 <= K; k += 128) {
-        a0 = _mm512_dpbf16_ps(a0, load_bh(w + k), load_bh(x + k));
-        a1 = _mm512_dpbf16_ps(a1, load_bh(w + k + 32), load_bh(x + k + 32));
-        a2 = _mm512_dpbf16_ps(a2, load_bh(w + k + 64), load_bh(x + k + 64));
-        a3 = _mm512_dpbf16_ps(a3, load_bh(w + k + 96), load_bh(x + k + 96));
+    for (; k + 4 * VK <= K; k += 4 * VK) {
+        a0 = vdp(a0, load_bh(w + k), load_bh(x + k));
+        a1 = vdp(a1, load_bh(w + k + VK), load_bh(x + k + VK));
+        a2 = vdp(a2, load_bh(w + k + 2 * VK), load_bh(x + k + 2 * VK));
+        a3 = vdp(a3, load_bh(w + k + 3 * VK), load_bh(x + k + 3 * VK));
     }
-    for (; k + 32 <= K; k += 32) a0 = _mm512_dpbf16_ps(a0, load_bh(w + k), load_bh(x + k));
-    if (k < K) a1 = _mm512_dpbf16_ps(a1, load_bh_tail(w + k, K - k), load_bh_tail(x + k, K - k));
-    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+    for (; k + VK <= K; k += VK) a0 = vdp(a0, load_bh(w + k), load_bh(x + k));
+    if (k < K) a1 = vdp(a1, load_bh_tail(w + k, K - k), load_bh_tail(x + k, K - k));
+    return vsum(vadd(vadd(a0, a1), vadd(a2, a3)));
 }
 
 // ---- The thread pool ---------------------------------------------------------------------------
@@ -206,39 +201,27 @@ typedef struct {
 #define TILE_M 8  // most rows of X in a register tile
 #define TILE_N 4  // most weight rows in a register tile
 
-// The sums of the 16 lanes of a, b, c and d, as one vector: lanes are added pairwise across the four
-// vectors at each step (256-bit halves, then 128-bit quarters, then within quarters).
-static inline __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
-    // [a0+a2 a1+a3 b0+b2 b1+b3] by 128-bit quarter, likewise c with d
-    __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xee));
-    __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xee));
-    // one quarter each of a, b, c, d: the sum of all four of that vector's quarters
-    __m512 q = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xdd));
-    q = _mm512_add_ps(q, _mm512_permute_ps(q, 0x4e));  // within each quarter: [x0+x2 x1+x3 ...]
-    q = _mm512_add_ps(q, _mm512_permute_ps(q, 0xb1));  // every lane of a quarter holds its sum
-    return _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), q));
-}
-
+#if !DSRAY_WIDEN_X
 // out[m * ldo + n] = dot(W[n], X[m]) over K for m < MR, n < NR (fp32, unrounded).
-static inline __attribute__((always_inline)) void tile_dot(const bf16* W, long ldw, const bf16* X, long ldx, int K,
+static inline __attribute__((always_inline)) void tile_dot(const bf16* W, long ldw, const xrow_t* X, long ldx, int K,
                                                          float* out, long ldo, const int MR, const int NR) {
-    __m512 acc[TILE_M][TILE_N];
+    vacc acc[TILE_M][TILE_N];
     for (int m = 0; m < MR; ++m)
-        for (int n = 0; n < NR; ++n) acc[m][n] = _mm512_setzero_ps();
+        for (int n = 0; n < NR; ++n) acc[m][n] = vzero();
     int k = 0;
-    for (; k + 32 <= K; k += 32) {
-        __m512bh w[TILE_N], x[TILE_M];
+    for (; k + VK <= K; k += VK) {
+        vbh w[TILE_N], x[TILE_M];
         for (int n = 0; n < NR; ++n) w[n] = load_bh(W + n * ldw + k);
         for (int m = 0; m < MR; ++m) x[m] = load_bh(X + m * ldx + k);
         for (int m = 0; m < MR; ++m)
-            for (int n = 0; n < NR; ++n) acc[m][n] = _mm512_dpbf16_ps(acc[m][n], w[n], x[m]);
+            for (int n = 0; n < NR; ++n) acc[m][n] = vdp(acc[m][n], w[n], x[m]);
     }
     if (k < K) {
-        __m512bh w[TILE_N], x[TILE_M];
+        vbh w[TILE_N], x[TILE_M];
         for (int n = 0; n < NR; ++n) w[n] = load_bh_tail(W + n * ldw + k, K - k);
         for (int m = 0; m < MR; ++m) x[m] = load_bh_tail(X + m * ldx + k, K - k);
         for (int m = 0; m < MR; ++m)
-            for (int n = 0; n < NR; ++n) acc[m][n] = _mm512_dpbf16_ps(acc[m][n], w[n], x[m]);
+            for (int n = 0; n < NR; ++n) acc[m][n] = vdp(acc[m][n], w[n], x[m]);
     }
     if (NR == 4) {  // four sums at once: a third of the shuffles of four separate reductions
         for (int m = 0; m < MR; ++m) _mm_storeu_ps(out + m * ldo, hsum4(acc[m][0], acc[m][1], acc[m][2], acc[m][3]));
@@ -251,14 +234,46 @@ static inline __attribute__((always_inline)) void tile_dot(const bf16* W, long l
         for (int j = 0; j < 4; ++j) out[(m + j) * ldo] = sums[j];
     }
     for (; m < MR; ++m)
-        for (int n = 0; n < NR; ++n) out[m * ldo + n] = _mm512_reduce_add_ps(acc[m][n]);
+        for (int n = 0; n < NR; ++n) out[m * ldo + n] = vsum(acc[m][n]);
 }
+#else
+// AVX2: X's rows arrive widened to fp32 (widen_rows below), each block of VK as its VK/2 even
+// elements, then its odd ones: the lanes vdp pairs. A product step is then a weight vector's two
+// conversions, shared by the tile's rows, and two FMAs per row whose X operand is a plain load: per
+// 16 elements of a 4 x 2 tile, 16 FMAs and 4 conversions instead of 16 and 12.
+static inline __attribute__((always_inline)) void tile_dot(const bf16* W, long ldw, const xrow_t* X, long ldx, int K,
+                                                         float* out, long ldo, const int MR, const int NR) {
+    vacc acc[TILE_M][TILE_N];
+    for (int m = 0; m < MR; ++m)
+        for (int n = 0; n < NR; ++n) acc[m][n] = vzero();
+    for (int k = 0; k < K; k += VK) {
+        __m256 we[TILE_N], wo[TILE_N];
+        for (int n = 0; n < NR; ++n) {
+            const vbh w = k + VK <= K ? load_bh(W + n * ldw + k) : load_bh_tail(W + n * ldw + k, K - k);
+            we[n] = bf16_even(w);
+            wo[n] = bf16_odd(w);
+        }
+        for (int m = 0; m < MR; ++m) {
+            const __m256 xe = _mm256_loadu_ps(X + m * ldx + k), xo = _mm256_loadu_ps(X + m * ldx + k + VK / 2);
+            for (int n = 0; n < NR; ++n) acc[m][n] = _mm256_fmadd_ps(wo[n], xo, _mm256_fmadd_ps(we[n], xe, acc[m][n]));
+        }
+    }
+    int m = 0;
+    for (; NR == 1 && m + 4 <= MR; m += 4) {
+        float sums[4];
+        _mm_storeu_ps(sums, hsum4(acc[m][0], acc[m + 1][0], acc[m + 2][0], acc[m + 3][0]));
+        for (int j = 0; j < 4; ++j) out[(m + j) * ldo] = sums[j];
+    }
+    for (; m < MR; ++m)
+        for (int n = 0; n < NR; ++n) out[m * ldo + n] = vsum(acc[m][n]);
+}
+#endif
 
 // Two tile shapes, MR and NR known at compile time so the loops unroll into registers. With few
 // rows the weights' memory read is the cost, and one weight row at a time against up to 8 rows of
 // X keeps it a single sequential stream (interleaving 4 weight rows read memory ~2x slower here);
 // with more rows the dot products are the cost, and 4x4 tiles load each operand for 4 of them.
-static void tile_dot_narrow(const bf16* W, const bf16* X, long ldx, int K, float* out, long ldo, int MR) {
+static void tile_dot_narrow(const bf16* W, const xrow_t* X, long ldx, int K, float* out, long ldo, int MR) {
 #define NARROW_CASE(mr) \
     case mr: tile_dot(W, 0, X, ldx, K, out, ldo, mr, 1); return;
     switch (MR) { NARROW_CASE(1) NARROW_CASE(2) NARROW_CASE(3) NARROW_CASE(4)
@@ -266,7 +281,7 @@ static void tile_dot_narrow(const bf16* W, const bf16* X, long ldx, int K, float
 #undef NARROW_CASE
 }
 
-static void tile_dot_square(const bf16* W, long ldw, const bf16* X, long ldx, int K, float* out, long ldo, int MR,
+static void tile_dot_square(const bf16* W, long ldw, const xrow_t* X, long ldx, int K, float* out, long ldo, int MR,
                             int NR) {
 #define SQUARE_CASE(mr, nr) \
     case (mr) * 8 + (nr): tile_dot(W, ldw, X, ldx, K, out, ldo, mr, nr); return;
@@ -276,31 +291,63 @@ static void tile_dot_square(const bf16* W, long ldw, const bf16* X, long ldx, in
 #undef SQUARE_CASE
 }
 
-// Read n contiguous elements once, front to back, so that they sit in L2 for the tiles that follow.
-// The square tiles read four weight rows at once, interleaved, a pattern memory serves ~2x slower
+// warm (simd.h) reads n contiguous elements once, front to back, so that they sit in L2 for the
+// tiles that follow. The square tiles read four weight rows at once, interleaved, a pattern memory serves ~2x slower
 // than one sequential stream (see tile_dot_narrow); a chunk's weights read first as one stream and
 // then tiled from L2: 128-token prefill of small 273 -> 241 ms (best of 6), grouped experts, 64
 // slots of 16 rows, 13.2 -> 10.7 ms.
-static volatile int warm_sink;
-static void warm(const bf16* p, long n) {
-    const char* c = (const char*)p;
-    __m512i acc = _mm512_setzero_si512();
-    for (long o = 0; o + 64 <= n * (long)sizeof(bf16); o += 64) acc = _mm512_or_si512(acc, _mm512_loadu_si512(c + o));
-    warm_sink = _mm512_reduce_or_epi32(acc);
-}
 
 #define NARROW_MAX_ROWS 8  // up to this many rows of X: the narrow tiles
 
 // Y[m, n0:n1] (fp32 in `out`, rows ldo apart) = X[m] . W[n0:n1] for every m < M, tile by tile:
 // the weight rows of a tile stay in L1 while all row tiles of X pass over them.
-static void block_products(const bf16* W, long ldw, long n0, long n1, const bf16* X, long ldx, int M, int K,
+#if DSRAY_WIDEN_X
+// X [M, K] (rows ldx apart) widened for tile_dot into this thread's buffer, rows *ld apart, zero
+// past K; NULL when the buffer cannot grow. Once per block_products call: its tiles then read each
+// X element once per weight row, so the widening is a 1 / (weight rows) share of the work.
+static __thread float* widened;
+static __thread long widened_cap;
+
+static const float* widen_rows(const bf16* X, long ldx, int M, int K, long* ld) {
+    *ld = (K + VK - 1) / VK * VK;
+    if (M * *ld > widened_cap) {
+        const long cap = M * *ld;
+        float* grown = aligned_alloc(32, (size_t)cap * sizeof(float));
+        if (grown == NULL) return NULL;
+        free(widened);
+        widened = grown;
+        widened_cap = cap;
+    }
+    for (int m = 0; m < M; ++m)
+        for (int k = 0; k < K; k += VK) {
+            const vbh v = k + VK <= K ? load_bh(X + m * ldx + k) : load_bh_tail(X + m * ldx + k, K - k);
+            _mm256_storeu_ps(widened + m * *ld + k, bf16_even(v));
+            _mm256_storeu_ps(widened + m * *ld + k + VK / 2, bf16_odd(v));
+        }
+    return widened;
+}
+#endif
+
+static void block_products(const bf16* W, long ldw, long n0, long n1, const bf16* X_bf16, long ldx, int M, int K,
                            float* out, long ldo) {
+#if DSRAY_WIDEN_X
+    long ld;
+    const float* X = widen_rows(X_bf16, ldx, M, K, &ld);
+    if (X == NULL) {  // no memory for the widened rows: one dot product at a time
+        for (int m = 0; m < M; ++m)
+            for (long n = n0; n < n1; ++n) out[m * ldo + (n - n0)] = dot1(W + n * ldw, X_bf16 + m * ldx, K);
+        return;
+    }
+    ldx = ld;
+#else
+    const bf16* X = X_bf16;
+#endif
     if (M <= NARROW_MAX_ROWS) {
         for (long n = n0; n < n1; ++n) tile_dot_narrow(W + n * ldw, X, ldx, K, out + (n - n0), ldo, M);
         return;
     }
-    for (long n = n0; n < n1; n += 4) {
-        int nr = n1 - n < 4 ? (int)(n1 - n) : 4;
+    for (long n = n0; n < n1; n += SQUARE_N) {
+        int nr = n1 - n < SQUARE_N ? (int)(n1 - n) : SQUARE_N;
         for (int m = 0; m < M; m += 4) {
             int mr = M - m < 4 ? M - m : 4;
             tile_dot_square(W + n * ldw, ldw, X + m * ldx, ldx, K, out + m * ldo + (n - n0), ldo, mr, nr);
@@ -318,19 +365,28 @@ static long gemm_block(long N, int nthreads) {
     return per < 16 ? 16 : per > 256 ? 256 : per;
 }
 
+// Rows of X per pass over a chunk's weights (whose rows stay in L2 between passes): bounds the
+// chunk's fp32 tile on the stack whatever M is.
+#define GEMM_ROW_BLOCK 64
+
 static void gemm_chunk(void* p, long c0, long c1) {
     const gemv_ctx* a = p;
-    float tile[a->M * a->per];
+    const int rows = a->M < GEMM_ROW_BLOCK ? a->M : GEMM_ROW_BLOCK;
+    float tile[rows * a->per];
     for (long c = c0; c < c1; ++c) {
         long n0 = chunk_begin(c, a->per), n1 = chunk_end(c, a->per, a->N);
         if (a->M > NARROW_MAX_ROWS && a->ldw == a->K) warm(a->W + n0 * a->ldw, (n1 - n0) * a->K);
-        block_products(a->W, a->ldw, n0, n1, a->X, a->ldx, a->M, a->K, tile, a->per);
-        for (int m = 0; m < a->M; ++m)
-            for (long n = n0; n < n1; ++n) a->Y[m * a->ldy + n] = f32_to_bf16(tile[m * a->per + (n - n0)]);
+        for (int m0 = 0; m0 < a->M; m0 += GEMM_ROW_BLOCK) {
+            const int mr = a->M - m0 < GEMM_ROW_BLOCK ? a->M - m0 : GEMM_ROW_BLOCK;
+            block_products(a->W, a->ldw, n0, n1, a->X + m0 * a->ldx, a->ldx, mr, a->K, tile, a->per);
+            for (int m = 0; m < mr; ++m)
+                for (long n = n0; n < n1; ++n) a->Y[(m0 + m) * a->ldy + n] = f32_to_bf16(tile[m * a->per + (n - n0)]);
+        }
     }
 }
 
-// Y[m, n] = bf16(dot(W[n, :K], X[m, :K])) for any M (meant for a decode batch: 1..64 rows).
+// Y[m, n] = bf16(dot(W[n, :K], X[m, :K])) for any M: a decode batch's 1..64 rows, or a prefill's
+// where torch's bf16 matmul is slower (cpu_kernels.py's gemm_max_rows).
 void dsray_gemm_bf16(const bf16* X, long ldx, const bf16* W, long ldw, bf16* Y, long ldy, int M, int N, int K,
                      int nthreads) {
     gemv_ctx a = {X, W, Y, ldx, ldw, ldy, M, N, K, gemm_block(N, nthreads)};
@@ -409,11 +465,7 @@ void dsray_swiglu_experts_bf16(const bf16* x, int D, int num_experts, int num_ro
     parallel_chunks(swiglu_down_chunk, &a, num_chunks(D, a.per_row), nthreads);
 }
 
-static inline __m512 cvt16(const bf16* p) {
-    __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-}
-
+#if DSRAY_WIDE_TILES
 // out[0:n] = sum_r coef[r] * rows[r][0:n] in fp32, for coefficients that are bf16 values (n a multiple
 // of 16). Rows go in pairs: their columns interleaved (unpack), one vdpbf16ps multiplies a column of
 // both rows by their two coefficients and adds both exact products to the sum, a third of the
@@ -450,24 +502,40 @@ static void weighted_rows(const float* coef, const bf16* const* rows, long num_r
         }
     }
 }
+#else
+// out[0:n] = sum_r coef[r] * rows[r][0:n] in fp32 (n a multiple of 16), 64 columns at a time in
+// registers: each row widened to fp32 and multiplied by its coefficient (exact: both are bf16).
+static void weighted_rows(const float* coef, const bf16* const* rows, long num_rows, int n, float* out) {
+    for (int b = 0; b < n; b += 8 * VF) {
+        const int vecs = (n - b) / VF < 8 ? (n - b) / VF : 8;
+        vf32 acc[8];
+        for (int v = 0; v < 8; ++v) acc[v] = vf_zero();
+        for (long r = 0; r < num_rows; ++r) {
+            const vf32 c = vf_set1(coef[r]);
+            for (int v = 0; v < vecs; ++v) acc[v] = vf_fmadd(c, load_f32(rows[r] + b + VF * v, VF), acc[v]);
+        }
+        for (int v = 0; v < vecs; ++v) _mm256_storeu_ps(out + b + VF * v, acc[v]);
+    }
+}
+#endif
 
 // The dot products of four rows with one x (K elements), as [dot(r0, x), ..., dot(r3, x)].
 static inline __m128 dot4(const bf16* r0, const bf16* r1, const bf16* r2, const bf16* r3, const bf16* x, int K) {
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    vacc a0 = vzero(), a1 = vzero(), a2 = vzero(), a3 = vzero();
     int k = 0;
-    for (; k + 32 <= K; k += 32) {
-        const __m512bh xv = load_bh(x + k);
-        a0 = _mm512_dpbf16_ps(a0, load_bh(r0 + k), xv);
-        a1 = _mm512_dpbf16_ps(a1, load_bh(r1 + k), xv);
-        a2 = _mm512_dpbf16_ps(a2, load_bh(r2 + k), xv);
-        a3 = _mm512_dpbf16_ps(a3, load_bh(r3 + k), xv);
+    for (; k + VK <= K; k += VK) {
+        const vbh xv = load_bh(x + k);
+        a0 = vdp(a0, load_bh(r0 + k), xv);
+        a1 = vdp(a1, load_bh(r1 + k), xv);
+        a2 = vdp(a2, load_bh(r2 + k), xv);
+        a3 = vdp(a3, load_bh(r3 + k), xv);
     }
     if (k < K) {
-        const __m512bh xv = load_bh_tail(x + k, K - k);
-        a0 = _mm512_dpbf16_ps(a0, load_bh_tail(r0 + k, K - k), xv);
-        a1 = _mm512_dpbf16_ps(a1, load_bh_tail(r1 + k, K - k), xv);
-        a2 = _mm512_dpbf16_ps(a2, load_bh_tail(r2 + k, K - k), xv);
-        a3 = _mm512_dpbf16_ps(a3, load_bh_tail(r3 + k, K - k), xv);
+        const vbh xv = load_bh_tail(x + k, K - k);
+        a0 = vdp(a0, load_bh_tail(r0 + k, K - k), xv);
+        a1 = vdp(a1, load_bh_tail(r1 + k, K - k), xv);
+        a2 = vdp(a2, load_bh_tail(r2 + k, K - k), xv);
+        a3 = vdp(a3, load_bh_tail(r3 + k, K - k), xv);
     }
     return hsum4(a0, a1, a2, a3);
 }
@@ -620,15 +688,14 @@ void dsray_mla_decode_step_bf16(const bf16* q, long q_sn, const bf16* kv, long k
 
 // dot(w[:K], x[:K]) of an fp32 row and a bf16 row, in fp32.
 static inline float dot_f32_bf16(const float* w, const bf16* x, int K) {
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    vf32 a0 = vf_zero(), a1 = vf_zero();
     int k = 0;
-    for (; k + 16 <= K; k += 16) {
-        __m512i xi = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(x + k))), 16);
-        __m512 prod = _mm512_mul_ps(_mm512_loadu_ps(w + k), _mm512_castsi512_ps(xi));
-        if (k & 16) a1 = _mm512_add_ps(a1, prod);
-        else a0 = _mm512_add_ps(a0, prod);
+    for (; k + VF <= K; k += VF) {
+        vf32 prod = vf_mul(vf_loadu(w + k), load_f32(x + k, VF));
+        if (k & VF) a1 = vf_add(a1, prod);
+        else a0 = vf_add(a0, prod);
     }
-    float sum = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+    float sum = vf_sum(vf_add(a0, a1));
     for (; k < K; ++k) sum += w[k] * bf16_to_f32(x[k]);
     return sum;
 }
@@ -739,6 +806,14 @@ typedef struct {
     uint32_t *xp, *actp;
 } grouped_ctx;
 
+// Chunks and packing are laid out in whole wide tiles on every instruction set (without wide tiles
+// only the chunk sizes see these).
+#define WIDE_LANES 16
+#define WIDE_N 16  // weight rows per tile: the accumulators
+
+static inline long pairs(long K) { return (K + 1) / 2; }
+
+#if DSRAY_WIDE_TILES
 // ---- Wide tiles: a slot's rows in the vector lanes -----------------------------------------------
 //
 // With more rows than NARROW_MAX_ROWS the products are the cost. The square tiles keep K in the
@@ -749,12 +824,7 @@ typedef struct {
 // one broadcast per product. SiLU is computed per vector (exp512, within an ulp or two of expf). 2
 // threads, 64 slots of D 1024, I 256, weights from memory: 16 rows a slot 211 -> 292 GFLOP/s,
 // 32 rows 239 -> 322, 64 rows 258 -> 321 (oneDNN one expert at a time: 218).
-#define WIDE_LANES 16
-#define WIDE_N 16  // weight rows per tile: the accumulators
-
 typedef uint32_t pair_t __attribute__((may_alias, aligned(2)));  // two adjacent bf16 of a weight row
-
-static inline long pairs(long K) { return (K + 1) / 2; }
 
 // Transpose a 16x16 block of 32-bit lanes in place: r[i][j] <- r[j][i]. Four butterfly stages, each
 // swapping one bit of the row index with the same bit of the lane index.
@@ -926,6 +996,7 @@ static void wide_down(const grouped_ctx* a, long j, const bf16* w, long d0, long
         }
     }
 }
+#endif
 
 // The narrow tiles take a slot's rows NARROW_MAX_ROWS at a time: a narrow slot's in one pass, a
 // wide slot's in several where the memory to pack its rows could not be had.
@@ -936,6 +1007,7 @@ static void grouped_gate_up_chunk(void* p, long c0, long c1) {
         long j = c / a->blocks1, i0 = (c % a->blocks1) * a->per_index;
         long i1 = i0 + a->per_index < a->I ? i0 + a->per_index : a->I;
         const bf16* w = a->w13 + (long)a->slots[j] * 2 * a->I * a->D;
+#if DSRAY_WIDE_TILES
         if (a->wide_off[j] >= 0) {  // the first tile's rows; each tile fetches the next one's
             const long first = i1 - i0 < WIDE_N / 2 ? i1 - i0 : WIDE_N / 2;
             warm(w + i0 * a->D, first * a->D);
@@ -943,6 +1015,7 @@ static void grouped_gate_up_chunk(void* p, long c0, long c1) {
             wide_gate_up(a, j, w, i0, i1);
             continue;
         }
+#endif
         for (long r = a->row_off[2 * j]; r < a->row_off[2 * j + 1]; r += NARROW_MAX_ROWS) {
             int mr = a->row_off[2 * j + 1] - r < NARROW_MAX_ROWS ? (int)(a->row_off[2 * j + 1] - r) : NARROW_MAX_ROWS;
             const bf16* x = a->X + r * a->D;
@@ -965,11 +1038,13 @@ static void grouped_down_chunk(void* p, long c0, long c1) {
         long j = c / a->blocks2, d0 = (c % a->blocks2) * a->per_row;
         long d1 = d0 + a->per_row < a->D ? d0 + a->per_row : a->D;
         const bf16* w = a->w2 + (long)a->slots[j] * a->D * a->I;
+#if DSRAY_WIDE_TILES
         if (a->wide_off[j] >= 0) {
             warm(w + d0 * a->I, (d1 - d0 < WIDE_N ? d1 - d0 : WIDE_N) * a->I);
             wide_down(a, j, w, d0, d1);
             continue;
         }
+#endif
         for (long r = a->row_off[2 * j]; r < a->row_off[2 * j + 1]; r += NARROW_MAX_ROWS) {
             int mr = a->row_off[2 * j + 1] - r < NARROW_MAX_ROWS ? (int)(a->row_off[2 * j + 1] - r) : NARROW_MAX_ROWS;
             block_products(w, a->I, d0, d1, a->act + r * a->I, a->I, mr, a->I, y, a->per_row);
@@ -992,8 +1067,9 @@ void dsray_swiglu_grouped_bf16(const bf16* X, const bf16* w13, const bf16* w2, i
     long blocks = 0;
     for (int j = 0; j < num_slots; ++j) {
         const long rows = row_off[2 * j + 1] - row_off[2 * j];
-        wide_off[j] = rows > NARROW_MAX_ROWS ? blocks : -1;
-        if (rows > NARROW_MAX_ROWS) blocks += (rows + WIDE_LANES - 1) / WIDE_LANES;
+        const int wide = DSRAY_WIDE_TILES && rows > NARROW_MAX_ROWS;
+        wide_off[j] = wide ? blocks : -1;
+        if (wide) blocks += (rows + WIDE_LANES - 1) / WIDE_LANES;
     }
     long *pack_slot = malloc(sizeof(long) * (size_t)(blocks > 0 ? 2 * blocks : 1)), *pack_row = pack_slot + blocks;
     uint32_t *xp = NULL, *actp = NULL;
@@ -1012,7 +1088,9 @@ void dsray_swiglu_grouped_bf16(const bf16* X, const bf16* w13, const bf16* w2, i
     }
     grouped_ctx a = {X,         w13,       w2,         Y,        act,      row_off, slots, D, I, per_index, per_row,
                      num_chunks(I, per_index), num_chunks(D, per_row), wide_off, pack_slot, pack_row, xp, actp};
+#if DSRAY_WIDE_TILES
     if (blocks > 0) parallel_chunks(grouped_pack_chunk, &a, blocks, nthreads);
+#endif
     parallel_chunks(grouped_gate_up_chunk, &a, num_slots * a.blocks1, nthreads);
     parallel_chunks(grouped_down_chunk, &a, num_slots * a.blocks2, nthreads);
     free(xp);
@@ -1035,17 +1113,14 @@ typedef struct {
 static void combine_chunk(void* p, long c0, long c1) {
     const combine_ctx* a = p;
     for (long t = c0; t < c1; ++t) {
-        for (int d = 0; d < a->D; d += 16) {
-            __mmask16 mask = a->D - d >= 16 ? 0xffff : (__mmask16)((1u << (a->D - d)) - 1);
-            __m512 acc = _mm512_setzero_ps();
+        for (int d = 0; d < a->D; d += VF) {
+            const int n = a->D - d >= VF ? VF : a->D - d;
+            vf32 acc = vf_zero();
             for (int k = 0; k < a->K; ++k) {
                 const bf16* row = a->back + a->pos[t * a->K + k] * (long)a->D + d;
-                __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, row));
-                acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_set1_ps(a->w[t * a->K + k]),
-                                                       _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16))));
+                acc = vf_add(acc, vf_mul(vf_set1(a->w[t * a->K + k]), load_f32(row, n)));
             }
-            __m256i packed = (__m256i)_mm512_cvtneps_pbh(acc);
-            _mm256_mask_storeu_epi16(a->out + t * (long)a->D + d, mask, packed);
+            store_bf16(a->out + t * (long)a->D + d, acc, n);
         }
     }
 }

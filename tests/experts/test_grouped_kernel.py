@@ -1,5 +1,6 @@
-"""An expert rank's grouped compute (``ExpertShard.run_sorted``) with the AVX512-BF16 grouped kernel,
-against the torch path it replaces (one ``expert_ffn`` per slot) and the per-expert loop.
+"""An expert rank's grouped compute (``ExpertShard.run_sorted``) with the grouped CPU kernel (on each
+instruction set the CPU runs), against the torch path it replaces (one ``expert_ffn`` per slot) and
+the per-expert loop.
 
 The kernel rounds every product as the torch reference does; only the order of the fp32 additions
 inside a dot product differs, so results agree to a bf16 step of the output's scale.
@@ -14,9 +15,12 @@ from dsray import cpu_kernels
 from experts import shard as shard_module
 from experts.shard import GROUPED_MAX_ROWS, ExpertShard
 
-pytestmark = pytest.mark.skipif(
-    not cpu_kernels.available(), reason="needs an x86 CPU with avx512_bf16 and a C compiler (kernels unavailable)"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not cpu_kernels.available(), reason="needs an x86-64 CPU with AVX512-BF16 or AVX2 and a C compiler"
+    ),
+    pytest.mark.usefixtures("kernel_isa"),  # every instruction set the CPU runs them on
+]
 BF16_STEP = 2.0**-7
 
 

@@ -1,4 +1,5 @@
-"""dsray's AVX512-BF16 decode kernels against the torch code they replace (their readable reference).
+"""dsray's CPU decode kernels, on each instruction set the CPU runs, against the torch code they
+replace (their readable reference).
 
 Each kernel is held to the reference's own rounding: a product of bf16 inputs accumulated in fp32
 and rounded once may differ from torch's by the order of its fp32 additions only, so by at most
@@ -22,9 +23,12 @@ from dsray.weights import load_transformer
 from experts.shard import ExpertShard
 from router.gate import Gate
 
-pytestmark = pytest.mark.skipif(
-    not cpu_kernels.available(), reason="needs an x86 CPU with avx512_bf16 and a C compiler (kernels unavailable)"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not cpu_kernels.available(), reason="needs an x86-64 CPU with AVX512-BF16 or AVX2 and a C compiler"
+    ),
+    pytest.mark.usefixtures("kernel_isa"),  # every instruction set the CPU runs them on
+]
 BF16_STEP = 2.0**-7  # relative spacing of bf16 values at worst
 
 
@@ -35,11 +39,12 @@ def _randn(*shape, scale=1.0, seed=0):
 @pytest.mark.parametrize(
     ("rows", "n", "k"),
     [(1, 7, 33), (1, 64, 64), (2, 130, 100), (3, 1024, 1024), (4, 9, 1), (8, 7, 33), (9, 130, 100), (16, 1024, 1024)]
-    + [(33, 9, 1), (64, 67, 290)],
+    + [(33, 9, 1), (64, 67, 290), (150, 37, 70)],
 )
 def test_gemm_equals_fp32_product_rounded_once(rows, n, k):
-    """Both tile shapes (one weight row against up to 8 rows; 4x4 beyond) with every remainder:
-    rows and weight rows not multiples of the tile, K not a multiple of 32."""
+    """Both tile shapes (one weight row against up to 8 rows; square beyond) with every remainder:
+    rows and weight rows not multiples of the tile, K not a multiple of the vector; past 64 rows
+    (a prefill, where the CPU lacks AVX512-BF16) in blocks of 64."""
     x = _randn(rows, 2 * k, seed=1)[:, :k]
     w = _randn(n, k, scale=k**-0.5, seed=2)
     exact = F.linear(x.float(), w.float())
@@ -48,7 +53,9 @@ def test_gemm_equals_fp32_product_rounded_once(rows, n, k):
     assert torch.all((got - exact).abs() <= BF16_STEP * exact.abs() + 1e-6)
 
 
-def test_linear_takes_the_kernel_for_decode_batches_only(monkeypatch):
+def test_linear_takes_the_kernel_for_decode_batches_or_where_torch_bf16_is_slow(monkeypatch):
+    """Up to GEMM_MAX_ROWS rows where the CPU has AVX512-BF16 (oneDNN's bf16 GEMM beyond); every
+    row count where it does not."""
     calls = []
     real = cpu_kernels.gemm
     monkeypatch.setattr(cpu_kernels, "gemm", lambda x, w: calls.append(x.shape[0]) or real(x, w))
@@ -56,11 +63,13 @@ def test_linear_takes_the_kernel_for_decode_batches_only(monkeypatch):
     linear(_randn(1, 32), w)
     linear(_randn(5, 32), w)
     linear(_randn(cpu_kernels.GEMM_MAX_ROWS, 32), w)
-    linear(_randn(cpu_kernels.GEMM_MAX_ROWS + 1, 32), w)  # a prefill: oneDNN
+    linear(_randn(cpu_kernels.GEMM_MAX_ROWS + 1, 32), w)  # a prefill: oneDNN with AVX512-BF16
     linear(_randn(1, 32).float(), w.float())  # fp32: torch
     with cpu_kernels.disabled():
         linear(_randn(8, 32), w)
-    assert calls == [1, 5, cpu_kernels.GEMM_MAX_ROWS]
+    prefill = [] if "avx512bf16" in cpu_kernels.cpu_isas() else [cpu_kernels.GEMM_MAX_ROWS + 1]
+    assert cpu_kernels.gemm_max_rows() == (None if prefill else cpu_kernels.GEMM_MAX_ROWS)
+    assert calls == [1, 5, cpu_kernels.GEMM_MAX_ROWS, *prefill]
 
 
 def test_swiglu_experts_equals_shard_and_shared_mlp():
@@ -390,3 +399,32 @@ def test_steps_of_many_sequences_leave_the_front_end_its_cores_while_it_is_busy(
         torch.set_num_threads(threads)
     assert set(asked) == {1}
     assert seen == {(True, False, 3, 3), (True, False, 1, 3), (True, True, 2, 2), (False, True, 3, 3)}
+
+
+def test_the_kernels_run_on_the_cpus_best_instruction_set_unless_told_otherwise(monkeypatch):
+    have = cpu_kernels.cpu_isas()
+    assert "avx2" in have  # every CPU these kernels run on has it (AVX512-BF16 ones included)
+
+    def chosen(**env):
+        for name in ("DSRAY_CPU_KERNELS", "DSRAY_CPU_KERNELS_ISA"):
+            monkeypatch.delenv(name, raising=False)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        cpu_kernels._chosen_isa.cache_clear()
+        return cpu_kernels._chosen_isa()
+
+    try:
+        assert chosen() == have[0]
+        assert chosen(DSRAY_CPU_KERNELS_ISA="AVX2") == "avx2"
+        assert chosen(DSRAY_CPU_KERNELS="0", DSRAY_CPU_KERNELS_ISA="avx2") is None
+        with pytest.raises(ValueError, match="DSRAY_CPU_KERNELS_ISA='sse2': not one of avx512bf16, avx2"):
+            chosen(DSRAY_CPU_KERNELS_ISA="sse2")
+        missing = [name for name in cpu_kernels.ISAS if name not in have]
+        if missing:  # asked for one this CPU lacks: no kernels (torch's paths), and a warning
+            assert chosen(DSRAY_CPU_KERNELS_ISA=missing[0]) is None
+            with pytest.raises(ValueError, match="this CPU does not run"), cpu_kernels.using_isa(missing[0]):
+                pass
+    finally:
+        monkeypatch.undo()
+        cpu_kernels._chosen_isa.cache_clear()
+    assert cpu_kernels.isa() in have

@@ -14,9 +14,12 @@ from dsray.testing import make_hf_checkpoint
 from dsray.weights import load_transformer
 from experts import shard
 
-pytestmark = pytest.mark.skipif(
-    not cpu_kernels.available(), reason="needs an x86 CPU with avx512_bf16 and a C compiler (kernels unavailable)"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not cpu_kernels.available(), reason="needs an x86-64 CPU with AVX512-BF16 or AVX2 and a C compiler"
+    ),
+    pytest.mark.usefixtures("kernel_isa"),  # every instruction set the CPU runs them on
+]
 BLOCK = 4
 
 
