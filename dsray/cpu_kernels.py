@@ -253,20 +253,18 @@ def usable(x: torch.Tensor, max_rows: int = GEMM_MAX_ROWS) -> bool:
     )
 
 
-def gemm_max_rows() -> int | None:
-    """The most rows of x that ``linear`` sends to ``gemm`` (None: any number).
-
-    ``GEMM_MAX_ROWS`` where the CPU has AVX512-BF16: beyond a decode batch, oneDNN's packed bf16
-    GEMM is faster. Without it torch's bf16 matmul widens each operand to fp32 in its inner loop:
-    on 2 Zen cores, 1,024 x 1,024 weights at 128 rows, ~10 GFLOP/s against ~54 for the same
-    matmul in fp32, while the AVX2 kernels (which widen in registers) run prefills too.
-    """
-    return GEMM_MAX_ROWS if "avx512bf16" in cpu_isas() else None
+@functools.cache
+def torch_bf16_widens() -> bool:
+    """Whether torch's bf16 matmul on this CPU widens its operands to fp32 in its inner loop: an x86
+    CPU without AVX512-BF16. There it runs at a fifth of the same matmul in fp32 (2 Zen cores,
+    1,024 x 1,024 weights, 128 to 512 rows: ~11 against 47-58 GFLOP/s, the widening of both
+    operands included), so bf16 prefills are better computed in fp32 (``layers.linear``)."""
+    return "avx2" in cpu_isas() and "avx512bf16" not in cpu_isas()
 
 
 def gemm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``F.linear(x, weight)`` for bf16 ``x [..., K]`` of a decode batch's rows (at most
-    ``GEMM_MAX_ROWS``, or any number: ``gemm_max_rows``), ``weight [N, K]``: register-tiled dot
+    """``F.linear(x, weight)`` for bf16 ``x [..., K]`` of a decode batch's rows (any number; a
+    decode batch's 1 to ``GEMM_MAX_ROWS`` is what it is for), ``weight [N, K]``: register-tiled dot
     products, fp32 sums rounded once."""
     K = x.shape[-1]
     N = weight.shape[0]

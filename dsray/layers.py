@@ -3,10 +3,10 @@
 ``linear`` exists for one CPU fact: torch routes every bf16 matmul to oneDNN, whose kernels for
 a decode batch (one to a few dozen rows) read weights far below the memory bandwidth: its GEMV
 reaches about half of it, and its GEMM re-packs the weights on every call. Where the CPU has
-AVX512-BF16 (``dsray/cpu_kernels.py``), up to ``GEMM_MAX_ROWS`` (64) rows go to dsray's
-register-tiled kernel and prefills stay on oneDNN; where it has AVX2 but no AVX512-BF16, every
-row count goes to the kernel (torch's bf16 matmul is slow there: ``cpu_kernels.gemm_max_rows``);
-without the kernels, two rows or fewer go to torch's own ``cpublas`` GEMV. All accumulate in fp32 (measured on
+AVX512-BF16 or AVX2 (``dsray/cpu_kernels.py``), up to ``GEMM_MAX_ROWS`` (64) rows go to dsray's
+register-tiled kernel; without the kernels, two rows or fewer go to torch's own ``cpublas`` GEMV.
+Prefills stay on oneDNN, in fp32 where the CPU lacks AVX512-BF16 (torch's bf16 matmul there is
+5x slower than fp32's: ``cpu_kernels.torch_bf16_widens``). All accumulate in fp32 (measured on
 ``small``'s shapes; see ``benchmarks/model_decode.py``). A one-token ``MLP`` runs as one fused
 kernel call where the kernels are available, a decode batch's rows as another.
 """
@@ -30,11 +30,14 @@ def native_gemv(x: torch.Tensor, rows: int) -> bool:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear`` that sends bf16 GEMVs (``x [..., in]`` of a few rows) around oneDNN."""
     rows = x.numel() // x.shape[-1]
-    most = cpu_kernels.gemm_max_rows()
-    if (most is None or rows <= most) and weight.dtype == torch.bfloat16 and cpu_kernels.usable(x, rows):
+    if rows <= cpu_kernels.GEMM_MAX_ROWS and weight.dtype == torch.bfloat16 and cpu_kernels.usable(x, rows):
         y = cpu_kernels.gemm(x, weight)
         return y if bias is None else y + bias
     if not native_gemv(x, rows):
+        if x.dtype == weight.dtype == torch.bfloat16 and x.device.type == "cpu" and cpu_kernels.torch_bf16_widens():
+            # fp32 sums rounded once either way; sgemm runs ~5x faster than bf16 here, widening included
+            fp32_bias = None if bias is None else bias.float()
+            return F.linear(x.float(), weight.float(), fp32_bias).to(torch.bfloat16)
         return F.linear(x, weight, bias)
     # The private setters, not the context manager: a decode step makes ~300 of these calls.
     was_enabled = torch._C._get_mkldnn_enabled()

@@ -239,14 +239,18 @@ static inline __attribute__((always_inline)) void tile_dot(const bf16* W, long l
 #else
 // AVX2: X's rows arrive widened to fp32 (widen_rows below), each block of VK as its VK/2 even
 // elements, then its odd ones: the lanes vdp pairs. A product step is then a weight vector's two
-// conversions, shared by the tile's rows, and two FMAs per row whose X operand is a plain load: per
-// 16 elements of a 4 x 2 tile, 16 FMAs and 4 conversions instead of 16 and 12.
+// conversions, shared by the tile's rows, and two FMAs per row whose X operands are plain loads.
+// A tile of few sums keeps several per output (even and odd products apart; with one output, also
+// alternate steps apart), so that enough FMAs are in flight to hide their latency.
 static inline __attribute__((always_inline)) void tile_dot(const bf16* W, long ldw, const xrow_t* X, long ldx, int K,
                                                          float* out, long ldo, const int MR, const int NR) {
-    vacc acc[TILE_M][TILE_N];
-    for (int m = 0; m < MR; ++m)
-        for (int n = 0; n < NR; ++n) acc[m][n] = vzero();
-    for (int k = 0; k < K; k += VK) {
+    const int C = MR * NR == 1 ? 4 : MR * NR <= 4 ? 2 : 1;  // sums per output
+    vacc acc[4][TILE_M][TILE_N];
+    for (int c = 0; c < C; ++c)
+        for (int m = 0; m < MR; ++m)
+            for (int n = 0; n < NR; ++n) acc[c][m][n] = vzero();
+    for (int k = 0, step = 0; k < K; k += VK, ++step) {
+        const int ce = C == 4 ? 2 * (step & 1) : 0, co = C == 1 ? 0 : ce + 1;  // the sums of this step
         __m256 we[TILE_N], wo[TILE_N];
         for (int n = 0; n < NR; ++n) {
             const vbh w = k + VK <= K ? load_bh(W + n * ldw + k) : load_bh_tail(W + n * ldw + k, K - k);
@@ -255,17 +259,23 @@ static inline __attribute__((always_inline)) void tile_dot(const bf16* W, long l
         }
         for (int m = 0; m < MR; ++m) {
             const __m256 xe = _mm256_loadu_ps(X + m * ldx + k), xo = _mm256_loadu_ps(X + m * ldx + k + VK / 2);
-            for (int n = 0; n < NR; ++n) acc[m][n] = _mm256_fmadd_ps(wo[n], xo, _mm256_fmadd_ps(we[n], xe, acc[m][n]));
+            for (int n = 0; n < NR; ++n) {
+                acc[ce][m][n] = _mm256_fmadd_ps(we[n], xe, acc[ce][m][n]);
+                acc[co][m][n] = _mm256_fmadd_ps(wo[n], xo, acc[co][m][n]);
+            }
         }
     }
+    for (int c = 1; c < C; ++c)
+        for (int m = 0; m < MR; ++m)
+            for (int n = 0; n < NR; ++n) acc[0][m][n] = _mm256_add_ps(acc[0][m][n], acc[c][m][n]);
     int m = 0;
     for (; NR == 1 && m + 4 <= MR; m += 4) {
         float sums[4];
-        _mm_storeu_ps(sums, hsum4(acc[m][0], acc[m + 1][0], acc[m + 2][0], acc[m + 3][0]));
+        _mm_storeu_ps(sums, hsum4(acc[0][m][0], acc[0][m + 1][0], acc[0][m + 2][0], acc[0][m + 3][0]));
         for (int j = 0; j < 4; ++j) out[(m + j) * ldo] = sums[j];
     }
     for (; m < MR; ++m)
-        for (int n = 0; n < NR; ++n) out[m * ldo + n] = vsum(acc[m][n]);
+        for (int n = 0; n < NR; ++n) out[m * ldo + n] = vsum(acc[0][m][n]);
 }
 #endif
 

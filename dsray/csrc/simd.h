@@ -5,8 +5,8 @@
 //     32 bf16; `vdpbf16ps` multiplies 16 pairs of them and adds each pair's two products to one
 //     fp32 lane, in one instruction.
 //   AVX2 + FMA (every x86-64 CPU since ~2015): a vector is 16 bf16. A bf16 is the top half of an
-//     fp32, so the pair product is two shifts/masks and two fused multiply-adds per 8 lanes: the
-//     even element of each pair shifted up, the odd one masked in place.
+//     fp32, so a pair product is a shift or a mask per operand (the even element of each pair
+//     shifted up, the odd one masked in place), a multiply and an FMA per 8 lanes.
 //
 // Either way `vdp(acc, a, b)` leaves in lane i of acc: acc[i] + a[2i] b[2i] + a[2i+1] b[2i+1] in
 // fp32. Products of two bf16 are exact in fp32, so the two paths differ only in the order of fp32
@@ -112,9 +112,10 @@ static inline vacc vadd(vacc a, vacc b) { return _mm256_add_ps(a, b); }
 static inline __m256 bf16_even(vbh v) { return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)); }
 static inline __m256 bf16_odd(vbh v) { return _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xffff0000u))); }
 
+// The pair products are summed first (a multiply, then an FMA) and added to acc last: the add is
+// the only step on acc's dependency chain, and it runs on other pipes than the products.
 static inline vacc vdp(vacc acc, vbh a, vbh b) {
-    acc = _mm256_fmadd_ps(bf16_even(a), bf16_even(b), acc);
-    return _mm256_fmadd_ps(bf16_odd(a), bf16_odd(b), acc);
+    return _mm256_add_ps(acc, _mm256_fmadd_ps(bf16_even(a), bf16_even(b), _mm256_mul_ps(bf16_odd(a), bf16_odd(b))));
 }
 
 static inline float vsum(vacc a) {

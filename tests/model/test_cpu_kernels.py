@@ -44,7 +44,7 @@ def _randn(*shape, scale=1.0, seed=0):
 def test_gemm_equals_fp32_product_rounded_once(rows, n, k):
     """Both tile shapes (one weight row against up to 8 rows; square beyond) with every remainder:
     rows and weight rows not multiples of the tile, K not a multiple of the vector; past 64 rows
-    (a prefill, where the CPU lacks AVX512-BF16) in blocks of 64."""
+    in blocks of 64."""
     x = _randn(rows, 2 * k, seed=1)[:, :k]
     w = _randn(n, k, scale=k**-0.5, seed=2)
     exact = F.linear(x.float(), w.float())
@@ -53,9 +53,7 @@ def test_gemm_equals_fp32_product_rounded_once(rows, n, k):
     assert torch.all((got - exact).abs() <= BF16_STEP * exact.abs() + 1e-6)
 
 
-def test_linear_takes_the_kernel_for_decode_batches_or_where_torch_bf16_is_slow(monkeypatch):
-    """Up to GEMM_MAX_ROWS rows where the CPU has AVX512-BF16 (oneDNN's bf16 GEMM beyond); every
-    row count where it does not."""
+def test_linear_takes_the_kernel_for_decode_batches_only(monkeypatch):
     calls = []
     real = cpu_kernels.gemm
     monkeypatch.setattr(cpu_kernels, "gemm", lambda x, w: calls.append(x.shape[0]) or real(x, w))
@@ -63,13 +61,27 @@ def test_linear_takes_the_kernel_for_decode_batches_or_where_torch_bf16_is_slow(
     linear(_randn(1, 32), w)
     linear(_randn(5, 32), w)
     linear(_randn(cpu_kernels.GEMM_MAX_ROWS, 32), w)
-    linear(_randn(cpu_kernels.GEMM_MAX_ROWS + 1, 32), w)  # a prefill: oneDNN with AVX512-BF16
+    linear(_randn(cpu_kernels.GEMM_MAX_ROWS + 1, 32), w)  # a prefill: oneDNN
     linear(_randn(1, 32).float(), w.float())  # fp32: torch
     with cpu_kernels.disabled():
         linear(_randn(8, 32), w)
-    prefill = [] if "avx512bf16" in cpu_kernels.cpu_isas() else [cpu_kernels.GEMM_MAX_ROWS + 1]
-    assert cpu_kernels.gemm_max_rows() == (None if prefill else cpu_kernels.GEMM_MAX_ROWS)
-    assert calls == [1, 5, cpu_kernels.GEMM_MAX_ROWS, *prefill]
+    assert calls == [1, 5, cpu_kernels.GEMM_MAX_ROWS]
+
+
+def test_a_prefill_linear_is_computed_in_fp32_where_torch_bf16_widens(monkeypatch):
+    """On an x86 CPU without AVX512-BF16 a prefill's bf16 linear runs as an fp32 matmul rounded once
+    (the bf16 one's own sums, five times faster there); with AVX512-BF16 it stays a bf16 matmul."""
+    seen = []
+    real = F.linear
+    monkeypatch.setattr(F, "linear", lambda x, w, b=None: seen.append((x.dtype, w.dtype)) or real(x, w, b))
+    x, w, b = _randn(100, 48, seed=3), _randn(24, 48, scale=0.2, seed=4), _randn(24, seed=5)
+    got = linear(x, w, b)
+    widened = cpu_kernels.torch_bf16_widens()
+    assert widened == ("avx512bf16" not in cpu_kernels.cpu_isas())
+    assert seen == [(torch.float32, torch.float32) if widened else (torch.bfloat16, torch.bfloat16)]
+    exact = real(x.float(), w.float(), b.float())
+    assert got.dtype == torch.bfloat16
+    assert torch.all((got.float() - exact).abs() <= BF16_STEP * exact.abs() + 1e-6)
 
 
 def test_swiglu_experts_equals_shard_and_shared_mlp():
