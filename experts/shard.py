@@ -6,7 +6,8 @@ Weights are stacked per shard — ``w13 [E_local, 2I, D]`` (gate rows then up ro
 ``w2 [E_local, D, I]`` — so grouped compute indexes one tensor instead of E small modules.
 Compute paths: ``forward_loop`` (one expert at a time over a token mask; the oracle),
 ``run_sorted`` (rows pre-sorted by expert; the fast path that the MoE exchange feeds: on x86-64
-CPUs every slot runs in one kernel call, in pieces of at most ``GROUPED_MAX_ROWS`` rows) and ``forward_single`` (one token: its K experts directly). With ``mode="triton"``
+CPUs every slot runs in one kernel call, in pieces of at most ``GROUPED_MAX_ROWS`` rows) and
+``forward_single`` (one token: its K experts directly). With ``mode="triton"``
 (``expert_mode="triton"``), ``run_sorted`` is one fused Triton MoE over all slots and
 ``forward_fused`` runs a whole layer's (token, k) pairs with the routing weights in the kernel
 (``experts/triton_moe.py``); what the kernel does not take goes to the torch path, logged once.

@@ -282,7 +282,8 @@ static inline __attribute__((always_inline)) void tile_dot(const bf16* W, long l
 // Two tile shapes, MR and NR known at compile time so the loops unroll into registers. With few
 // rows the weights' memory read is the cost, and one weight row at a time against up to 8 rows of
 // X keeps it a single sequential stream (interleaving 4 weight rows read memory ~2x slower here);
-// with more rows the dot products are the cost, and 4x4 tiles load each operand for 4 of them.
+// with more rows the dot products are the cost, and 4 x SQUARE_N tiles load each operand for
+// several of them.
 static void tile_dot_narrow(const bf16* W, const xrow_t* X, long ldx, int K, float* out, long ldo, int MR) {
 #define NARROW_CASE(mr) \
     case mr: tile_dot(W, 0, X, ldx, K, out, ldo, mr, 1); return;
@@ -302,9 +303,9 @@ static void tile_dot_square(const bf16* W, long ldw, const xrow_t* X, long ldx, 
 }
 
 // warm (simd.h) reads n contiguous elements once, front to back, so that they sit in L2 for the
-// tiles that follow. The square tiles read four weight rows at once, interleaved, a pattern memory serves ~2x slower
-// than one sequential stream (see tile_dot_narrow); a chunk's weights read first as one stream and
-// then tiled from L2: 128-token prefill of small 273 -> 241 ms (best of 6), grouped experts, 64
+// tiles that follow. The square tiles read several weight rows at once, interleaved, a pattern
+// memory serves ~2x slower than one sequential stream (see tile_dot_narrow); a chunk's weights read
+// first as one stream and then tiled from L2: 128-token prefill of small 273 -> 241 ms (best of 6), grouped experts, 64
 // slots of 16 rows, 13.2 -> 10.7 ms.
 
 #define NARROW_MAX_ROWS 8  // up to this many rows of X: the narrow tiles
@@ -395,8 +396,7 @@ static void gemm_chunk(void* p, long c0, long c1) {
     }
 }
 
-// Y[m, n] = bf16(dot(W[n, :K], X[m, :K])) for any M: a decode batch's 1..64 rows, or a prefill's
-// where torch's bf16 matmul is slower (cpu_kernels.py's gemm_max_rows).
+// Y[m, n] = bf16(dot(W[n, :K], X[m, :K])) for any M (meant for a decode batch: 1..64 rows).
 void dsray_gemm_bf16(const bf16* X, long ldx, const bf16* W, long ldw, bf16* Y, long ldy, int M, int N, int K,
                      int nthreads) {
     gemv_ctx a = {X, W, Y, ldx, ldw, ldy, M, N, K, gemm_block(N, nthreads)};
