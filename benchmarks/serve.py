@@ -233,14 +233,9 @@ def _server_main(server_args: dict) -> None:
     from deploy.config import DsrayServeArgs
 
     try:
-        # Ray starts workers at nice 15; the client and the offline peer run at 0. Same priority for
-        # every side, or a busy shared machine would measure the niceness instead of the overhead.
-        launch.start(
-            DsrayServeArgs.model_validate(server_args),
-            include_dashboard=False,
-            log_to_driver=False,
-            _system_config={"worker_niceness": 0},
-        )
+        # launch.start runs Ray's workers at nice 0, as the client and the offline peer run
+        # (launch.worker_env): what `dsray serve` runs.
+        launch.start(DsrayServeArgs.model_validate(server_args), include_dashboard=False, log_to_driver=False)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:  # stop_server's SIGINT, or Ctrl-C at the terminal

@@ -176,6 +176,22 @@ def replica_handle(handle: Any) -> Any:
 
 
 LOOPBACK_HOOK = "deploy.loopback.bind_loopback_if_asked"
+WORKER_NICENESS_ENV = "RAY_worker_niceness"
+
+
+def worker_env() -> dict[str, str]:
+    """Ray settings for a cluster of our own, to be in the environment Ray starts with: its workers at
+    the niceness of any other process (0), unless the environment already says.
+
+    Ray starts workers at nice 15 so that its daemons keep the CPU under batch work. A serving
+    node's workers are the server: the engine process (a child of its LLMServer replica), the
+    replicas and HAProxy would lose every core they share with a client, a dashboard or Ray's
+    own daemons, which at nice 0 take ~30x their CPU share. Ray's job manager starts job drivers'
+    supervisors at 0 for the same reason, and benchmarks/serve.py measured its servers at 0.
+    """
+    return {} if WORKER_NICENESS_ENV in os.environ else {WORKER_NICENESS_ENV: "0"}
+
+
 GRPC_LIMIT_ENV = "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"  # Serve's gRPC servers, both directions (default 2 GiB)
 RESPONSE_BYTES_PER_TOKEN = 512  # a whole non-streamed response with top-20 logprobs stays under this
 
@@ -228,7 +244,7 @@ def init_cluster(args: DsrayServeArgs | None = None, **ray_init: Any) -> None:
         ray.init(address=address, **ray_init)
         return
     _run_dir = make_run_dir()
-    env = fast_ingress_env(_run_dir, args.front_door)
+    env = fast_ingress_env(_run_dir, args.front_door) | worker_env()
     if GRPC_LIMIT_ENV not in os.environ:
         env[GRPC_LIMIT_ENV] = str(grpc_message_limit(args))
     ray_init.setdefault("dashboard_host", "127.0.0.1")

@@ -68,7 +68,7 @@ def server(tiny_model) -> Server:
     # The Serve settings `dsray serve` starts its cluster with (HAProxy ingress), so the tests meet what users run.
     # HAProxy's files in a private folder, as `dsray serve` keeps them (pytest's own are too deep a path).
     run_dir = launch.make_run_dir()
-    with launch.cluster_env(launch.fast_ingress_env(run_dir)):
+    with launch.cluster_env(launch.fast_ingress_env(run_dir) | launch.worker_env()):
         ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(

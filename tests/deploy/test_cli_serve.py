@@ -59,6 +59,11 @@ def test_dsray_serve_starts_serves_and_stops_on_sigint(tiny_model, tmp_path):
                 model="tiny", messages=[{"role": "user", "content": "Hello"}], max_tokens=4
             )
         assert out.choices[0].message.content is not None and out.usage.completion_tokens <= 4
+        # The server's processes run at nice 0 like the client, not at Ray's worker niceness (15).
+        replicas = [pid for pid in _parents() if "ServeReplica:dsray:LLMServer" in _cmdline(pid)]
+        assert replicas, "no LLMServer replica process found"
+        for pid in replicas + [child for r in replicas for child in _descendants(r)]:  # the engine process too
+            assert _nice(pid) == 0, (pid, _cmdline(pid), _nice(pid))
         assert any("gRPC: dsray.v1.Dsray" in line and str(grpc_port) in line for line in lines)
         with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
             request = pb.GenerateRequest(prompt="Hello", sampling=pb.SamplingParams(max_tokens=2))
@@ -87,6 +92,21 @@ def _parents() -> dict[int, int]:
             if fields[0] != "Z":
                 parents[int(entry)] = int(fields[1])
     return parents
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return open(f"/proc/{pid}/cmdline").read().replace("\0", " ")
+    except OSError:
+        return ""
+
+
+def _nice(pid: int) -> int | None:
+    try:
+        stat = open(f"/proc/{pid}/stat").read()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(")") + 2 :].split()[16])  # field 19 of stat: nice
 
 
 def _descendants(pid: int) -> set[int]:
