@@ -1,18 +1,14 @@
-"""The CPU kernels of ``csrc/cpu_kernels.c``: built at first use, called through ctypes.
+"""The CPU kernels of ``csrc/``: built at first use (``kernel_build``), called through ctypes.
 
 ``gemm`` (a bf16 linear over a decode batch's rows) and ``swiglu_experts`` (one token through its routed and
 shared experts in one call) replace torch's bf16 matrix-vector path on x86-64 CPUs. They are built
-for the best instruction set the CPU has (``ISAS``, ``csrc/simd.h``): AVX512-BF16, whose
-``vdpbf16ps`` multiplies bf16 pairs in one instruction, or else AVX2 with FMA, which widens bf16 to
-fp32 in registers (torch's own bf16 matmul there runs at a sixth of its fp32 speed). Everywhere
-else ``available()`` is False and the callers keep their torch code, which is also the reference
-the tests hold these kernels to.
+for the best instruction set the CPU has (``kernel_build.ISAS``): AVX512-BF16 or AVX2 with FMA
+(torch's own bf16 matmul on the latter runs at a sixth of its fp32 speed). Everywhere else
+``available()`` is False and the callers keep their torch code, which is also the reference the
+tests hold these kernels to.
 
-The shared library is compiled with the system C compiler into ``$DSRAY_HOME/kernels`` (named by
-a hash of the source and flags, written atomically, so concurrent workers share one build). It
-runs on its own small thread pool (see the C source for why not OpenMP), as many threads as
-torch's intra-op setting. ``DSRAY_CPU_KERNELS=0`` turns the kernels off;
-``DSRAY_CPU_KERNELS_ISA=avx2`` builds the AVX2 ones on a CPU that has both.
+The kernels run on their own small thread pool (see the C source for why not OpenMP), as many
+threads as torch's intra-op setting. ``DSRAY_CPU_KERNELS=0`` turns them off.
 """
 
 from __future__ import annotations
@@ -21,92 +17,20 @@ import array
 import contextlib
 import ctypes
 import functools
-import hashlib
 import logging
-import os
-import shutil
-import subprocess
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
 
-from dsray import envs, openmp
+from dsray import envs, kernel_build, openmp
 
 logger = logging.getLogger(__name__)
 
-CSRC = Path(__file__).with_name("csrc")
-SOURCES = [CSRC / "cpu_kernels.c", CSRC / "decode_step.c"]
-HEADERS = [CSRC / "cpu_kernels.h", CSRC / "simd.h"]
-# -ffp-contract=off: a fused multiply-add would round differently from torch's separate mul and add
-# (the dot products' own FMAs are written out, in simd.h).
-CFLAGS = ["-O3", "-ffp-contract=off", "-pthread"]
-# Instruction sets the kernels are built for, best first: the compiler flags, and the /proc/cpuinfo
-# flags a CPU needs for them.
-ISAS: dict[str, tuple[list[str], tuple[str, ...]]] = {
-    "avx512bf16": (
-        ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mbmi2"],
-        ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "bmi2"),
-    ),
-    "avx2": (["-mavx2", "-mfma"], ("avx2", "fma")),
-}
 GEMM_MAX_ROWS = 64  # gemm: rows of x per call, up to a wide decode batch; prefills go to oneDNN
 
 _bf16_p = ctypes.c_void_p
 _int = ctypes.c_int
 _long = ctypes.c_long
-
-
-@functools.cache
-def cpu_isas() -> tuple[str, ...]:
-    """The instruction sets of ``ISAS`` this CPU runs, best first (none off x86-64 Linux)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ()
-    line = next((ln for ln in info.splitlines() if ln.startswith("flags")), "")
-    flags = set(line.partition(":")[2].split())
-    return tuple(isa for isa, (_, needs) in ISAS.items() if flags.issuperset(needs))
-
-
-@functools.cache
-def _chosen_isa() -> str | None:
-    """The instruction set to build for: the best this CPU has, or ``DSRAY_CPU_KERNELS_ISA``'s
-    (None: neither, or ``DSRAY_CPU_KERNELS=0``). Read once: every kernel call asks."""
-    if not envs.cpu_kernels_enabled():
-        return None
-    have = cpu_isas()
-    wanted = envs.cpu_kernels_isa()
-    if wanted is None:
-        return have[0] if have else None
-    if wanted not in ISAS:
-        raise ValueError(f"DSRAY_CPU_KERNELS_ISA={wanted!r}: not one of {', '.join(ISAS)}")
-    if wanted not in have:
-        logger.warning("DSRAY_CPU_KERNELS_ISA=%s: this CPU lacks it (it has %s)", wanted, ", ".join(have) or "neither")
-        return None
-    return wanted
-
-
-def _build(cache_dir: Path, isa: str) -> Path:
-    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
-    if compiler is None:
-        raise RuntimeError("no C compiler (gcc or cc) on PATH")
-    flags = [*CFLAGS, *ISAS[isa][0]]
-    source = b"".join(p.read_bytes() for p in [*SOURCES, *HEADERS])
-    key = hashlib.sha256(source + " ".join(flags).encode()).hexdigest()[:16]
-    target = cache_dir / f"cpu_kernels-{isa}-{key}.so"
-    if target.exists():
-        return target
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
-        built = Path(tmp) / target.name
-        cmd = [compiler, *flags, "-shared", "-fPIC", *map(str, SOURCES), "-o", str(built), "-lm"]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"compiling {CSRC} failed: {' '.join(cmd)}\n{done.stderr}")
-        os.replace(built, target)  # atomic: a concurrent build of the same key lands the same bytes
-    return target
 
 
 _enabled = True  # switched off by ``disabled()``: tests and benchmarks run the torch reference with it
@@ -150,37 +74,15 @@ def disabled() -> Iterator[None]:
         _enabled = was
 
 
-_isa: str | None = None  # set by ``using_isa()``; else ``_chosen_isa()``
-
-
-def isa() -> str | None:
-    """The instruction set the kernels run on here (None: they do not run)."""
-    return _isa or _chosen_isa()
-
-
-@contextlib.contextmanager
-def using_isa(name: str) -> Iterator[None]:
-    """Run the kernels built for ``name`` (one of ``cpu_isas()``) inside this block: tests hold each
-    instruction set's build to the same torch reference."""
-    global _isa
-    if name not in cpu_isas():
-        raise ValueError(f"this CPU does not run {name!r} (it runs {', '.join(cpu_isas()) or 'none'})")
-    was, _isa = _isa, name
-    try:
-        yield
-    finally:
-        _isa = was
-
-
 def _library() -> ctypes.CDLL | None:
-    chosen = isa()
+    chosen = kernel_build.isa()
     return None if chosen is None else _library_for(chosen)
 
 
 @functools.cache
 def _library_for(isa: str) -> ctypes.CDLL | None:
     try:
-        lib = ctypes.CDLL(str(_build(envs.dsray_home() / "kernels", isa)))
+        lib = ctypes.CDLL(str(kernel_build.build(envs.dsray_home() / "kernels", isa)))
     except (OSError, RuntimeError) as exc:
         logger.warning("dsray CPU kernels unavailable, using torch's bf16 kernels: %s", exc)
         return None
@@ -259,7 +161,8 @@ def torch_bf16_widens() -> bool:
     CPU without AVX512-BF16. There it runs at a fifth of the same matmul in fp32 (2 Zen cores,
     1,024 x 1,024 weights, 128 to 512 rows: ~11 against 47-58 GFLOP/s, the widening of both
     operands included), so bf16 prefills are better computed in fp32 (``layers.linear``)."""
-    return "avx2" in cpu_isas() and "avx512bf16" not in cpu_isas()
+    have = kernel_build.cpu_isas()
+    return "avx2" in have and "avx512bf16" not in have
 
 
 def gemm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -31,15 +31,15 @@ if not torch.cuda.is_available() and "triton" not in sys.modules:
         else:
             os.environ["TRITON_INTERPRET"] = previous
 
-from dsray import cpu_kernels  # noqa: E402  (after Triton, as the docstring says)
+from dsray import kernel_build  # noqa: E402  (after Triton, as the docstring says)
 
 
-@pytest.fixture(params=cpu_kernels.cpu_isas() or ["none"])
+@pytest.fixture(params=kernel_build.cpu_isas() or ["none"])
 def kernel_isa(request):
-    """Each instruction set this CPU runs dsray's CPU kernels on (``cpu_kernels.cpu_isas``), in turn:
+    """Each instruction set this CPU runs dsray's CPU kernels on (``kernel_build.cpu_isas``), in turn:
     on an AVX512-BF16 machine the AVX2 build is held to the same reference as well."""
     if request.param == "none":
         yield None
         return
-    with cpu_kernels.using_isa(request.param):
+    with kernel_build.using_isa(request.param):
         yield request.param

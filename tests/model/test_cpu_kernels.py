@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from attention.metadata import AttentionMetadata
-from dsray import cpu_kernels
+from dsray import cpu_kernels, kernel_build
 from dsray.config import ModelArgs
 from dsray.layers import MLP, RMSNorm, linear
 from dsray.simple_generate import SingleSequence
@@ -77,7 +77,7 @@ def test_a_prefill_linear_is_computed_in_fp32_where_torch_bf16_widens(monkeypatc
     x, w, b = _randn(100, 48, seed=3), _randn(24, 48, scale=0.2, seed=4), _randn(24, seed=5)
     got = linear(x, w, b)
     widened = cpu_kernels.torch_bf16_widens()
-    assert widened == ("avx512bf16" not in cpu_kernels.cpu_isas())
+    assert widened == ("avx512bf16" not in kernel_build.cpu_isas())
     assert seen == [(torch.float32, torch.float32) if widened else (torch.bfloat16, torch.bfloat16)]
     exact = real(x.float(), w.float(), b.float())
     assert got.dtype == torch.bfloat16
@@ -414,7 +414,7 @@ def test_steps_of_many_sequences_leave_the_front_end_its_cores_while_it_is_busy(
 
 
 def test_the_kernels_run_on_the_cpus_best_instruction_set_unless_told_otherwise(monkeypatch):
-    have = cpu_kernels.cpu_isas()
+    have = kernel_build.cpu_isas()
     assert "avx2" in have  # every CPU these kernels run on has it (AVX512-BF16 ones included)
 
     def chosen(**env):
@@ -422,8 +422,8 @@ def test_the_kernels_run_on_the_cpus_best_instruction_set_unless_told_otherwise(
             monkeypatch.delenv(name, raising=False)
         for name, value in env.items():
             monkeypatch.setenv(name, value)
-        cpu_kernels._chosen_isa.cache_clear()
-        return cpu_kernels._chosen_isa()
+        kernel_build.chosen_isa.cache_clear()
+        return kernel_build.chosen_isa()
 
     try:
         assert chosen() == have[0]
@@ -431,12 +431,12 @@ def test_the_kernels_run_on_the_cpus_best_instruction_set_unless_told_otherwise(
         assert chosen(DSRAY_CPU_KERNELS="0", DSRAY_CPU_KERNELS_ISA="avx2") is None
         with pytest.raises(ValueError, match="DSRAY_CPU_KERNELS_ISA='sse2': not one of avx512bf16, avx2"):
             chosen(DSRAY_CPU_KERNELS_ISA="sse2")
-        missing = [name for name in cpu_kernels.ISAS if name not in have]
+        missing = [name for name in kernel_build.ISAS if name not in have]
         if missing:  # asked for one this CPU lacks: no kernels (torch's paths), and a warning
             assert chosen(DSRAY_CPU_KERNELS_ISA=missing[0]) is None
-            with pytest.raises(ValueError, match="this CPU does not run"), cpu_kernels.using_isa(missing[0]):
+            with pytest.raises(ValueError, match="this CPU does not run"), kernel_build.using_isa(missing[0]):
                 pass
     finally:
         monkeypatch.undo()
-        cpu_kernels._chosen_isa.cache_clear()
-    assert cpu_kernels.isa() in have
+        kernel_build.chosen_isa.cache_clear()
+    assert kernel_build.isa() in have
