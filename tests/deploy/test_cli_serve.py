@@ -15,6 +15,7 @@ import time
 import grpc
 import openai
 
+from deploy import launch
 from deploy.launch import free_port
 from deploy.proto_gen import dsray_pb2 as pb
 from deploy.proto_gen.dsray_pb2_grpc import DsrayStub
@@ -64,6 +65,11 @@ def test_dsray_serve_starts_serves_and_stops_on_sigint(tiny_model, tmp_path):
         assert replicas, "no LLMServer replica process found"
         for pid in replicas + [child for r in replicas for child in _descendants(r)]:  # the engine process too
             assert _nice(pid) == 0, (pid, _cmdline(pid), _nice(pid))
+        # Serve's controller reconciles every 0.5 s, not 0.1 s (launch.worker_env).
+        controllers = [pid for pid in _parents() if "ServeController" in _cmdline(pid)]
+        assert controllers, "no ServeController process found"
+        interval = f"{launch.CONTROL_LOOP_ENV}={launch.CONTROL_LOOP_INTERVAL_S}"
+        assert all(interval in _environ(pid) for pid in controllers), [_environ(pid) for pid in controllers]
         assert any("gRPC: dsray.v1.Dsray" in line and str(grpc_port) in line for line in lines)
         with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
             request = pb.GenerateRequest(prompt="Hello", sampling=pb.SamplingParams(max_tokens=2))
@@ -99,6 +105,13 @@ def _cmdline(pid: int) -> str:
         return open(f"/proc/{pid}/cmdline").read().replace("\0", " ")
     except OSError:
         return ""
+
+
+def _environ(pid: int) -> list[str]:
+    try:
+        return open(f"/proc/{pid}/environ").read().split("\0")
+    except OSError:
+        return []
 
 
 def _nice(pid: int) -> int | None:
