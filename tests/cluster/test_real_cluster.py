@@ -119,12 +119,32 @@ def _serve_run(config: Path, address: str) -> subprocess.Popen:
 
 
 def _stop(proc: subprocess.Popen) -> None:
+    """Stop ``serve run`` and wait until its application's actors are gone; the cluster stays for the next test.
+
+    ``serve run`` shuts Serve down on SIGINT, but not always before it exits (or is killed after 60 s):
+    a CI run once found the first test's application still deployed when the next one started, whose
+    LLMServer then never became healthy. So Serve is shut down from here too, and the next test starts
+    only when no replica or engine worker of this one is alive.
+    """
     proc.send_signal(2)
     try:
         proc.wait(timeout=60)
     except subprocess.TimeoutExpired:
         proc.kill()
-    # `serve run` shuts Serve down on SIGINT; the cluster itself stays for the next test.
+        proc.wait()
+    serve.shutdown()
+    deadline = time.monotonic() + 120
+    left = _serving_actors()
+    while left and time.monotonic() < deadline:
+        time.sleep(1)
+        left = _serving_actors()
+    assert not left, f"actors of the stopped application still alive after 120 s: {left}"
+
+
+def _serving_actors() -> list[str]:
+    """Class names of the live actors an application leaves behind: Serve's and the engine's workers."""
+    names = ("ServeReplica", "ServeController", "AttentionWorker", "ExpertWorker")
+    return [name for name in _alive_actor_nodes() if any(part in name for part in names)]
 
 
 def test_workers_land_on_their_node_types_and_chat_works(cluster):
