@@ -18,7 +18,7 @@
 // another thread has claimed, never for a thread to wake up. On a busy machine (a serving node
 // runs several processes on few cores) an OpenMP barrier waits a whole scheduler time slice for
 // a descheduled thread, many times per decode step; here a late thread finds no work left.
-// Built at first use by dsray/cpu_kernels.py, once per instruction set (simd.h says what differs).
+// Built at first use by dsray/kernel_build.py, once per instruction set (simd.h says what differs).
 
 #include <immintrin.h>
 #include <linux/futex.h>

@@ -1,5 +1,5 @@
 // The vector primitives of cpu_kernels.c, for the two instruction sets it is built for
-// (dsray/cpu_kernels.py picks one by the CPU's flags):
+// (dsray/kernel_build.py picks one by the CPU's flags):
 //
 //   AVX512-BF16 (Intel Cooper Lake, Sapphire Rapids and later; AMD Zen 4 and later): a vector is
 //     32 bf16; `vdpbf16ps` multiplies 16 pairs of them and adds each pair's two products to one
