@@ -150,6 +150,14 @@ class DsrayServeArgs(_Strict):
         description="Streaming: chunks a replica aims to send per second over all its streams; under load "
         "each stream's chunks carry more tokens instead (0: no target, a chunk per engine step).",
     )
+    stream_keepalive_s: float = Field(
+        15.0,
+        ge=0,
+        description="Streaming: a request still waiting for its first token after this many seconds gets its 200 "
+        "and an SSE comment line (': queued') every this many seconds until the token, so clients' and proxies' "
+        "read timeouts see bytes while it queues; a later failure is then an SSE error event. Requests with "
+        "deadline_s keep their status until the first token (a 504 when the deadline passes). 0: off.",
+    )
     max_request_body_bytes: int | None = Field(
         None,
         ge=1024,

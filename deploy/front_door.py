@@ -112,6 +112,16 @@ async def control(call: Any) -> Any:
 # Streams --------------------------------------------------------------------------------------
 
 
+async def next_message(stream: Any) -> StreamChunk | ErrorInfo:
+    """``stream``'s next message; a failed call or a stream that ended early as an ``ErrorInfo``."""
+    try:
+        return await stream.__anext__()
+    except StopAsyncIteration:
+        return cut_short()
+    except Exception as exc:
+        return handle_failure(exc)
+
+
 async def chunks(
     stream: Any, observer: RequestObserver, first: StreamChunk | ErrorInfo | None = None
 ) -> AsyncIterator[StreamChunk | ErrorInfo]:
@@ -124,12 +134,7 @@ async def chunks(
     chunk = first
     while True:
         if chunk is None:
-            try:
-                chunk = await stream.__anext__()
-            except StopAsyncIteration:
-                chunk = cut_short()
-            except Exception as exc:
-                chunk = handle_failure(exc)
+            chunk = await next_message(stream)
         if isinstance(chunk, ErrorInfo):
             yield chunk
             return

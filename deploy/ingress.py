@@ -5,9 +5,11 @@ to an LLMServer replica. The admission rules (API key, request id, model name, w
 means) are ``deploy/front_door.py``'s; this module reads them from and writes them to HTTP.
 The first message decides the HTTP status (an ``ErrorInfo`` becomes an OpenAI error body; a
 chunk starts a 200 stream), so refusals are real 4xx/5xx responses, never an error hidden
-inside a 200. The FastAPI routes are methods of ``OpenAIIngress``;
-``serve.ingress`` is applied where the class is defined because it rewrites the route
-signatures, and a replica importing this module must get the rewritten ones.
+inside a 200 — except for a stream whose first message is slow to come (``stream_keepalive_s``):
+it gets its 200 and SSE comments while it queues, so that read timeouts see bytes. The FastAPI
+routes are methods of ``OpenAIIngress``; ``serve.ingress`` is applied where the class is defined
+because it rewrites the route signatures, and a replica importing this module must get the
+rewritten ones.
 """
 
 # No `from __future__ import annotations` here: FastAPI must see the route parameters' real
@@ -36,6 +38,7 @@ from deploy.front_door import (
     control,
     handle_failure,
     model_error,
+    next_message,
     request_id_error,
     scheduling_error,
     unhealthy,
@@ -51,6 +54,7 @@ logger = logging.getLogger(__name__)
 ChunkStream = DeploymentResponseGenerator | MuxStream  # what open_stream returns
 
 REQUEST_ID_HEADER = "x-request-id"
+KEEPALIVE_EVENT = ": queued\n\n"  # an SSE comment: sent while a committed stream waits for its first token
 RETRY_AFTER_S = 1  # a full queue drains within a few decode steps of the running batch
 # Request bodies by default: room for a context of text prompt, JSON-escaped (a CJK character is 6 bytes
 # as \uXXXX and about a token), and never under 1 MiB. Past it: 413, before the body is read whole.
@@ -155,23 +159,35 @@ async def disconnected(request: Request) -> None:
         pass
 
 
-async def unless_disconnected(request: Request, awaitable: Any) -> tuple[bool, Any]:
-    """``(True, result)`` of ``awaitable``, or ``(False, None)`` once the client has gone (it is cancelled then).
+async def until_disconnected(request: Request, work: asyncio.Future, timeout: float | None = None) -> bool | None:
+    """Wait for ``work``: True once it is done; False once the client has gone (``work`` is cancelled
+    then, as it is if this wait is); None after ``timeout`` seconds, ``work`` still running.
 
     While a request waits for its first token, or a non-streaming one for its last, nothing is
     written to the client, so nothing else would notice it leave.
     """
-    work = asyncio.ensure_future(awaitable)
     gone = asyncio.ensure_future(disconnected(request))
     try:
-        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({work, gone}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        work.cancel()
+        raise
     finally:
         gone.cancel()
+    if work.done():
+        return not work.cancelled()
+    if gone.done():
+        work.cancel()
+        return False
+    return None
+
+
+async def keepalive_until(work: asyncio.Future, interval_s: float) -> AsyncIterator[str]:
+    """An SSE comment line every ``interval_s`` seconds until ``work`` is done (clients skip comments)."""
+    while not work.done():
+        await asyncio.wait({work}, timeout=interval_s)
         if not work.done():
-            work.cancel()
-    if not work.done() or work.cancelled():
-        return False, None
-    return True, work.result()
+            yield KEEPALIVE_EVENT
 
 
 # The deployment ---------------------------------------------------------------------------
@@ -342,34 +358,39 @@ class OpenAIIngress:
 
         observer = self.metrics.observer()
         stream = self.open_stream(generate_request)
+        response = ResponseBuilder(request_id, self.model_name, body_cls is ChatCompletionRequest, body)
+        first = asyncio.ensure_future(next_message(stream))
+        # A stream commits to its 200 early when its first token is slow to come (a long queue), so
+        # that bytes flow; one with a deadline keeps its status for the 504 a missed deadline gets.
+        keepalive_s = self.args.stream_keepalive_s
+        patience = keepalive_s if body.stream and keepalive_s > 0 and body.deadline_s is None else None
         try:
-            answered, first = await unless_disconnected(request, stream.__anext__())
-        except asyncio.CancelledError:
+            answered = await until_disconnected(request, first, patience)
+        except BaseException:
             stream.cancel()
             raise
-        except Exception as exc:
-            stream.cancel()
-            return error_response(handle_failure(exc))
-        if not answered:
+        if answered is False:
             stream.cancel()  # the client left while the request queued or prefilled: abort it
             return Response(status_code=499)
-        if isinstance(first, ErrorInfo):
-            return error_response(first)
-        chat = body_cls is ChatCompletionRequest
-        response = ResponseBuilder(request_id, self.model_name, chat, body)
+        if answered is None:  # still queued: a 200 now, comments until the first token
+            events = self._stream_events(response, first, stream, observer)
+            return StreamingResponse(events, media_type="text/event-stream")
+        if isinstance(first.result(), ErrorInfo):
+            return error_response(first.result())
         if body.stream:
             events = self._stream_events(response, first, stream, observer)
             return StreamingResponse(events, media_type="text/event-stream")
+        final = asyncio.ensure_future(self._collect(response, first.result(), stream, observer))
         try:
-            answered, final = await unless_disconnected(request, self._collect(response, first, stream, observer))
+            answered = await until_disconnected(request, final)
         finally:
             if not observer.done:
                 stream.cancel()  # the client left (or the stream failed): abort the request
         if not answered:
             return Response(status_code=499)  # nobody is there to read it
-        if isinstance(final, ErrorInfo):
-            return error_response(final)
-        return JSONResponse(response.full(final))
+        if isinstance(final.result(), ErrorInfo):
+            return error_response(final.result())
+        return JSONResponse(response.full(final.result()))
 
     def _generate_request(self, body: CompletionRequest | ChatCompletionRequest, request_id: str) -> GenerateRequest:
         if isinstance(body, ChatCompletionRequest):
@@ -396,17 +417,21 @@ class OpenAIIngress:
     async def _stream_events(
         self,
         response: ResponseBuilder,
-        first: StreamChunk,
+        first: asyncio.Future,
         stream: ChunkStream,
         observer: RequestObserver,
     ) -> AsyncIterator[str]:
         """SSE events: one per chunk, an error event if the request fails midway, usage, ``[DONE]``.
 
+        While ``first`` (the first message) is still to come, a keep-alive comment every
+        ``stream_keepalive_s``; a refusal that comes then is an error event, the 200 being sent.
         The last chunk's event, the usage event and ``[DONE]`` go out as one write: each write is a
         trip through the ASGI stack and the HTTP front door, and the client reads events, not writes.
         """
         try:
-            async for chunk in chunks(stream, observer, first):
+            async for comment in keepalive_until(first, self.args.stream_keepalive_s):
+                yield comment
+            async for chunk in chunks(stream, observer, first.result()):
                 if isinstance(chunk, ErrorInfo):
                     error = {"message": chunk.message, "type": chunk.type, "param": chunk.param}
                     yield _sse({"error": {**error, "code": chunk.code or chunk.status}}) + "data: [DONE]\n\n"
@@ -419,6 +444,7 @@ class OpenAIIngress:
                 return
             yield "data: [DONE]\n\n"
         finally:
+            first.cancel()  # a no-op once it is done
             if not observer.done:
                 stream.cancel()  # the client disconnected: abort the request in the engine
 

@@ -75,6 +75,8 @@ def _serve(args: argparse.Namespace) -> int:
         fields["max_waiting_requests"] = args.max_waiting_requests
     if args.max_request_body_bytes is not None:
         fields["max_request_body_bytes"] = args.max_request_body_bytes
+    if args.stream_keepalive_s is not None:
+        fields["stream_keepalive_s"] = args.stream_keepalive_s
     if args.max_connections_per_client is not None:
         fields["front_door"] = {"max_connections_per_client": args.max_connections_per_client}
     try:
@@ -129,6 +131,13 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     )
     srv.add_argument(
         "--max-waiting-requests", type=int, default=None, help="queue beyond a full batch; more get 429 (default 1024)"
+    )
+    srv.add_argument(
+        "--stream-keepalive-s",
+        type=float,
+        default=None,
+        help="a stream still queued after this many seconds gets its 200 and an SSE comment every this many "
+        "seconds until its first token, so client read timeouts see bytes (default 15; 0: off)",
     )
     srv.add_argument(
         "--max-request-body-bytes",

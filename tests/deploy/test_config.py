@@ -71,6 +71,18 @@ def test_num_threads_reaches_the_engine(monkeypatch, capsys):
     assert "num_threads: Input should be greater than or equal to 1" in capsys.readouterr().err
 
 
+def test_stream_keepalive_reaches_the_app(monkeypatch, capsys):
+    import deploy.launch
+    from dsray.cli import main
+
+    seen = []
+    monkeypatch.setattr(deploy.launch, "serve_forever", lambda args: seen.append(args) or 0)
+    assert main(["serve"]) == 0 and main(["serve", "--stream-keepalive-s", "0"]) == 0
+    assert [args.stream_keepalive_s for args in seen] == [15.0, 0.0]
+    assert main(["serve", "--stream-keepalive-s", "-1"]) == 2
+    assert "stream_keepalive_s: Input should be greater than or equal to 0" in capsys.readouterr().err
+
+
 def test_a_cluster_of_our_own_offers_the_cpus_the_workers_reserve():
     from deploy.launch import logical_cpus_wanted
 

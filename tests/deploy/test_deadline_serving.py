@@ -4,7 +4,11 @@ finish_reason "length", stop_reason "deadline" and its tokens counted; invalid v
 naming the field. Waiting is made certain by filling every sequence slot of a second app, whose
 every step sleeps (``slow_async_llm``), with requests that run for the whole test: never by how
 fast a step of the real engine is (the C decode step finishes a whole tiny context in well under
-a second)."""
+a second).
+
+The same app sends keep-alives early (``KEEPALIVE_S``): a stream that waits for its first token
+gets its 200 and ``: queued`` comment lines, so a client's read timeout shorter than the queue
+does not end it; a streaming request with a deadline keeps its 504."""
 
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from dsray.testing import wait_for
 
 APP = ("application", "dsray")
 SLOW = "deadline-slow"  # the app whose steps sleep: its slots stay taken for as long as a test needs
+KEEPALIVE_S = 0.5  # the slow app's stream_keepalive_s
 
 
 def _idle(server, app: str = "dsray") -> dict:
@@ -48,6 +53,7 @@ def slow(server):
         "model": str(server.model_dir),
         "api_key": server.api_key,
         "max_waiting_requests": 2,
+        "stream_keepalive_s": KEEPALIVE_S,
         "engine": {"max_model_len": server.max_model_len, "max_num_seqs": 2, "kv_cache_memory_gb": 0.05},
     }
     serve.run(build_app_with_engine(args, slow_async_llm), name=SLOW, route_prefix=f"/{SLOW}")
@@ -77,7 +83,7 @@ def _every_slot_taken(server):
             lines = response.iter_lines()
             responses.append((response, lines))  # dropping the line iterator would close the connection
             assert response.status_code == 200
-            assert next(line for line in lines if line).startswith(b"data: ")
+            assert next(line for line in lines if line and not line.startswith(b":")).startswith(b"data: ")
         slots_full = lambda s: s["num_requests_running"] == server.max_num_seqs  # noqa: E731
         wait_for(lambda: server.stats(SLOW), slots_full, 10, "every slot taken")
         yield
@@ -254,3 +260,89 @@ def test_sse_stream_last_chunk_carries_stop_reason(server, http, cut_s):
     assert all(
         "stop_reason" not in e["choices"][0] for e in events if e["choices"] and not e["choices"][0]["finish_reason"]
     )
+
+
+# Keep-alive while queued ----------------------------------------------------------------------
+
+
+def _queued_stream(server, **fields):
+    """A streaming completion of priority 0 to ``server`` (raw SSE), its response and line iterator."""
+    body = {"model": server.model, "prompt": [5, 6, 7], "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+    body.update(stream=True, **fields)
+    response = requests.post(f"{server.base_url}/completions", json=body, headers=server.auth, stream=True, timeout=60)
+    return response, response.iter_lines()
+
+
+def test_queued_stream_gets_its_200_and_comments_then_its_tokens(slow, client):
+    _idle(slow, SLOW)
+    with _every_slot_taken(slow):
+        response, lines = _queued_stream(slow)
+        assert response.status_code == 200  # headers sent while every slot is still taken
+        lines = (line for line in lines if line)
+        before = [next(lines), next(lines)]
+        assert slow.stats(SLOW)["num_requests_waiting"] == 1  # still queued after them
+    assert before == [b": queued", b": queued"]
+    events = [line for line in lines if line != b": queued"]
+    response.close()
+    assert events[-1] == b"data: [DONE]"
+    chunks = [json.loads(line[6:]) for line in events[:-1]]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    expected = client.completions.create(
+        model=slow.model, prompt=[5, 6, 7], max_tokens=8, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert "".join(c["choices"][0]["text"] for c in chunks) == expected.choices[0].text
+    _idle(slow, SLOW)
+
+
+def test_openai_client_read_timeout_shorter_than_the_queue(slow):
+    """The official client gives up on a read after its timeout; comments keep its stream alive
+    while the request waits 4x that long, and the answer comes in full."""
+    import threading
+
+    _idle(slow, SLOW)
+    read_timeout_s = 4 * KEEPALIVE_S
+    result: dict = {}
+
+    def read() -> None:
+        with openai.OpenAI(base_url=slow.base_url, api_key=slow.api_key, max_retries=0, timeout=read_timeout_s) as c:
+            try:
+                stream = c.completions.create(
+                    model=slow.model, prompt="queued", max_tokens=4, stream=True, extra_body={"ignore_eos": True}
+                )
+                result["chunks"] = list(stream)
+            except Exception as exc:  # reported below, on the test's thread
+                result["error"] = exc
+
+    with _every_slot_taken(slow):
+        reader = threading.Thread(target=read)
+        reader.start()
+        wait_for(lambda: slow.stats(SLOW), lambda s: s["num_requests_waiting"] == 1, 10, "the request queued")
+        time.sleep(4 * read_timeout_s)
+        assert reader.is_alive() and slow.stats(SLOW)["num_requests_waiting"] == 1
+    reader.join(60)
+    assert "error" not in result, result.get("error")
+    finals = [c.choices[0] for c in result["chunks"] if c.choices and c.choices[0].finish_reason]
+    assert [f.finish_reason for f in finals] == ["length"]
+    _idle(slow, SLOW)
+
+
+def test_client_leaving_a_committed_queued_stream_aborts_it(slow):
+    _idle(slow, SLOW)
+    with _every_slot_taken(slow):
+        response, lines = _queued_stream(slow)
+        assert response.status_code == 200 and next(line for line in lines if line) == b": queued"
+        response.close()
+        wait_for(lambda: slow.stats(SLOW), lambda s: s["num_requests_waiting"] == 0, 10, "the request aborted")
+        assert slow.stats(SLOW)["num_requests_admitted"] == slow.max_num_seqs  # the slot-takers alone
+    _idle(slow, SLOW)
+
+
+def test_queued_stream_with_a_deadline_keeps_its_504(slow):
+    """A deadline longer than the keep-alive wait: still no early 200, the missed deadline is a 504."""
+    _idle(slow, SLOW)
+    with _every_slot_taken(slow):
+        response, _ = _queued_stream(slow, deadline_s=4 * KEEPALIVE_S)
+        with response:
+            assert response.status_code == 504
+            assert response.json()["error"]["code"] == "deadline_exceeded"
+    _idle(slow, SLOW)
