@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from deploy.config import DsrayServeArgs, FrontDoorArgs
-from dsray import envs
+from dsray import cpu_sched, envs
 
 APP_NAME = "dsray"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -259,7 +259,9 @@ def init_cluster(args: DsrayServeArgs | None = None, **ray_init: Any) -> None:
     ray_init.setdefault("num_cpus", max(os.cpu_count() or 1, math.ceil(logical_cpus_wanted(args))))
     if args.host in LOOPBACK_HOSTS:  # every worker of the job (Serve's proxies too) binds gRPC to 127.0.0.1
         ray_init["runtime_env"] = {"worker_process_setup_hook": LOOPBACK_HOOK, **(ray_init.get("runtime_env") or {})}
-    with cluster_env(env), single_machine(args.host in LOOPBACK_HOSTS):
+    # Ray's daemons and every worker they start run SCHED_BATCH: a waking one no longer preempts an engine
+    # thread mid-barrier (dsray/cpu_sched.py); the engine and Ray-executor workers move back to SCHED_OTHER.
+    with cluster_env(env), single_machine(args.host in LOOPBACK_HOSTS), cpu_sched.background():
         # "local": never attach to some other cluster on this machine unless RAY_ADDRESS says so.
         ray.init(address="local", **ray_init)
 

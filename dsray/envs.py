@@ -58,3 +58,9 @@ def cpu_exchange() -> str:
     if value not in ("socket", "gloo"):
         raise ValueError(f"DSRAY_CPU_EXCHANGE={value!r}: use 'socket' or 'gloo'")
     return value
+
+
+def batch_scheduling() -> bool:
+    """Whether a cluster ``dsray serve`` starts runs its non-compute processes SCHED_BATCH
+    (``DSRAY_SCHED_BATCH``, default on; ``0`` turns off; ``dsray/cpu_sched.py``)."""
+    return os.environ.get("DSRAY_SCHED_BATCH", "1").strip().lower() not in ("0", "false", "no", "off")

@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from dsray import cpu_sched
 from dsray.checkpoint import SCALE_SUFFIX, Checkpoint
 from dsray.comm import Transport, free_address, init_group
 from dsray.config import ModelArgs
@@ -85,6 +86,7 @@ def _lowest_thread_priority() -> None:
 
 class _Worker:
     def __init__(self, config: EngineConfig, rank: int, world_size: int, expert_map: ExpertMap, num_threads: int):
+        cpu_sched.as_compute()  # a Ray worker of a cluster dsray started runs SCHED_BATCH; this one computes
         torch.set_num_threads(max(1, num_threads))
         self.config = config
         self.rank = rank

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field, replace
 
+from dsray import cpu_sched
 from dsray.autoscaler import PoolAutoscaler
 from dsray.balancer import ExpertBalancer
 from dsray.config import ModelArgs
@@ -107,6 +108,7 @@ class RequestChecks:
 
 class LLMEngine(RequestChecks):
     def __init__(self, config: EngineConfig, executor: Executor | None = None):
+        cpu_sched.as_compute()  # in a cluster dsray started, this process computes: back to SCHED_OTHER
         self.config = config
         self.args = ModelArgs.from_pretrained(config.model)
         try:

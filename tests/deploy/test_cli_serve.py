@@ -19,6 +19,7 @@ from deploy import launch
 from deploy.launch import free_port
 from deploy.proto_gen import dsray_pb2 as pb
 from deploy.proto_gen.dsray_pb2_grpc import DsrayStub
+from dsray import cpu_sched
 
 
 def _dsray_serve(model, *options: str, **env: str) -> tuple[list[str], dict[str, str]]:
@@ -65,6 +66,12 @@ def test_dsray_serve_starts_serves_and_stops_on_sigint(tiny_model, tmp_path):
         assert replicas, "no LLMServer replica process found"
         for pid in replicas + [child for r in replicas for child in _descendants(r)]:  # the engine process too
             assert _nice(pid) == 0, (pid, _cmdline(pid), _nice(pid))
+        if cpu_sched.supported():  # Ray's processes run SCHED_BATCH, the engine process SCHED_OTHER
+            engines = [child for r in replicas for child in _descendants(r) if "spawn_main" in _cmdline(child)]
+            daemons = [pid for pid in _descendants(proc.pid) if "gcs_server" in _cmdline(pid)]
+            assert engines and daemons, (engines, daemons)
+            assert {_policy(pid) for pid in replicas + daemons} == {os.SCHED_BATCH}
+            assert {_policy(pid) for pid in engines} == {os.SCHED_OTHER}
         # Serve's controller reconciles every 0.5 s, not 0.1 s (launch.worker_env).
         controllers = [pid for pid in _parents() if "ServeController" in _cmdline(pid)]
         assert controllers, "no ServeController process found"
@@ -120,6 +127,13 @@ def _nice(pid: int) -> int | None:
     except OSError:
         return None
     return int(stat[stat.rindex(")") + 2 :].split()[16])  # field 19 of stat: nice
+
+
+def _policy(pid: int) -> int | None:
+    try:
+        return os.sched_getscheduler(pid)
+    except OSError:
+        return None
 
 
 def _descendants(pid: int) -> set[int]:
