@@ -287,8 +287,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--num-threads", type=int, default=None, help="torch threads of the engine (both sides)")
-    parser.add_argument("--stream-interval-ms", type=float, default=0.0, help="LLMServer: least gather time")
-    parser.add_argument("--stream-chunks-per-s", type=float, default=500.0, help="LLMServer: chunk rate target")
+    parser.add_argument("--stream-interval-ms", type=float, help="LLMServer: least gather time (default: the server's)")
+    parser.add_argument(
+        "--stream-chunks-per-s", type=float, help="LLMServer: chunk rate target (default: the server's)"
+    )
     parser.add_argument(
         "--front-end-cores", type=int, default=None, help="server's engine.front_end_cores (default: the server's, 1)"
     )
@@ -304,7 +306,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from deploy import launch
+    from deploy.config import DsrayServeArgs
     from dsray.make_model import ensure_default_model
+
+    for field in ("stream_interval_ms", "stream_chunks_per_s"):  # unset: what `dsray serve` runs with
+        if getattr(args, field) is None:
+            setattr(args, field, DsrayServeArgs.model_fields[field].default)
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # one socket per concurrent client

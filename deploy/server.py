@@ -142,7 +142,7 @@ class LLMServer:
         engine_config: EngineConfig | dict[str, Any],
         served_model_name: str | None = None,
         max_waiting_requests: int = 1024,
-        stream_interval_ms: float = 0.0,
+        stream_interval_ms: float = 50.0,
         stream_chunks_per_s: float = 500.0,
         engine_cls: type[EngineProtocol] = AsyncLLM,
     ):

@@ -77,6 +77,8 @@ def _serve(args: argparse.Namespace) -> int:
         fields["max_request_body_bytes"] = args.max_request_body_bytes
     if args.stream_keepalive_s is not None:
         fields["stream_keepalive_s"] = args.stream_keepalive_s
+    if args.stream_interval_ms is not None:
+        fields["stream_interval_ms"] = args.stream_interval_ms
     if args.max_connections_per_client is not None:
         fields["front_door"] = {"max_connections_per_client": args.max_connections_per_client}
     try:
@@ -131,6 +133,13 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     )
     srv.add_argument(
         "--max-waiting-requests", type=int, default=None, help="queue beyond a full batch; more get 429 (default 1024)"
+    )
+    srv.add_argument(
+        "--stream-interval-ms",
+        type=float,
+        default=None,
+        help="after a stream's first token, gather tokens at least this long per chunk (default 50; 0: a chunk "
+        "per engine step)",
     )
     srv.add_argument(
         "--stream-keepalive-s",

@@ -71,16 +71,19 @@ def test_num_threads_reaches_the_engine(monkeypatch, capsys):
     assert "num_threads: Input should be greater than or equal to 1" in capsys.readouterr().err
 
 
-def test_stream_keepalive_reaches_the_app(monkeypatch, capsys):
+@pytest.mark.parametrize(
+    "flag, field, default", [("keepalive-s", "stream_keepalive_s", 15.0), ("interval-ms", "stream_interval_ms", 50.0)]
+)
+def test_stream_settings_reach_the_app(monkeypatch, capsys, flag, field, default):
     import deploy.launch
     from dsray.cli import main
 
     seen = []
     monkeypatch.setattr(deploy.launch, "serve_forever", lambda args: seen.append(args) or 0)
-    assert main(["serve"]) == 0 and main(["serve", "--stream-keepalive-s", "0"]) == 0
-    assert [args.stream_keepalive_s for args in seen] == [15.0, 0.0]
-    assert main(["serve", "--stream-keepalive-s", "-1"]) == 2
-    assert "stream_keepalive_s: Input should be greater than or equal to 0" in capsys.readouterr().err
+    assert main(["serve"]) == 0 and main(["serve", f"--stream-{flag}", "0"]) == 0
+    assert [getattr(args, field) for args in seen] == [default, 0.0]
+    assert main(["serve", f"--stream-{flag}", "-1"]) == 2
+    assert f"{field}: Input should be greater than or equal to 0" in capsys.readouterr().err
 
 
 def test_a_cluster_of_our_own_offers_the_cpus_the_workers_reserve():
