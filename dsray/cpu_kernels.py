@@ -27,6 +27,15 @@ from dsray import envs, kernel_build, openmp
 logger = logging.getLogger(__name__)
 
 GEMM_MAX_ROWS = 64  # gemm: rows of x per call, up to a wide decode batch; prefills go to oneDNN
+# Where the CPU has AMX (``onednn_amx``), oneDNN's bf16 GEMM on its tiles beats these kernels from
+# about this many rows. Measured on 2 Sapphire Rapids cores, kernel time over oneDNN's, on `small`'s
+# weights (lm_head, attention projections, dense and shared-expert MLPs): 4 rows 0.6-1.4, 8 rows
+# 0.8-2.0, 16 rows 1.3-2.8, 32 rows 2.1-4.4, 64 rows 3.6-6.4 (one and two threads).
+ONEDNN_MIN_ROWS = 8
+# The same for one routed expert's rows (``ExpertShard.run_sorted``): the grouped kernel runs many
+# slots in one call, so oneDNN's per-call cost counts more. 64 slots of `small`, kernel over oneDNN:
+# 16 rows a slot 0.85-1.05, 32 rows 1.4-1.8, 64 rows 2.1-2.7, 128 rows 3.0-3.8.
+GROUPED_ONEDNN_MIN_ROWS = 24
 
 _bf16_p = ctypes.c_void_p
 _int = ctypes.c_int
@@ -61,6 +70,33 @@ def torch_single_threaded() -> Iterator[None]:
     finally:
         torch.set_num_threads(was)
         _threads = outer
+
+
+@contextlib.contextmanager
+def all_threads() -> Iterator[None]:
+    """Inside ``torch_single_threaded()``: torch back on the step's threads for one big op (a oneDNN
+    GEMM on AMX tiles, ``onednn_takes``), whose own work dwarfs an OpenMP barrier. Elsewhere: as is."""
+    was = torch.get_num_threads()
+    if _threads is None or _threads == was:
+        yield
+        return
+    torch.set_num_threads(_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(was)
+
+
+@functools.cache
+def onednn_amx() -> bool:
+    """Whether torch's bf16 matmuls run on AMX tiles here: an AMX-BF16 CPU, torch built with oneDNN,
+    and ``DSRAY_ONEDNN_AMX`` not off. There oneDNN beats the kernels from a few rows (``ONEDNN_MIN_ROWS``)."""
+    return envs.onednn_amx() and kernel_build.has_amx_bf16() and torch.backends.mkldnn.is_available()
+
+
+def onednn_takes(rows: int, min_rows: int = ONEDNN_MIN_ROWS) -> bool:
+    """Whether a bf16 CPU matmul of ``rows`` rows per weight goes to oneDNN rather than the kernels."""
+    return rows >= min_rows and onednn_amx()
 
 
 @contextlib.contextmanager

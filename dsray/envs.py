@@ -42,6 +42,12 @@ def cpu_kernels_isa() -> str | None:
     return os.environ.get("DSRAY_CPU_KERNELS_ISA", "").strip().lower() or None
 
 
+def onednn_amx() -> bool:
+    """Whether bf16 matmuls of 8 rows or more go to torch's oneDNN where the CPU has AMX
+    (``DSRAY_ONEDNN_AMX``, default on; ``0`` keeps them on dsray's kernels: ``dsray.cpu_kernels.onednn_takes``)."""
+    return os.environ.get("DSRAY_ONEDNN_AMX", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
 def serve_fast_ingress() -> bool:
     """Whether the Ray cluster ``dsray serve`` starts uses Serve's HAProxy ingress (``DSRAY_SERVE_FAST_INGRESS``).
 

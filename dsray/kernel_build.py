@@ -47,15 +47,27 @@ ISAS: dict[str, tuple[list[str], tuple[str, ...]]] = {
 
 
 @functools.cache
-def cpu_isas() -> tuple[str, ...]:
-    """The instruction sets of ``ISAS`` this CPU runs, best first (none off x86-64 Linux)."""
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as ``/proc/cpuinfo`` names them (none off Linux)."""
     try:
         info = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return ()
+        return frozenset()
     line = next((ln for ln in info.splitlines() if ln.startswith("flags")), "")
-    flags = set(line.partition(":")[2].split())
+    return frozenset(line.partition(":")[2].split())
+
+
+@functools.cache
+def cpu_isas() -> tuple[str, ...]:
+    """The instruction sets of ``ISAS`` this CPU runs, best first (none off x86-64 Linux)."""
+    flags = cpu_flags()
     return tuple(isa for isa, (_, needs) in ISAS.items() if flags.issuperset(needs))
+
+
+def has_amx_bf16() -> bool:
+    """Whether the CPU has AMX tiles with bf16 products (Sapphire Rapids and later): oneDNN, which
+    torch's bf16 matmuls run on, uses them; the kernels here do not."""
+    return {"amx_tile", "amx_bf16"} <= cpu_flags()
 
 
 @functools.cache

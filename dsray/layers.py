@@ -5,6 +5,8 @@ a decode batch (one to a few dozen rows) read weights far below the memory bandw
 reaches about half of it, and its GEMM re-packs the weights on every call. Where the CPU has
 AVX512-BF16 or AVX2 (``dsray/cpu_kernels.py``), up to ``GEMM_MAX_ROWS`` (64) rows go to dsray's
 register-tiled kernel; without the kernels, two rows or fewer go to torch's own ``cpublas`` GEMV.
+Where the CPU has AMX tiles, oneDNN's GEMM on them beats the kernel from 8 rows
+(``cpu_kernels.onednn_takes``), so those go to oneDNN, on all the step's threads.
 Prefills stay on oneDNN, in fp32 where the CPU lacks AVX512-BF16 (torch's bf16 matmul there is
 5x slower than fp32's: ``cpu_kernels.torch_bf16_widens``). All accumulate in fp32 (measured on
 ``small``'s shapes; see ``benchmarks/model_decode.py``). A one-token ``MLP`` runs as one fused
@@ -30,6 +32,9 @@ def native_gemv(x: torch.Tensor, rows: int) -> bool:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear`` that sends bf16 GEMVs (``x [..., in]`` of a few rows) around oneDNN."""
     rows = x.numel() // x.shape[-1]
+    if x.dtype == weight.dtype == torch.bfloat16 and x.device.type == "cpu" and cpu_kernels.onednn_takes(rows):
+        with cpu_kernels.all_threads():  # AMX tiles: oneDNN on every thread the step has
+            return F.linear(x, weight, bias)
     if rows <= cpu_kernels.GEMM_MAX_ROWS and weight.dtype == torch.bfloat16 and cpu_kernels.usable(x, rows):
         y = cpu_kernels.gemm(x, weight)
         return y if bias is None else y + bias
@@ -92,7 +97,7 @@ class MLP(nn.Module):
         if self.gate_proj.weight.dtype == x.dtype and x.dim() == 2 and cpu_kernels.usable(x):
             if x.shape[0] == 1 and self.gate_proj.out_features % 4 == 0:
                 return cpu_kernels.swiglu_experts(x, [], [self.swiglu_weights()])
-            if x.shape[0] > 1:  # a decode batch: the same products and roundings, one call
+            if x.shape[0] > 1 and not cpu_kernels.onednn_takes(x.shape[0]):  # a decode batch: one call
                 return cpu_kernels.swiglu_rows(x, *self.swiglu_weights())
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # [T, D]
 

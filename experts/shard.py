@@ -6,7 +6,8 @@ Weights are stacked per shard — ``w13 [E_local, 2I, D]`` (gate rows then up ro
 ``w2 [E_local, D, I]`` — so grouped compute indexes one tensor instead of E small modules.
 Compute paths: ``forward_loop`` (one expert at a time over a token mask; the oracle),
 ``run_sorted`` (rows pre-sorted by expert; the fast path that the MoE exchange feeds: on x86-64
-CPUs every slot runs in one kernel call, in pieces of at most ``GROUPED_MAX_ROWS`` rows) and
+CPUs every slot runs in one kernel call, in pieces of at most ``GROUPED_MAX_ROWS`` rows; where the
+CPU has AMX, slots of ``GROUPED_ONEDNN_MIN_ROWS`` rows or more go to oneDNN one at a time) and
 ``forward_single`` (one token: its K experts directly). With ``mode="triton"``
 (``expert_mode="triton"``), ``run_sorted`` is one fused Triton MoE over all slots and
 ``forward_fused`` runs a whole layer's (token, k) pairs with the routing weights in the kernel
@@ -197,12 +198,18 @@ class ExpertShard(nn.Module):
             if n:
                 spans.append((local_id, start, start + n))
             start += n
-        if spans and self._grouped_kernel(rows):  # every slot in one call
-            pieces = [piece for span in spans for piece in _kernel_pieces(*span)]
-            slots, bounds = [s for s, _, _ in pieces], [(b, e) for _, b, e in pieces]
-            return cpu_kernels.swiglu_grouped(rows, slots, bounds, self.w13, self.w2)
-        out = torch.empty_like(rows)
-        for local_id, begin, end in spans:
+        out, loose = None, spans  # loose: slots computed one at a time (expert_ffn)
+        if spans and self._grouped_kernel(rows):
+            # Where the CPU has AMX, oneDNN runs a slot of many rows (a prefill's) faster on its own.
+            wide = [cpu_kernels.onednn_takes(e - b, cpu_kernels.GROUPED_ONEDNN_MIN_ROWS) for _, b, e in spans]
+            loose = [span for span, w in zip(spans, wide) if w]
+            if grouped := [span for span, w in zip(spans, wide) if not w]:  # every other slot in one call
+                pieces = [piece for span in grouped for piece in _kernel_pieces(*span)]
+                slots, bounds = [s for s, _, _ in pieces], [(b, e) for _, b, e in pieces]
+                out = cpu_kernels.swiglu_grouped(rows, slots, bounds, self.w13, self.w2)
+        if out is None:
+            out = torch.empty_like(rows)
+        for local_id, begin, end in loose:
             out[begin:end] = self.expert_ffn(local_id, rows[begin:end])
         return out
 

@@ -1,0 +1,130 @@
+"""Where the CPU has AMX tiles, bf16 matmuls of a few rows or more go to torch's oneDNN instead of
+dsray's kernels (``cpu_kernels.onednn_takes``): dense linears, decode-batch MLPs and routed-expert
+slots of many rows. The rule and the routing are tested on any CPU by saying it has AMX; each route
+is held to the torch reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dsray import cpu_kernels, kernel_build
+from dsray.layers import MLP, linear
+from experts import shard as shard_module
+from experts.shard import ExpertShard
+
+BF16_STEP = 2.0**-7
+
+
+def _randn(*shape, scale=1.0, seed=0):
+    return (torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale).bfloat16()
+
+
+@pytest.fixture
+def amx(monkeypatch):
+    """oneDNN on AMX tiles takes what it is faster for, as on an AMX CPU."""
+    monkeypatch.setattr(cpu_kernels, "onednn_amx", lambda: True)
+
+
+@pytest.fixture
+def fresh_amx_check():
+    cpu_kernels.onednn_amx.cache_clear()
+    yield
+    cpu_kernels.onednn_amx.cache_clear()
+
+
+@pytest.mark.usefixtures("fresh_amx_check")
+def test_onednn_takes_batches_from_a_few_rows_only_where_the_cpu_has_amx(monkeypatch):
+    monkeypatch.setattr(kernel_build, "cpu_flags", lambda: frozenset({"avx512_bf16", "amx_tile", "amx_bf16"}))
+    monkeypatch.delenv("DSRAY_ONEDNN_AMX", raising=False)
+    assert cpu_kernels.onednn_amx() == torch.backends.mkldnn.is_available()
+    if cpu_kernels.onednn_amx():
+        assert not cpu_kernels.onednn_takes(cpu_kernels.ONEDNN_MIN_ROWS - 1)
+        assert cpu_kernels.onednn_takes(cpu_kernels.ONEDNN_MIN_ROWS)
+        assert not cpu_kernels.onednn_takes(23, cpu_kernels.GROUPED_ONEDNN_MIN_ROWS)
+        assert cpu_kernels.onednn_takes(cpu_kernels.GROUPED_ONEDNN_MIN_ROWS, cpu_kernels.GROUPED_ONEDNN_MIN_ROWS)
+    cpu_kernels.onednn_amx.cache_clear()
+    monkeypatch.setenv("DSRAY_ONEDNN_AMX", "0")  # the user keeps the kernels
+    assert not cpu_kernels.onednn_amx() and not cpu_kernels.onednn_takes(64)
+    cpu_kernels.onednn_amx.cache_clear()
+    monkeypatch.delenv("DSRAY_ONEDNN_AMX")
+    monkeypatch.setattr(kernel_build, "cpu_flags", lambda: frozenset({"avx512_bf16", "amx_tile"}))  # no bf16 tiles
+    assert not cpu_kernels.onednn_amx() and not cpu_kernels.onednn_takes(64)
+
+
+@pytest.mark.usefixtures("amx")
+def test_linear_sends_amx_sized_batches_to_onednn_on_every_thread_of_the_step(monkeypatch):
+    """Inside a decode step torch runs on one thread (``torch_single_threaded``); the oneDNN GEMM gets
+    the step's threads back for its call, and only for it."""
+    seen, kernel_rows = [], []
+    real_linear, real_gemm = F.linear, cpu_kernels.gemm
+    monkeypatch.setattr(
+        F, "linear", lambda x, w, b=None: seen.append((x.shape[0], torch.get_num_threads())) or real_linear(x, w, b)
+    )
+    monkeypatch.setattr(cpu_kernels, "gemm", lambda x, w: kernel_rows.append(x.shape[0]) or real_gemm(x, w))
+    w, b = _randn(48, 96, scale=0.1, seed=1), _randn(48, seed=2)
+    was = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with cpu_kernels.torch_single_threaded():
+            small = linear(_randn(cpu_kernels.ONEDNN_MIN_ROWS - 1, 96, seed=3), w)
+            x = _randn(cpu_kernels.ONEDNN_MIN_ROWS, 96, seed=4)
+            got = linear(x, w, b)
+            assert torch.get_num_threads() == 1  # back for the step's small torch ops
+    finally:
+        torch.set_num_threads(was)
+    assert seen == [(cpu_kernels.ONEDNN_MIN_ROWS, 2)]
+    assert kernel_rows == ([cpu_kernels.ONEDNN_MIN_ROWS - 1] if cpu_kernels.available() else [])
+    assert small.shape == (cpu_kernels.ONEDNN_MIN_ROWS - 1, 48)
+    exact = real_linear(x.float(), w.float(), b.float())
+    assert torch.all((got.float() - exact).abs() <= 2 * BF16_STEP * exact.abs() + 1e-3)
+
+
+@pytest.mark.usefixtures("amx")
+def test_a_decode_batch_mlp_of_amx_size_is_three_onednn_gemms(monkeypatch):
+    calls = []
+    real = cpu_kernels.swiglu_rows
+    monkeypatch.setattr(cpu_kernels, "swiglu_rows", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    torch.manual_seed(0)
+    mlp = MLP(128, 64).bfloat16()
+    for p in mlp.parameters():
+        p.data = (torch.randn_like(p, dtype=torch.float32) * 0.1).bfloat16()
+    x = _randn(16, 128, seed=5)
+    got = mlp(x)
+    if cpu_kernels.available():
+        mlp(x[:4])  # below the rule: the kernel's one call
+    assert calls == ([4] if cpu_kernels.available() else [])
+    xf = x.float()
+    exact = (
+        F.silu(xf @ mlp.gate_proj.weight.float().T) * (xf @ mlp.up_proj.weight.float().T)
+    ) @ mlp.down_proj.weight.float().T
+    assert (got.float() - exact).abs().max() <= 4 * BF16_STEP * exact.abs().max()
+
+
+@pytest.mark.usefixtures("amx")
+def test_run_sorted_sends_wide_slots_to_onednn_and_the_rest_to_one_kernel_call(monkeypatch):
+    """A prefill's slots of many rows go to oneDNN one at a time; the few-row slots still share one
+    grouped-kernel call; together they equal the torch path slot by slot."""
+    num_slots, dim, inter = 6, 128, 64
+    shard = ExpertShard(range(num_slots), dim, inter)
+    g = torch.Generator().manual_seed(7)
+    shard.w13.data = (torch.randn(shard.w13.shape, generator=g) * dim**-0.5).bfloat16()
+    shard.w2.data = (torch.randn(shard.w2.shape, generator=g) * inter**-0.5).bfloat16()
+    wide = cpu_kernels.GROUPED_ONEDNN_MIN_ROWS
+    counts = [3, wide + 6, 0, wide, 1, 2 * wide, 0]  # padded past the shard's slots, as the exchange sends
+    rows = _randn(sum(counts), dim, seed=8)
+    grouped, onednn = [], []
+    real_grouped, real_linear = cpu_kernels.swiglu_grouped, F.linear
+    monkeypatch.setattr(shard_module.cpu_kernels, "swiglu_grouped", lambda *a: grouped.append(a[1]) or real_grouped(*a))
+    monkeypatch.setattr(F, "linear", lambda x, w, b=None: onednn.append(x.shape[0]) or real_linear(x, w, b))
+
+    got = shard.run_sorted(rows, counts)
+    if cpu_kernels.available():
+        assert grouped == [[0, 4]]
+        assert onednn == [wide + 6, wide + 6, wide, wide, 2 * wide, 2 * wide]  # w13 then w2, per wide slot
+    with cpu_kernels.disabled():
+        monkeypatch.setattr(cpu_kernels, "onednn_amx", lambda: False)
+        want = shard.run_sorted(rows, counts)
+    scale = want.float().abs().max()
+    assert (got.float() - want.float()).abs().max() <= 2 * BF16_STEP * scale
