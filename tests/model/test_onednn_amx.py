@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from dsray import cpu_kernels, kernel_build
-from dsray.layers import MLP, linear
+from dsray.layers import MLP, linear, onednn_linear, onednn_rows
 from experts import shard as shard_module
 from experts.shard import ExpertShard
 
@@ -74,11 +74,28 @@ def test_linear_sends_amx_sized_batches_to_onednn_on_every_thread_of_the_step(mo
             assert torch.get_num_threads() == 1  # back for the step's small torch ops
     finally:
         torch.set_num_threads(was)
-    assert seen == [(cpu_kernels.ONEDNN_MIN_ROWS, 2)]
+    assert seen == [(onednn_rows(cpu_kernels.ONEDNN_MIN_ROWS), 2)]
     assert kernel_rows == ([cpu_kernels.ONEDNN_MIN_ROWS - 1] if cpu_kernels.available() else [])
     assert small.shape == (cpu_kernels.ONEDNN_MIN_ROWS - 1, 48)
     exact = real_linear(x.float(), w.float(), b.float())
     assert torch.all((got.float() - exact).abs() <= 2 * BF16_STEP * exact.abs() + 1e-3)
+
+
+def test_onednn_gemms_run_on_a_few_row_counts_and_equal_the_unpadded_product(monkeypatch):
+    """oneDNN builds a GEMM per new shape (~2 ms): rows are padded to buckets, so a server meets few."""
+    got = [onednn_rows(r) for r in (1, 7, 8, 16, 17, 100, 128, 129, 255, 256, 257, 1000)]
+    assert got == [1, 7, 16, 16, 32, 112, 128, 144, 256, 256, 288, 1024]
+    assert all(r <= onednn_rows(r) <= r * 9 / 8 for r in range(128, 5000))
+    assert len({onednn_rows(r) for r in range(8, 4097)}) <= 8 * 9  # ~8 per doubling
+    seen = []
+    real = F.linear
+    monkeypatch.setattr(F, "linear", lambda x, w, b=None: seen.append(tuple(x.shape)) or real(x, w, b))
+    x, w, b = _randn(3, 33, 64, seed=9), _randn(48, 64, scale=0.1, seed=10), _randn(48, seed=11)
+    out = onednn_linear(x, w, b)
+    assert seen == [(112, 64)]  # 99 rows, padded
+    assert out.shape == (3, 33, 48)
+    exact = real(x.float(), w.float(), b.float())
+    assert torch.all((out.float() - exact).abs() <= 2 * BF16_STEP * exact.abs() + 1e-3)
 
 
 @pytest.mark.usefixtures("amx")
@@ -122,7 +139,8 @@ def test_run_sorted_sends_wide_slots_to_onednn_and_the_rest_to_one_kernel_call(m
     got = shard.run_sorted(rows, counts)
     if cpu_kernels.available():
         assert grouped == [[0, 4]]
-        assert onednn == [wide + 6, wide + 6, wide, wide, 2 * wide, 2 * wide]  # w13 then w2, per wide slot
+        padded = [onednn_rows(n) for n in (wide + 6, wide + 6, wide, wide, 2 * wide, 2 * wide)]
+        assert onednn == padded  # w13 then w2, per wide slot
     with cpu_kernels.disabled():
         monkeypatch.setattr(cpu_kernels, "onednn_amx", lambda: False)
         want = shard.run_sorted(rows, counts)
