@@ -28,13 +28,12 @@ logger = logging.getLogger(__name__)
 
 GEMM_MAX_ROWS = 64  # gemm: rows of x per call, up to a wide decode batch; prefills go to oneDNN
 # Where the CPU has AMX (``onednn_amx``), oneDNN's bf16 GEMM on its tiles beats these kernels from
-# about this many rows. Measured on 2 Sapphire Rapids cores, kernel time over oneDNN's, on `small`'s
-# weights (lm_head, attention projections, dense and shared-expert MLPs): 4 rows 0.6-1.4, 8 rows
-# 0.8-2.0, 16 rows 1.3-2.8, 32 rows 2.1-4.4, 64 rows 3.6-6.4 (one and two threads).
+# about this many rows (``benchmarks/cpu_gemm.py``). 2 AMX Xeon cores, kernel time over oneDNN's on
+# `small`'s nine weight shapes: 4 rows 0.59-1.18, 8 rows 0.91-1.54, 16 rows 1.54-2.73, 64 rows 3.5-6.0.
 ONEDNN_MIN_ROWS = 8
-# The same for one routed expert's rows (``ExpertShard.run_sorted``): the grouped kernel runs many
-# slots in one call, so oneDNN's per-call cost counts more. 64 slots of `small`, kernel over oneDNN:
-# 16 rows a slot 0.85-1.05, 32 rows 1.4-1.8, 64 rows 2.1-2.7, 128 rows 3.0-3.8.
+# The same for one routed expert's rows (``ExpertShard.run_sorted``): the grouped kernel runs every
+# slot in one call, oneDNN one slot at a time. 64 slots of `small`, weights from memory, kernel over
+# oneDNN: 16 rows a slot 0.83, 24 rows 1.44, 64 rows 2.18, 128 rows 2.99.
 GROUPED_ONEDNN_MIN_ROWS = 24
 
 _bf16_p = ctypes.c_void_p
