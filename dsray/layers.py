@@ -65,10 +65,11 @@ def onednn_rows(rows: int) -> int:
 
 
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear`` of bf16 CPU rows on oneDNN, the rows zero-padded to ``onednn_rows``. oneDNN builds and
-    JIT-compiles a GEMM for each shape it has not seen (2 Sapphire Rapids cores, 512 x 1,024 weight:
-    ~2.4 ms per new row count against 0.19 ms per cached call), so without buckets every new prompt
-    length, decode batch and expert slot size pays it again for every weight shape."""
+    """``F.linear`` of bf16 CPU rows on oneDNN, the rows zero-padded to ``onednn_rows``. oneDNN can build
+    and JIT-compile a GEMM for each shape it has not seen (2 AMX Xeon cores, 512 x 1,024 weight: ~2.4 ms
+    per new row count against 0.19 ms per cached call, ``benchmarks/cpu_gemm.py``). Routed-expert slots
+    of a prefill meet dozens of new row counts a layer: unbucketed, a 512-token prefill's experts took
+    628 ms on oneDNN against 261 ms bucketed (490 ms on the grouped kernel)."""
     K = x.shape[-1]
     rows = x.numel() // K
     padded = onednn_rows(rows)
