@@ -1,7 +1,7 @@
 """dsray's CPU GEMM kernels against torch's oneDNN, per row count, on `small`'s weight shapes.
 
-Where the two cross decides which one a bf16 batch takes (``cpu_kernels.onednn_takes``: on a CPU
-with AMX tiles, oneDNN from ``ONEDNN_MIN_ROWS`` rows for linears and ``GROUPED_ONEDNN_MIN_ROWS``
+Where the two cross decides which one a bf16 batch takes (``onednn.takes``: on a CPU
+with AMX tiles, oneDNN from ``onednn.MIN_ROWS`` rows for linears and ``onednn.GROUPED_MIN_ROWS``
 rows per routed-expert slot). This measures both sides in one run:
 
 * ``linear`` — ``cpu_kernels.gemm`` vs ``F.linear`` (oneDNN) for the LM head, attention
@@ -13,7 +13,7 @@ rows per routed-expert slot). This measures both sides in one run:
   model.
 * ``new_shapes`` — oneDNN builds (JIT-compiles) a GEMM for each shape it has not seen: the time of
   a first call at each of 50 new row counts against repeated calls at those counts, which is why
-  ``layers.onednn_linear`` pads rows to buckets.
+  ``onednn.linear`` pads rows to buckets.
 
 Ratios are kernel time ÷ oneDNN time (above 1: oneDNN is faster). Prints JSON (``--out`` too).
 
@@ -34,7 +34,7 @@ import dsray  # noqa: F401  first, so torch's OpenMP threads load with dsray's s
 import torch
 import torch.nn.functional as F
 
-from dsray import cpu_kernels, kernel_build
+from dsray import cpu_kernels, kernel_build, onednn
 
 # (name, N, K) of `small` (hidden 1024, q_lora 384, kv_lora 256 + rope 32, 16 heads, moe I 256, dense I 2816)
 LINEARS = [
@@ -158,10 +158,10 @@ def main(argv: list[str] | None = None) -> int:
         "isa": kernel_build.isa(),
         "amx_bf16": kernel_build.has_amx_bf16(),
         "onednn_takes_from_rows": {
-            "linear": cpu_kernels.ONEDNN_MIN_ROWS,
-            "expert_slot": cpu_kernels.GROUPED_ONEDNN_MIN_ROWS,
+            "linear": onednn.MIN_ROWS,
+            "expert_slot": onednn.GROUPED_MIN_ROWS,
         }
-        if cpu_kernels.onednn_amx()
+        if onednn.amx()
         else None,
         "linear": bench_linears(args.iters),
         "experts": bench_experts(),

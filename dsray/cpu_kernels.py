@@ -27,14 +27,6 @@ from dsray import envs, kernel_build, openmp
 logger = logging.getLogger(__name__)
 
 GEMM_MAX_ROWS = 64  # gemm: rows of x per call, up to a wide decode batch; prefills go to oneDNN
-# Where the CPU has AMX (``onednn_amx``), oneDNN's bf16 GEMM on its tiles beats these kernels from
-# about this many rows (``benchmarks/cpu_gemm.py``). 2 AMX Xeon cores, kernel time over oneDNN's on
-# `small`'s nine weight shapes: 4 rows 0.59-1.18, 8 rows 0.91-1.54, 16 rows 1.54-2.73, 64 rows 3.5-6.0.
-ONEDNN_MIN_ROWS = 8
-# The same for one routed expert's rows (``ExpertShard.run_sorted``): the grouped kernel runs every
-# slot in one call, oneDNN one slot at a time. 64 slots of `small`, weights from memory, kernel over
-# oneDNN: 16 rows a slot 0.83, 24 rows 1.44, 64 rows 2.18, 128 rows 2.99.
-GROUPED_ONEDNN_MIN_ROWS = 24
 
 _bf16_p = ctypes.c_void_p
 _int = ctypes.c_int
@@ -74,7 +66,7 @@ def torch_single_threaded() -> Iterator[None]:
 @contextlib.contextmanager
 def all_threads() -> Iterator[None]:
     """Inside ``torch_single_threaded()``: torch back on the step's threads for one big op (a oneDNN
-    GEMM on AMX tiles, ``onednn_takes``), whose own work dwarfs an OpenMP barrier. Elsewhere: as is."""
+    GEMM on AMX tiles, ``onednn.takes``), whose own work dwarfs an OpenMP barrier. Elsewhere: as is."""
     was = torch.get_num_threads()
     if _threads is None or _threads == was:
         yield
@@ -84,18 +76,6 @@ def all_threads() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(was)
-
-
-@functools.cache
-def onednn_amx() -> bool:
-    """Whether torch's bf16 matmuls run on AMX tiles here: an AMX-BF16 CPU, torch built with oneDNN,
-    and ``DSRAY_ONEDNN_AMX`` not off. There oneDNN beats the kernels from a few rows (``ONEDNN_MIN_ROWS``)."""
-    return envs.onednn_amx() and kernel_build.has_amx_bf16() and torch.backends.mkldnn.is_available()
-
-
-def onednn_takes(rows: int, min_rows: int = ONEDNN_MIN_ROWS) -> bool:
-    """Whether a bf16 CPU matmul of ``rows`` rows per weight goes to oneDNN rather than the kernels."""
-    return rows >= min_rows and onednn_amx()
 
 
 @contextlib.contextmanager

@@ -44,7 +44,7 @@ def cpu_kernels_isa() -> str | None:
 
 def onednn_amx() -> bool:
     """Whether bf16 matmuls of 8 rows or more go to torch's oneDNN where the CPU has AMX
-    (``DSRAY_ONEDNN_AMX``, default on; ``0`` keeps them on dsray's kernels: ``dsray.cpu_kernels.onednn_takes``)."""
+    (``DSRAY_ONEDNN_AMX``, default on; ``0`` keeps them on dsray's kernels: ``dsray.onednn``)."""
     return os.environ.get("DSRAY_ONEDNN_AMX", "1").strip().lower() not in ("0", "false", "no", "off")
 
 

@@ -6,7 +6,7 @@ reaches about half of it, and its GEMM re-packs the weights on every call. Where
 AVX512-BF16 or AVX2 (``dsray/cpu_kernels.py``), up to ``GEMM_MAX_ROWS`` (64) rows go to dsray's
 register-tiled kernel; without the kernels, two rows or fewer go to torch's own ``cpublas`` GEMV.
 Where the CPU has AMX tiles, oneDNN's GEMM on them beats the kernel from 8 rows
-(``cpu_kernels.onednn_takes``), so those go to oneDNN, on all the step's threads.
+(``dsray/onednn.py``), so those go to oneDNN, on all the step's threads.
 Prefills stay on oneDNN, in fp32 where the CPU lacks AVX512-BF16 (torch's bf16 matmul there is
 5x slower than fp32's: ``cpu_kernels.torch_bf16_widens``). All accumulate in fp32 (measured on
 ``small``'s shapes; see ``benchmarks/model_decode.py``). A one-token ``MLP`` runs as one fused
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsray import cpu_kernels, fp8_gemm
+from dsray import cpu_kernels, fp8_gemm, onednn
 
 GEMV_MAX_ROWS = 2
 
@@ -33,9 +33,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """``F.linear`` that sends bf16 GEMVs (``x [..., in]`` of a few rows) around oneDNN."""
     rows = x.numel() // x.shape[-1]
     cpu_bf16 = x.dtype == weight.dtype == torch.bfloat16 and x.device.type == "cpu"
-    if cpu_bf16 and cpu_kernels.onednn_takes(rows):
+    if cpu_bf16 and onednn.takes(rows):
         with cpu_kernels.all_threads():  # AMX tiles: oneDNN on every thread the step has
-            return onednn_linear(x, weight, bias)
+            return onednn.linear(x, weight, bias)
     if rows <= cpu_kernels.GEMM_MAX_ROWS and weight.dtype == torch.bfloat16 and cpu_kernels.usable(x, rows):
         y = cpu_kernels.gemm(x, weight)
         return y if bias is None else y + bias
@@ -44,7 +44,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             # fp32 sums rounded once either way; sgemm runs ~5x faster than bf16 here, widening included
             fp32_bias = None if bias is None else bias.float()
             return F.linear(x.float(), weight.float(), fp32_bias).to(torch.bfloat16)
-        return onednn_linear(x, weight, bias) if cpu_bf16 else F.linear(x, weight, bias)
+        return onednn.linear(x, weight, bias) if cpu_bf16 else F.linear(x, weight, bias)
     # The private setters, not the context manager: a decode step makes ~300 of these calls.
     was_enabled = torch._C._get_mkldnn_enabled()
     torch._C._set_mkldnn_enabled(False)
@@ -52,32 +52,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return F.linear(x, weight, bias)
     finally:
         torch._C._set_mkldnn_enabled(was_enabled)
-
-
-def onednn_rows(rows: int) -> int:
-    """The rows a bf16 CPU GEMM of ``rows`` rows runs with: from 8 rows, rounded up to a multiple of 16
-    (an AMX tile's rows) or of an eighth of the power of two below, whichever is larger (at most 1/8
-    more work past 128 rows), so that a server meets ~8 GEMM shapes per doubling of the rows."""
-    if rows < 8:
-        return rows
-    step = max(16, 1 << (rows.bit_length() - 4))
-    return -(-rows // step) * step
-
-
-def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear`` of bf16 CPU rows on oneDNN, the rows zero-padded to ``onednn_rows``. oneDNN can build
-    and JIT-compile a GEMM for each shape it has not seen (2 AMX Xeon cores, 512 x 1,024 weight: ~2.4 ms
-    per new row count against 0.19 ms per cached call, ``benchmarks/cpu_gemm.py``). Routed-expert slots
-    of a prefill meet dozens of new row counts a layer: unbucketed, a 512-token prefill's experts took
-    628 ms on oneDNN against 261 ms bucketed (490 ms on the grouped kernel)."""
-    K = x.shape[-1]
-    rows = x.numel() // K
-    padded = onednn_rows(rows)
-    if padded == rows:
-        return F.linear(x, weight, bias)
-    flat = x.reshape(rows, K)
-    out = F.linear(torch.cat([flat, flat.new_zeros(padded - rows, K)]), weight, bias)
-    return out[:rows].view(*x.shape[:-1], weight.shape[0])
 
 
 class Linear(nn.Linear):
@@ -124,7 +98,7 @@ class MLP(nn.Module):
         if self.gate_proj.weight.dtype == x.dtype and x.dim() == 2 and cpu_kernels.usable(x):
             if x.shape[0] == 1 and self.gate_proj.out_features % 4 == 0:
                 return cpu_kernels.swiglu_experts(x, [], [self.swiglu_weights()])
-            if x.shape[0] > 1 and not cpu_kernels.onednn_takes(x.shape[0]):  # a decode batch: one call
+            if x.shape[0] > 1 and not onednn.takes(x.shape[0]):  # a decode batch: one call
                 return cpu_kernels.swiglu_rows(x, *self.swiglu_weights())
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # [T, D]
 

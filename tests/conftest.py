@@ -31,16 +31,16 @@ if not torch.cuda.is_available() and "triton" not in sys.modules:
         else:
             os.environ["TRITON_INTERPRET"] = previous
 
-from dsray import cpu_kernels, kernel_build  # noqa: E402  (after Triton, as the docstring says)
+from dsray import kernel_build, onednn  # noqa: E402  (after Triton, as the docstring says)
 
 
 @pytest.fixture(params=kernel_build.cpu_isas() or ["none"])
 def kernel_isa(request, monkeypatch):
     """Each instruction set this CPU runs dsray's CPU kernels on (``kernel_build.cpu_isas``), in turn:
     on an AVX512-BF16 machine the AVX2 build is held to the same reference as well. The kernels take
-    every row count they are for, AMX or not (``cpu_kernels.onednn_takes`` is off; its own tests turn
+    every row count they are for, AMX or not (``onednn.takes`` is off; its own tests turn
     it on)."""
-    monkeypatch.setattr(cpu_kernels, "onednn_amx", lambda: False)
+    monkeypatch.setattr(onednn, "amx", lambda: False)
     if request.param == "none":
         yield None
         return

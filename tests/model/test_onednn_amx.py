@@ -1,5 +1,5 @@
 """Where the CPU has AMX tiles, bf16 matmuls of a few rows or more go to torch's oneDNN instead of
-dsray's kernels (``cpu_kernels.onednn_takes``): dense linears, decode-batch MLPs and routed-expert
+dsray's kernels (``dsray/onednn.py``): dense linears, decode-batch MLPs and routed-expert
 slots of many rows. The rule and the routing are tested on any CPU by saying it has AMX; each route
 is held to the torch reference."""
 
@@ -9,8 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dsray import cpu_kernels, kernel_build
-from dsray.layers import MLP, linear, onednn_linear, onednn_rows
+from dsray import cpu_kernels, kernel_build, onednn
+from dsray.layers import MLP, linear
+from dsray.onednn import bucket_rows
+from dsray.onednn import linear as onednn_linear
 from experts import shard as shard_module
 from experts.shard import ExpertShard
 
@@ -24,33 +26,33 @@ def _randn(*shape, scale=1.0, seed=0):
 @pytest.fixture
 def amx(monkeypatch):
     """oneDNN on AMX tiles takes what it is faster for, as on an AMX CPU."""
-    monkeypatch.setattr(cpu_kernels, "onednn_amx", lambda: True)
+    monkeypatch.setattr(onednn, "amx", lambda: True)
 
 
 @pytest.fixture
 def fresh_amx_check():
-    cpu_kernels.onednn_amx.cache_clear()
+    onednn.amx.cache_clear()
     yield
-    cpu_kernels.onednn_amx.cache_clear()
+    onednn.amx.cache_clear()
 
 
 @pytest.mark.usefixtures("fresh_amx_check")
 def test_onednn_takes_batches_from_a_few_rows_only_where_the_cpu_has_amx(monkeypatch):
     monkeypatch.setattr(kernel_build, "cpu_flags", lambda: frozenset({"avx512_bf16", "amx_tile", "amx_bf16"}))
     monkeypatch.delenv("DSRAY_ONEDNN_AMX", raising=False)
-    assert cpu_kernels.onednn_amx() == torch.backends.mkldnn.is_available()
-    if cpu_kernels.onednn_amx():
-        assert not cpu_kernels.onednn_takes(cpu_kernels.ONEDNN_MIN_ROWS - 1)
-        assert cpu_kernels.onednn_takes(cpu_kernels.ONEDNN_MIN_ROWS)
-        assert not cpu_kernels.onednn_takes(23, cpu_kernels.GROUPED_ONEDNN_MIN_ROWS)
-        assert cpu_kernels.onednn_takes(cpu_kernels.GROUPED_ONEDNN_MIN_ROWS, cpu_kernels.GROUPED_ONEDNN_MIN_ROWS)
-    cpu_kernels.onednn_amx.cache_clear()
+    assert onednn.amx() == torch.backends.mkldnn.is_available()
+    if onednn.amx():
+        assert not onednn.takes(onednn.MIN_ROWS - 1)
+        assert onednn.takes(onednn.MIN_ROWS)
+        assert not onednn.takes(23, onednn.GROUPED_MIN_ROWS)
+        assert onednn.takes(onednn.GROUPED_MIN_ROWS, onednn.GROUPED_MIN_ROWS)
+    onednn.amx.cache_clear()
     monkeypatch.setenv("DSRAY_ONEDNN_AMX", "0")  # the user keeps the kernels
-    assert not cpu_kernels.onednn_amx() and not cpu_kernels.onednn_takes(64)
-    cpu_kernels.onednn_amx.cache_clear()
+    assert not onednn.amx() and not onednn.takes(64)
+    onednn.amx.cache_clear()
     monkeypatch.delenv("DSRAY_ONEDNN_AMX")
     monkeypatch.setattr(kernel_build, "cpu_flags", lambda: frozenset({"avx512_bf16", "amx_tile"}))  # no bf16 tiles
-    assert not cpu_kernels.onednn_amx() and not cpu_kernels.onednn_takes(64)
+    assert not onednn.amx() and not onednn.takes(64)
 
 
 @pytest.mark.usefixtures("amx")
@@ -68,25 +70,25 @@ def test_linear_sends_amx_sized_batches_to_onednn_on_every_thread_of_the_step(mo
     torch.set_num_threads(2)
     try:
         with cpu_kernels.torch_single_threaded():
-            small = linear(_randn(cpu_kernels.ONEDNN_MIN_ROWS - 1, 96, seed=3), w)
-            x = _randn(cpu_kernels.ONEDNN_MIN_ROWS, 96, seed=4)
+            small = linear(_randn(onednn.MIN_ROWS - 1, 96, seed=3), w)
+            x = _randn(onednn.MIN_ROWS, 96, seed=4)
             got = linear(x, w, b)
             assert torch.get_num_threads() == 1  # back for the step's small torch ops
     finally:
         torch.set_num_threads(was)
-    assert seen == [(onednn_rows(cpu_kernels.ONEDNN_MIN_ROWS), 2)]
-    assert kernel_rows == ([cpu_kernels.ONEDNN_MIN_ROWS - 1] if cpu_kernels.available() else [])
-    assert small.shape == (cpu_kernels.ONEDNN_MIN_ROWS - 1, 48)
+    assert seen == [(bucket_rows(onednn.MIN_ROWS), 2)]
+    assert kernel_rows == ([onednn.MIN_ROWS - 1] if cpu_kernels.available() else [])
+    assert small.shape == (onednn.MIN_ROWS - 1, 48)
     exact = real_linear(x.float(), w.float(), b.float())
     assert torch.all((got.float() - exact).abs() <= 2 * BF16_STEP * exact.abs() + 1e-3)
 
 
 def test_onednn_gemms_run_on_a_few_row_counts_and_equal_the_unpadded_product(monkeypatch):
     """oneDNN builds a GEMM per new shape (~2 ms): rows are padded to buckets, so a server meets few."""
-    got = [onednn_rows(r) for r in (1, 7, 8, 16, 17, 100, 128, 129, 255, 256, 257, 1000)]
+    got = [bucket_rows(r) for r in (1, 7, 8, 16, 17, 100, 128, 129, 255, 256, 257, 1000)]
     assert got == [1, 7, 16, 16, 32, 112, 128, 144, 256, 256, 288, 1024]
-    assert all(r <= onednn_rows(r) <= r * 9 / 8 for r in range(128, 5000))
-    assert len({onednn_rows(r) for r in range(8, 4097)}) <= 8 * 9  # ~8 per doubling
+    assert all(r <= bucket_rows(r) <= r * 9 / 8 for r in range(128, 5000))
+    assert len({bucket_rows(r) for r in range(8, 4097)}) <= 8 * 9  # ~8 per doubling
     seen = []
     real = F.linear
     monkeypatch.setattr(F, "linear", lambda x, w, b=None: seen.append(tuple(x.shape)) or real(x, w, b))
@@ -128,21 +130,21 @@ def test_run_sorted_sends_wide_slots_to_onednn_and_the_rest_to_one_kernel_call(m
     g = torch.Generator().manual_seed(7)
     shard.w13.data = (torch.randn(shard.w13.shape, generator=g) * dim**-0.5).bfloat16()
     shard.w2.data = (torch.randn(shard.w2.shape, generator=g) * inter**-0.5).bfloat16()
-    wide = cpu_kernels.GROUPED_ONEDNN_MIN_ROWS
+    wide = onednn.GROUPED_MIN_ROWS
     counts = [3, wide + 6, 0, wide, 1, 2 * wide, 0]  # padded past the shard's slots, as the exchange sends
     rows = _randn(sum(counts), dim, seed=8)
-    grouped, onednn = [], []
+    grouped, on_onednn = [], []
     real_grouped, real_linear = cpu_kernels.swiglu_grouped, F.linear
     monkeypatch.setattr(shard_module.cpu_kernels, "swiglu_grouped", lambda *a: grouped.append(a[1]) or real_grouped(*a))
-    monkeypatch.setattr(F, "linear", lambda x, w, b=None: onednn.append(x.shape[0]) or real_linear(x, w, b))
+    monkeypatch.setattr(F, "linear", lambda x, w, b=None: on_onednn.append(x.shape[0]) or real_linear(x, w, b))
 
     got = shard.run_sorted(rows, counts)
     if cpu_kernels.available():
         assert grouped == [[0, 4]]
-        padded = [onednn_rows(n) for n in (wide + 6, wide + 6, wide, wide, 2 * wide, 2 * wide)]
-        assert onednn == padded  # w13 then w2, per wide slot
+        padded = [bucket_rows(n) for n in (wide + 6, wide + 6, wide, wide, 2 * wide, 2 * wide)]
+        assert on_onednn == padded  # w13 then w2, per wide slot
     with cpu_kernels.disabled():
-        monkeypatch.setattr(cpu_kernels, "onednn_amx", lambda: False)
+        monkeypatch.setattr(onednn, "amx", lambda: False)
         want = shard.run_sorted(rows, counts)
     scale = want.float().abs().max()
     assert (got.float() - want.float()).abs().max() <= 2 * BF16_STEP * scale
