@@ -143,6 +143,9 @@ def _library_for(isa: str) -> ctypes.CDLL | None:
         ]
     )
     lib.dsray_decode_step_bf16.restype = _int
+    lib.dsray_use_amx.argtypes = [_int]
+    lib.dsray_use_amx.restype = _int
+    lib.dsray_use_amx(int(envs.cpu_amx()))
     for fn in (
         lib.dsray_swiglu_rows_bf16,
         lib.dsray_mla_decode_step_bf16,
@@ -153,6 +156,28 @@ def _library_for(isa: str) -> ctypes.CDLL | None:
     ):
         fn.restype = None
     return lib
+
+
+def amx() -> bool:
+    """Whether the grouped expert kernel runs its slots' products on AMX tiles here: a CPU with AMX-BF16,
+    the AVX512-BF16 build, ``DSRAY_CPU_AMX`` not ``0``, and the kernel granting this process the tiles."""
+    lib = _library()
+    return lib is not None and bool(lib.dsray_use_amx(-1))
+
+
+@contextlib.contextmanager
+def amx_tiles(on: bool) -> Iterator[bool]:
+    """Inside this block the grouped kernel uses AMX tiles (``on``, where ``amx`` could be true) or
+    not; yields whether it does. For tests and benchmarks: both paths against the same reference."""
+    lib = _library()
+    if lib is None:
+        yield False
+        return
+    was = lib.dsray_use_amx(-1)
+    try:
+        yield bool(lib.dsray_use_amx(int(on)))
+    finally:
+        lib.dsray_use_amx(was)
 
 
 def available() -> bool:

@@ -42,6 +42,12 @@ def cpu_kernels_isa() -> str | None:
     return os.environ.get("DSRAY_CPU_KERNELS_ISA", "").strip().lower() or None
 
 
+def cpu_amx() -> bool:
+    """Whether dsray's grouped expert kernel may use AMX tiles where the CPU has them
+    (``DSRAY_CPU_AMX``, default on; ``0`` keeps it on AVX512-BF16: ``cpu_kernels.amx``)."""
+    return os.environ.get("DSRAY_CPU_AMX", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
 def onednn_amx() -> bool:
     """Whether bf16 matmuls of 8 rows or more go to torch's oneDNN where the CPU has AMX
     (``DSRAY_ONEDNN_AMX``, default on; ``0`` keeps them on dsray's kernels: ``dsray.onednn``)."""

@@ -35,6 +35,9 @@ HEADERS = [CSRC / "cpu_kernels.h", CSRC / "simd.h"]
 # -ffp-contract=off: a fused multiply-add would round differently from torch's separate mul and add
 # (the dot products' own FMAs are written out, in simd.h).
 CFLAGS = ["-O3", "-ffp-contract=off", "-pthread"]
+# On a CPU with AMX tiles the AVX512-BF16 build also has the grouped expert kernel's AMX path
+# (``cpu_kernels.use_amx``); on one without, the same source builds without it.
+AMX_FLAGS = ["-mamx-tile", "-mamx-bf16"]
 # Instruction sets the kernels are built for, best first: the compiler flags, and the /proc/cpuinfo
 # flags a CPU needs for them.
 ISAS: dict[str, tuple[list[str], tuple[str, ...]]] = {
@@ -114,7 +117,7 @@ def build(cache_dir: Path, isa: str) -> Path:
     compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if compiler is None:
         raise RuntimeError("no C compiler (gcc or cc) on PATH")
-    flags = [*CFLAGS, *ISAS[isa][0]]
+    flags = [*CFLAGS, *ISAS[isa][0], *(AMX_FLAGS if isa == "avx512bf16" and has_amx_bf16() else [])]
     source = b"".join(p.read_bytes() for p in [*SOURCES, *HEADERS])
     key = hashlib.sha256(source + " ".join(flags).encode()).hexdigest()[:16]
     target = cache_dir / f"cpu_kernels-{isa}-{key}.so"

@@ -814,6 +814,7 @@ typedef struct {
     const long* pack_slot;  // packing chunk c: the slot and first row of one block
     const long* pack_row;
     uint32_t *xp, *actp;
+    int amx;  // the packed slots take the AMX tiles (amx_slots)
 } grouped_ctx;
 
 // Chunks and packing are laid out in whole wide tiles on every instruction set (without wide tiles
@@ -950,6 +951,23 @@ static void grouped_pack_chunk(void* p, long c0, long c1) {
     }
 }
 
+// The SwiGLU of `nr` (<= 16) intermediate indices i + n of a block of 16 rows, lane m of g[n] and
+// u[n] holding row m's gate and up products: act = bf16(bf16(silu(bf16(g))) * bf16(u)), stored at
+// `out` (index i's pair of the block's packed act, i even) as pairs (i + n, i + n + 1).
+static inline void pack_act(const __m512* g, const __m512* u, long nr, uint32_t* out) {
+    __m512i bits[16];
+    for (long n = 0; n < nr; ++n) {
+        __m512 gn = round_bf16_512(g[n]), un = round_bf16_512(u[n]);
+        __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), gn));
+        __m512 silu = round_bf16_512(_mm512_div_ps(gn, _mm512_add_ps(_mm512_set1_ps(1.0f), e)));
+        bits[n] = to_bf16_bits(_mm512_mul_ps(silu, un));
+    }
+    for (long n = 0; n < nr; n += 2) {
+        __m512i hi = n + 1 < nr ? _mm512_slli_epi32(bits[n + 1], 16) : _mm512_setzero_si512();
+        _mm512_storeu_si512(out + n / 2 * WIDE_LANES, _mm512_or_si512(bits[n], hi));
+    }
+}
+
 // Gate and up rows [i0, i1) of a wide slot, WIDE_N / 2 of each per tile, for each block of its
 // rows: act = bf16(bf16(silu(bf16(g))) * bf16(u)), written packed ([pairs(I)][16]) for the down tiles.
 static void wide_gate_up(const grouped_ctx* a, long j, const bf16* w, long i0, long i1) {
@@ -967,26 +985,27 @@ static void wide_gate_up(const grouped_ctx* a, long j, const bf16* w, long i0, l
             const long block = a->wide_off[j] + b;
             __m512 acc[WIDE_N];
             wide_tile(a->xp + block * WIDE_LANES * pairs(D), wr, D, acc, b == 0 && next_nr > 0 ? next : NULL);
-            __m512i bits[WIDE_N / 2];
-            for (long n = 0; n < half; ++n) {
-                __m512 g = round_bf16_512(acc[n]), u = round_bf16_512(acc[half + n]);
-                __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), g));
-                __m512 silu = round_bf16_512(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e)));
-                bits[n] = to_bf16_bits(_mm512_mul_ps(silu, u));
-            }
-            // Pairs of intermediate indices (i + n, i + n + 1) into one packed vector; i is even.
-            uint32_t* out = a->actp + block * WIDE_LANES * pairs(I);
-            for (long n = 0; n < nr; n += 2) {
-                __m512i hi = n + 1 < nr ? _mm512_slli_epi32(bits[n + 1], 16) : _mm512_setzero_si512();
-                _mm512_storeu_si512(out + (i + n) / 2 * WIDE_LANES, _mm512_or_si512(bits[n], hi));
-            }
+            pack_act(acc, acc + half, nr, a->actp + block * WIDE_LANES * pairs(I) + i / 2 * WIDE_LANES);
         }
     }
 }
 
+// Outputs d .. d + nr - 1 of block b of slot j's rows, lane m of acc[n] holding row m's output d + n
+// (fp32): transposed, so that each row's outputs are one vector, and stored rounded to bf16.
+static inline void store_outputs(const grouped_ctx* a, long j, long b, long d, long nr, const __m512 acc[WIDE_N]) {
+    const long first = a->row_off[2 * j] + b * WIDE_LANES, end = a->row_off[2 * j + 1];
+    const long mr = end - first < WIDE_LANES ? end - first : WIDE_LANES;
+    __m512i t[WIDE_N];
+    for (int n = 0; n < WIDE_N; ++n) t[n] = _mm512_castps_si512(acc[n]);
+    transpose16(t);
+    for (long m = 0; m < mr; ++m)
+        _mm256_mask_storeu_epi16(a->Y + (first + m) * a->D + d, (__mmask16)_bzhi_u32(0xffff, (unsigned)nr),
+                                 (__m256i)_mm512_cvtneps_pbh(_mm512_castsi512_ps(t[m])));
+}
+
 // Down rows [d0, d1) of a wide slot from its packed act: Y[m, d] for each block of its rows.
 static void wide_down(const grouped_ctx* a, long j, const bf16* w, long d0, long d1) {
-    const long first = a->row_off[2 * j], rows = a->row_off[2 * j + 1] - first, I = a->I, D = a->D;
+    const long rows = a->row_off[2 * j + 1] - a->row_off[2 * j], I = a->I;
     for (long d = d0; d < d1; d += WIDE_N) {
         const long nr = d1 - d < WIDE_N ? d1 - d : WIDE_N, next_nr = d1 - d - nr < WIDE_N ? d1 - d - nr : WIDE_N;
         const bf16 *wr[WIDE_N], *next[WIDE_N];
@@ -996,32 +1015,155 @@ static void wide_down(const grouped_ctx* a, long j, const bf16* w, long d0, long
             __m512 acc[WIDE_N];
             wide_tile(a->actp + (a->wide_off[j] + b) * WIDE_LANES * pairs(I), wr, I, acc,
                       b == 0 && next_nr > 0 ? next : NULL);
-            __m512i t[WIDE_N];  // row n of the tile: output d + n for each of the 16 rows; transposed,
-            for (int n = 0; n < WIDE_N; ++n) t[n] = _mm512_castps_si512(acc[n]);  // row m: its outputs
-            transpose16(t);
-            const long mr = rows - b * WIDE_LANES < WIDE_LANES ? rows - b * WIDE_LANES : WIDE_LANES;
-            for (long m = 0; m < mr; ++m)
-                _mm256_mask_storeu_epi16(a->Y + (first + b * WIDE_LANES + m) * D + d, (__mmask16)_bzhi_u32(0xffff, (unsigned)nr),
-                                         (__m256i)_mm512_cvtneps_pbh(_mm512_castsi512_ps(t[m])));
+            store_outputs(a, j, b, d, nr, acc);
+        }
+    }
+}
+
+#if DSRAY_AMX
+// ---- AMX tiles: a packed slot's products on the matrix unit ---------------------------------------
+//
+// On a CPU with AMX (Sapphire Rapids and later) one `tdpbf16ps` multiplies a 16 x 32 bf16 tile by a
+// 32 x 16 one into 16 x 16 fp32 sums, ~16x the products of a `vdpbf16ps` in about as many cycles:
+// the products stop being the cost and a slot of a few rows runs at the speed of its weight read.
+// The wide tiles' packed rows ([pairs(K)][16] pairs) are already the layout of tdpbf16ps's second
+// operand (16 k-pairs by 16 rows per tile), and 16 weight rows at 32 columns are its first, loaded
+// in place (rows ldw apart): the sums are the wide tiles' acc[n] lane m = dot(W[n], X[m]), so their
+// epilogues (pack_act, store_outputs) are shared. Needs D and I multiples of 32 (amx_fits).
+// Tiles: 0 and 1 the sums (gate, up; down uses 0), 2 and 3 the weight tiles, 4 the packed rows.
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+// Per thread: 16 rows of 64 bytes in tiles 0-4 (the config is thread state, loaded per phase).
+static void amx_begin(void) {
+    tile_config c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int t = 0; t < 5; ++t) {
+        c.rows[t] = 16;
+        c.colsb[t] = 64;
+    }
+    _tile_loadconfig(&c);
+}
+
+// The 16 fp32 sums of tile `t` (stored at `buf`, 16 x 16) as acc[n] = row n.
+static inline void sums_of(const float* buf, __m512 acc[16]) {
+    for (int n = 0; n < 16; ++n) acc[n] = _mm512_load_ps(buf + n * 16);
+}
+
+// Gate and up rows [i0, i1) of a packed slot (i0, i1 multiples of 16), 16 of each per tile. The next
+// tile's weight rows are fetched into L2 while this one's are multiplied, a cache line of each row
+// per 32 columns, as the tiles consume them.
+static void amx_gate_up(const grouped_ctx* a, long j, const bf16* w, long i0, long i1) {
+    const long rows = a->row_off[2 * j + 1] - a->row_off[2 * j], I = a->I, D = a->D;
+    float g[256] __attribute__((aligned(64))), u[256] __attribute__((aligned(64)));
+    for (long i = i0; i < i1; i += 16) {
+        const bf16 *wg = w + i * D, *wu = w + (I + i) * D;
+        const int fetch = i + 16 < i1;
+        for (long b = 0; b * WIDE_LANES < rows; ++b) {
+            const long block = a->wide_off[j] + b;
+            const uint32_t* xp = a->xp + block * WIDE_LANES * pairs(D);
+            _tile_zero(0);
+            _tile_zero(1);
+            for (long k = 0; k < D; k += 32) {
+                if (fetch && b == 0)
+                    for (int n = 16; n < 32; ++n) {
+                        _mm_prefetch((const char*)(wg + n * D + k), _MM_HINT_T1);
+                        _mm_prefetch((const char*)(wu + n * D + k), _MM_HINT_T1);
+                    }
+                _tile_loadd(4, xp + k / 2 * WIDE_LANES, 64);
+                _tile_loadd(2, wg + k, D * sizeof(bf16));
+                _tile_loadd(3, wu + k, D * sizeof(bf16));
+                _tile_dpbf16ps(0, 2, 4);
+                _tile_dpbf16ps(1, 3, 4);
+            }
+            _tile_stored(0, g, 64);
+            _tile_stored(1, u, 64);
+            __m512 gs[16], us[16];
+            sums_of(g, gs);
+            sums_of(u, us);
+            pack_act(gs, us, 16, a->actp + block * WIDE_LANES * pairs(I) + i / 2 * WIDE_LANES);
+        }
+    }
+}
+
+// Down rows [d0, d1) of a packed slot (multiples of 16) from its packed act, 16 per tile.
+static void amx_down(const grouped_ctx* a, long j, const bf16* w, long d0, long d1) {
+    const long rows = a->row_off[2 * j + 1] - a->row_off[2 * j], I = a->I;
+    float y[256] __attribute__((aligned(64)));
+    for (long d = d0; d < d1; d += 16) {
+        const bf16* wd = w + d * I;
+        const int fetch = d + 16 < d1;
+        for (long b = 0; b * WIDE_LANES < rows; ++b) {
+            const uint32_t* act = a->actp + (a->wide_off[j] + b) * WIDE_LANES * pairs(I);
+            _tile_zero(0);
+            for (long k = 0; k < I; k += 32) {
+                if (fetch && b == 0)
+                    for (int n = 16; n < 32; ++n) _mm_prefetch((const char*)(wd + n * I + k), _MM_HINT_T1);
+                _tile_loadd(4, act + k / 2 * WIDE_LANES, 64);
+                _tile_loadd(2, wd + k, I * sizeof(bf16));
+                _tile_dpbf16ps(0, 2, 4);
+            }
+            _tile_stored(0, y, 64);
+            __m512 acc[16];
+            sums_of(y, acc);
+            store_outputs(a, j, b, d, 16, acc);
         }
     }
 }
 #endif
+#endif
+
+// Whether packed slots take the AMX tiles (dsray_use_amx): a build with AMX, on a CPU and kernel
+// that grant this process the tiles' state, and not turned off.
+static int amx_on;
+
+// Where the tiles take a call: whole 32-column steps of D and I, and slots of AMX_MIN_ROWS rows or
+// more (fewer cost only their weight read, which the narrow tiles already run at).
+static inline int amx_fits(long D, long I) { return DSRAY_AMX && amx_on && D % 32 == 0 && I % 32 == 0; }
+#define AMX_MIN_ROWS 2
+
+// Asks for the AMX tiles (1) or gives them up (0); returns whether the kernels now use them (-1:
+// only that). Linux grants a process the tiles' 8 KiB of register state on request (arch_prctl),
+// once for all its threads.
+int dsray_use_amx(int on) {
+#if DSRAY_AMX
+    static int granted = -1;
+    if (on < 0) return amx_on;
+    if (on && granted < 0) granted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+    amx_on = on && granted > 0;
+#else
+    (void)on;
+#endif
+    return amx_on;
+}
 
 // The narrow tiles take a slot's rows NARROW_MAX_ROWS at a time: a narrow slot's in one pass, a
 // wide slot's in several where the memory to pack its rows could not be had.
 static void grouped_gate_up_chunk(void* p, long c0, long c1) {
     const grouped_ctx* a = p;
     float g[NARROW_MAX_ROWS * a->per_index], u[NARROW_MAX_ROWS * a->per_index];
+#if DSRAY_AMX
+    if (a->amx) amx_begin();
+#endif
     for (long c = c0; c < c1; ++c) {
         long j = c / a->blocks1, i0 = (c % a->blocks1) * a->per_index;
         long i1 = i0 + a->per_index < a->I ? i0 + a->per_index : a->I;
         const bf16* w = a->w13 + (long)a->slots[j] * 2 * a->I * a->D;
 #if DSRAY_WIDE_TILES
         if (a->wide_off[j] >= 0) {  // the first tile's rows; each tile fetches the next one's
-            const long first = i1 - i0 < WIDE_N / 2 ? i1 - i0 : WIDE_N / 2;
+            const long tile = a->amx ? 16 : WIDE_N / 2, first = i1 - i0 < tile ? i1 - i0 : tile;
             warm(w + i0 * a->D, first * a->D);
             warm(w + (a->I + i0) * a->D, first * a->D);
+#if DSRAY_AMX
+            if (a->amx) {
+                amx_gate_up(a, j, w, i0, i1);
+                continue;
+            }
+#endif
             wide_gate_up(a, j, w, i0, i1);
             continue;
         }
@@ -1039,11 +1181,17 @@ static void grouped_gate_up_chunk(void* p, long c0, long c1) {
                 }
         }
     }
+#if DSRAY_AMX
+    if (a->amx) _tile_release();
+#endif
 }
 
 static void grouped_down_chunk(void* p, long c0, long c1) {
     const grouped_ctx* a = p;
     float y[NARROW_MAX_ROWS * a->per_row];
+#if DSRAY_AMX
+    if (a->amx) amx_begin();
+#endif
     for (long c = c0; c < c1; ++c) {
         long j = c / a->blocks2, d0 = (c % a->blocks2) * a->per_row;
         long d1 = d0 + a->per_row < a->D ? d0 + a->per_row : a->D;
@@ -1051,6 +1199,12 @@ static void grouped_down_chunk(void* p, long c0, long c1) {
 #if DSRAY_WIDE_TILES
         if (a->wide_off[j] >= 0) {
             warm(w + d0 * a->I, (d1 - d0 < WIDE_N ? d1 - d0 : WIDE_N) * a->I);
+#if DSRAY_AMX
+            if (a->amx) {
+                amx_down(a, j, w, d0, d1);
+                continue;
+            }
+#endif
             wide_down(a, j, w, d0, d1);
             continue;
         }
@@ -1062,6 +1216,9 @@ static void grouped_down_chunk(void* p, long c0, long c1) {
                 for (long d = d0; d < d1; ++d) a->Y[(r + m) * a->D + d] = f32_to_bf16(y[m * a->per_row + d - d0]);
         }
     }
+#if DSRAY_AMX
+    if (a->amx) _tile_release();
+#endif
 }
 
 void dsray_swiglu_grouped_bf16(const bf16* X, const bf16* w13, const bf16* w2, int num_slots, const int* slots,
@@ -1073,11 +1230,16 @@ void dsray_swiglu_grouped_bf16(const bf16* X, const bf16* w13, const bf16* w2, i
     // Even, so a wide tile's intermediate pairs never straddle two chunks; whole wide tiles when large.
     per_index = per_index < WIDE_N ? (per_index + 1) / 2 * 2 : per_index / (WIDE_N / 2) * (WIDE_N / 2);
     per_row = per_row < WIDE_N ? per_row : per_row / WIDE_N * WIDE_N;
+    const int amx = amx_fits(D, I);
+    if (amx) {  // whole AMX tiles: 16 intermediate indices, 16 outputs
+        per_index = (per_index + 15) / 16 * 16;
+        per_row = (per_row + 15) / 16 * 16;
+    }
     long* wide_off = malloc(sizeof(long) * (size_t)(num_slots > 0 ? num_slots : 1));
     long blocks = 0;
     for (int j = 0; j < num_slots; ++j) {
         const long rows = row_off[2 * j + 1] - row_off[2 * j];
-        const int wide = DSRAY_WIDE_TILES && rows > NARROW_MAX_ROWS;
+        const int wide = DSRAY_WIDE_TILES && (rows > NARROW_MAX_ROWS || (amx && rows >= AMX_MIN_ROWS));
         wide_off[j] = wide ? blocks : -1;
         if (wide) blocks += (rows + WIDE_LANES - 1) / WIDE_LANES;
     }
@@ -1097,7 +1259,7 @@ void dsray_swiglu_grouped_bf16(const bf16* X, const bf16* w13, const bf16* w2, i
         blocks = 0;
     }
     grouped_ctx a = {X,         w13,       w2,         Y,        act,      row_off, slots, D, I, per_index, per_row,
-                     num_chunks(I, per_index), num_chunks(D, per_row), wide_off, pack_slot, pack_row, xp, actp};
+                     num_chunks(I, per_index), num_chunks(D, per_row), wide_off, pack_slot, pack_row, xp, actp, amx};
 #if DSRAY_WIDE_TILES
     if (blocks > 0) parallel_chunks(grouped_pack_chunk, &a, blocks, nthreads);
 #endif

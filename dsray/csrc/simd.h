@@ -23,6 +23,11 @@
 
 #define DSRAY_WIDE_TILES 1
 #define DSRAY_WIDEN_X 0  // the tiles read X as bf16
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#define DSRAY_AMX 1  // a wide slot's products may take the AMX tiles (cpu_kernels.c, dsray_use_amx)
+#else
+#define DSRAY_AMX 0
+#endif
 #define VK 32  // bf16 per vector
 #define SQUARE_N 4  // weight rows of a square tile: 4 x 4 accumulators of the 32 registers
 
@@ -89,6 +94,7 @@ static inline float vf_sum(vf32 a) { return _mm512_reduce_add_ps(a); }
 #elif defined(__AVX2__) && defined(__FMA__)
 
 #define DSRAY_WIDE_TILES 0
+#define DSRAY_AMX 0
 #define DSRAY_WIDEN_X 1  // the tiles read X widened to fp32 (cpu_kernels.c, widen_rows)
 #define VK 16
 #define SQUARE_N 2  // 4 x 2 accumulators and the operands' halves fit the 16 registers

@@ -8,10 +8,14 @@ inside a dot product differs, so results agree to a bf16 step of the output's sc
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
-from dsray import cpu_kernels
+from dsray import cpu_kernels, kernel_build
 from experts import shard as shard_module
 from experts.shard import GROUPED_MAX_ROWS, ExpertShard
 
@@ -68,6 +72,44 @@ def test_wide_tiles_equal_each_slots_expert_ffn(dim, inter):
         start += sizes[slot]
     rows = _randn(start, dim, seed=4)
     _assert_each_slot_is_its_expert_ffn(shard, rows, order, spans)
+
+
+@pytest.mark.skipif(not kernel_build.has_amx_bf16(), reason="needs a CPU with AMX-BF16 tiles")
+def test_amx_tiles_equal_each_slots_expert_ffn(kernel_isa):
+    """Where the CPU has AMX, slots of 2 rows or more take the AMX tiles (D and I multiples of 32;
+    `small`'s D 1024, I 256 here): one row (narrow), a part-full block, a full one, and several with a
+    part-full last one."""
+    if kernel_isa != "avx512bf16":
+        pytest.skip("the AMX tiles are part of the AVX512-BF16 build")
+    dim = 1024
+    shard = _shard(7, dim, 256)
+    sizes = [1, 2, 5, 16, 17, 41, 9]
+    spans = [(sum(sizes[:i]), sum(sizes[: i + 1])) for i in range(len(sizes))]
+    slots = [6, 0, 3, 1, 5, 2, 4]
+    rows = _randn(sum(sizes), dim, seed=5)
+    with cpu_kernels.amx_tiles(True) as on:
+        assert on and cpu_kernels.amx()
+        _assert_each_slot_is_its_expert_ffn(shard, rows, slots, spans)
+        tiles = cpu_kernels.swiglu_grouped(rows, slots, spans, shard.w13.data, shard.w2.data)
+    with cpu_kernels.amx_tiles(False) as on:
+        assert not on and not cpu_kernels.amx()
+        _assert_each_slot_is_its_expert_ffn(shard, rows, slots, spans)
+        wide = cpu_kernels.swiglu_grouped(rows, slots, spans, shard.w13.data, shard.w2.data)
+    # The tiles ran: past 8 rows both sides pack the rows, and the tiles' fp32 sums round differently.
+    packed = torch.cat([torch.arange(b, e) for b, e in spans if e - b > 8])
+    assert not torch.equal(tiles[packed], wide[packed])
+
+
+def test_amx_tiles_are_off_with_DSRAY_CPU_AMX_0(kernel_isa):
+    if kernel_isa != kernel_build.chosen_isa():
+        pytest.skip("a new process runs the build chosen for the CPU")
+    probe = "from dsray import cpu_kernels; print(cpu_kernels.amx())"
+    default = kernel_build.has_amx_bf16() and kernel_isa == "avx512bf16"
+    for env, want in (({}, default), ({"DSRAY_CPU_AMX": "0"}, False)):
+        done = subprocess.run(
+            [sys.executable, "-c", probe], env=os.environ | env, capture_output=True, text=True, check=True
+        )
+        assert done.stdout.strip() == str(want), (env, done.stderr)
 
 
 def test_kernel_pieces_cut_wide_slots_into_even_whole_blocks():
