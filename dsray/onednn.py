@@ -3,7 +3,8 @@
 On a CPU with AMX tiles (Sapphire Rapids and later) oneDNN, which torch's bf16 matmuls run on,
 computes on the tiles; dsray's kernels (``dsray/cpu_kernels.py``) do not. There oneDNN is faster
 from a few rows (``takes``): ``layers.linear`` and ``MLP`` send it batches of ``MIN_ROWS`` rows or
-more, ``ExpertShard.run_sorted`` slots of ``GROUPED_MIN_ROWS`` rows or more. ``DSRAY_ONEDNN_AMX=0``
+more, ``ExpertShard.run_sorted`` slots of ``grouped_min_rows()`` rows or more (few where the grouped
+kernel computes on AVX512, only slots past 128 rows where it has AMX tiles too). ``DSRAY_ONEDNN_AMX=0``
 keeps them on the kernels. Every bf16 CPU GEMM dsray gives oneDNN goes through ``linear``, which
 pads the rows to a few sizes (``bucket_rows``). ``benchmarks/cpu_gemm.py`` measures both sides.
 """
@@ -15,7 +16,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from dsray import envs, kernel_build
+from dsray import cpu_kernels, envs, kernel_build
 
 # Where the CPU has AMX (``amx``), oneDNN's bf16 GEMM on its tiles beats dsray's kernels from
 # about this many rows (``benchmarks/cpu_gemm.py``). 2 AMX Xeon cores, kernel time over oneDNN's on
@@ -25,6 +26,10 @@ MIN_ROWS = 8
 # slot in one call, oneDNN one slot at a time. 64 slots of `small`, weights from memory, kernel over
 # oneDNN: 16 rows a slot 0.83, 24 rows 1.44, 64 rows 2.18, 128 rows 2.99.
 GROUPED_MIN_ROWS = 24
+# Where the grouped kernel itself computes on AMX tiles (``cpu_kernels.amx``), it beats oneDNN up to
+# ``experts.shard.GROUPED_MAX_ROWS`` (128) rows a slot and loses past it. Same 64 slots, AMX kernel
+# time over oneDNN's: 16 rows 0.45, 64 rows 0.62, 128 rows 0.77, 256 rows 1.21, 512 rows 1.20.
+GROUPED_MIN_ROWS_AMX_KERNEL = 129
 
 
 @functools.cache
@@ -37,6 +42,12 @@ def amx() -> bool:
 def takes(rows: int, min_rows: int = MIN_ROWS) -> bool:
     """Whether a bf16 CPU matmul of ``rows`` rows per weight goes to oneDNN rather than the kernels."""
     return rows >= min_rows and amx()
+
+
+def grouped_min_rows() -> int:
+    """From how many rows a routed-expert slot goes to oneDNN rather than the grouped kernel
+    (``takes(rows, grouped_min_rows())``): more where the kernel has AMX tiles of its own."""
+    return GROUPED_MIN_ROWS_AMX_KERNEL if cpu_kernels.amx() else GROUPED_MIN_ROWS
 
 
 def bucket_rows(rows: int) -> int:

@@ -7,7 +7,7 @@ Weights are stacked per shard — ``w13 [E_local, 2I, D]`` (gate rows then up ro
 Compute paths: ``forward_loop`` (one expert at a time over a token mask; the oracle),
 ``run_sorted`` (rows pre-sorted by expert; the fast path that the MoE exchange feeds: on x86-64
 CPUs every slot runs in one kernel call, in pieces of at most ``GROUPED_MAX_ROWS`` rows; where the
-CPU has AMX, slots of ``onednn.GROUPED_MIN_ROWS`` rows or more go to oneDNN one at a time) and
+CPU has AMX, slots of ``onednn.grouped_min_rows()`` rows or more go to oneDNN one at a time) and
 ``forward_single`` (one token: its K experts directly). With ``mode="triton"``
 (``expert_mode="triton"``), ``run_sorted`` is one fused Triton MoE over all slots and
 ``forward_fused`` runs a whole layer's (token, k) pairs with the routing weights in the kernel
@@ -201,7 +201,8 @@ class ExpertShard(nn.Module):
         out, loose = None, spans  # loose: slots computed one at a time (expert_ffn)
         if spans and self._grouped_kernel(rows):
             # Where the CPU has AMX, oneDNN runs a slot of many rows (a prefill's) faster on its own.
-            wide = [onednn.takes(e - b, onednn.GROUPED_MIN_ROWS) for _, b, e in spans]
+            min_rows = onednn.grouped_min_rows()
+            wide = [onednn.takes(e - b, min_rows) for _, b, e in spans]
             loose = [span for span, w in zip(spans, wide) if w]
             if grouped := [span for span, w in zip(spans, wide) if not w]:  # every other slot in one call
                 pieces = [piece for span in grouped for piece in _kernel_pieces(*span)]

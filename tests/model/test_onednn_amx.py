@@ -121,16 +121,28 @@ def test_a_decode_batch_mlp_of_amx_size_is_three_onednn_gemms(monkeypatch):
     assert (got.float() - exact).abs().max() <= 4 * BF16_STEP * exact.abs().max()
 
 
+def test_grouped_min_rows_is_higher_where_the_kernel_has_amx_tiles_itself(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "amx", lambda: False)
+    assert onednn.grouped_min_rows() == onednn.GROUPED_MIN_ROWS == 24
+    monkeypatch.setattr(cpu_kernels, "amx", lambda: True)
+    assert onednn.grouped_min_rows() == onednn.GROUPED_MIN_ROWS_AMX_KERNEL == shard_module.GROUPED_MAX_ROWS + 1
+
+
 @pytest.mark.usefixtures("amx")
-def test_run_sorted_sends_wide_slots_to_onednn_and_the_rest_to_one_kernel_call(monkeypatch):
-    """A prefill's slots of many rows go to oneDNN one at a time; the few-row slots still share one
+@pytest.mark.parametrize("kernel_tiles", [False, True], ids=["kernel-avx512", "kernel-amx"])
+def test_run_sorted_sends_wide_slots_to_onednn_and_the_rest_to_one_kernel_call(monkeypatch, kernel_tiles):
+    """A prefill's slots of many rows go to oneDNN one at a time (from ``grouped_min_rows()``: 24 rows,
+    or 129 where the grouped kernel has AMX tiles itself); the other slots still share one
     grouped-kernel call; together they equal the torch path slot by slot."""
     num_slots, dim, inter = 6, 128, 64
     shard = ExpertShard(range(num_slots), dim, inter)
     g = torch.Generator().manual_seed(7)
     shard.w13.data = (torch.randn(shard.w13.shape, generator=g) * dim**-0.5).bfloat16()
     shard.w2.data = (torch.randn(shard.w2.shape, generator=g) * inter**-0.5).bfloat16()
-    wide = onednn.GROUPED_MIN_ROWS
+    # The routing as where the kernel has (or lacks) tiles; the kernel's own state to match where it can.
+    monkeypatch.setattr(cpu_kernels, "amx", lambda: kernel_tiles)
+    wide = onednn.grouped_min_rows()
+    assert wide == (onednn.GROUPED_MIN_ROWS_AMX_KERNEL if kernel_tiles else onednn.GROUPED_MIN_ROWS)
     counts = [3, wide + 6, 0, wide, 1, 2 * wide, 0]  # padded past the shard's slots, as the exchange sends
     rows = _randn(sum(counts), dim, seed=8)
     grouped, on_onednn = [], []
@@ -138,7 +150,8 @@ def test_run_sorted_sends_wide_slots_to_onednn_and_the_rest_to_one_kernel_call(m
     monkeypatch.setattr(shard_module.cpu_kernels, "swiglu_grouped", lambda *a: grouped.append(a[1]) or real_grouped(*a))
     monkeypatch.setattr(F, "linear", lambda x, w, b=None: on_onednn.append(x.shape[0]) or real_linear(x, w, b))
 
-    got = shard.run_sorted(rows, counts)
+    with cpu_kernels.amx_tiles(kernel_tiles):
+        got = shard.run_sorted(rows, counts)
     if cpu_kernels.available():
         assert grouped == [[0, 4]]
         padded = [bucket_rows(n) for n in (wide + 6, wide + 6, wide, wide, 2 * wide, 2 * wide)]
