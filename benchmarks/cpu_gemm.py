@@ -1,16 +1,17 @@
 """dsray's CPU GEMM kernels against torch's oneDNN, per row count, on `small`'s weight shapes.
 
 Where the two cross decides which one a bf16 batch takes (``onednn.takes``: on a CPU
-with AMX tiles, oneDNN from ``onednn.MIN_ROWS`` rows for linears and ``onednn.GROUPED_MIN_ROWS``
+with AMX tiles, oneDNN from ``onednn.MIN_ROWS`` rows for linears and ``onednn.grouped_min_rows()``
 rows per routed-expert slot). This measures both sides in one run:
 
 * ``linear`` — ``cpu_kernels.gemm`` vs ``F.linear`` (oneDNN) for the LM head, attention
   projections and dense/shared MLPs of `small`, at 1 to 64 rows; each timing is the median of
   ``--iters`` calls on the same (cache-warm) weight.
 * ``experts`` — one MoE layer's 64 slots of `small` (D 1024, I 256): the grouped kernel in one
-  call vs oneDNN one slot at a time (gate/up, SwiGLU, down), at 8 to 128 rows per slot. The
-  weights of 11 layers are cycled (1.06 GB), so each layer's weights come from memory, as in a
-  model.
+  call vs oneDNN one slot at a time (gate/up, SwiGLU, down), at 1 to 512 rows per slot; where the
+  kernel has AMX tiles (``cpu_kernels.amx``), both with them (``kernel_ms_per_layer``) and without
+  (``kernel_avx512_ms_per_layer``). The weights of 11 layers are cycled (1.06 GB), so each layer's
+  weights come from memory, as in a model; ``kernel_gb_s`` is the kernel's weight read per second.
 * ``new_shapes`` — oneDNN builds (JIT-compiles) a GEMM for each shape it has not seen: the time of
   a first call at each of 50 new row counts against repeated calls at those counts, which is why
   ``onednn.linear`` pads rows to buckets.
@@ -49,7 +50,7 @@ LINEARS = [
     ("dense_down", 1024, 2816),
 ]
 LINEAR_ROWS = [1, 2, 4, 8, 12, 16, 32, 64]
-EXPERT_ROWS = [8, 16, 24, 32, 64, 128]
+EXPERT_ROWS = [1, 2, 4, 8, 16, 24, 32, 64, 128, 256, 512]
 
 
 def _median_s(fn, iters: int, *args) -> float:
@@ -111,16 +112,21 @@ def bench_experts(layers: int = 11, slots: int = 64, dim: int = 1024, inter: int
         )
         for _ in range(layers)
     ]
+    layer_gb = sum(w.numel() * w.element_size() for w in weights[0]) / 1e9
+    tiles = cpu_kernels.amx()
     out = []
     for per_slot in EXPERT_ROWS:
         rows = torch.randn(slots * per_slot, dim, dtype=torch.bfloat16)
         bounds = [(s * per_slot, (s + 1) * per_slot) for s in range(slots)]
 
         kernel, onednn = (_per_layer_s(fn, weights, rows, bounds) for fn in (_grouped, _one_at_a_time))
-        out.append(
-            {"rows_per_slot": per_slot, "kernel_ms_per_layer": kernel * 1e3, "onednn_ms_per_layer": onednn * 1e3}
-            | {"kernel_over_onednn": kernel / onednn}
-        )
+        row = {"rows_per_slot": per_slot, "kernel_ms_per_layer": kernel * 1e3, "onednn_ms_per_layer": onednn * 1e3}
+        row |= {"kernel_over_onednn": kernel / onednn, "kernel_gb_s": layer_gb / kernel}
+        if tiles:
+            with cpu_kernels.amx_tiles(False):
+                avx512 = _per_layer_s(_grouped, weights, rows, bounds)
+            row |= {"kernel_avx512_ms_per_layer": avx512 * 1e3, "amx_speedup": avx512 / kernel}
+        out.append(row)
     return out
 
 
@@ -157,9 +163,10 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads,
         "isa": kernel_build.isa(),
         "amx_bf16": kernel_build.has_amx_bf16(),
+        "kernel_amx_tiles": cpu_kernels.amx(),
         "onednn_takes_from_rows": {
             "linear": onednn.MIN_ROWS,
-            "expert_slot": onednn.GROUPED_MIN_ROWS,
+            "expert_slot": onednn.grouped_min_rows(),
         }
         if onednn.amx()
         else None,
