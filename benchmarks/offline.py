@@ -18,7 +18,8 @@ exchange time (what the attention rank spends blocked in MoE exchanges, as a fra
 step time); ``--compare-local`` runs the local executor on the same prompts in the same run
 (``--local-threads``, default 2) and gives the ratio; ``--overlap`` runs the Ray executor
 with the engine's default overlaps, or with both overlaps (shared experts during the exchange, two
-micro-batches) on or off (``all``: the three in one run); ``--local-expert-share`` runs each of
+micro-batches) on or off (``all``: the three in one run; ``shared``: the shared experts overlapped
+without micro-batches); ``--local-expert-share`` runs each of
 those with attention workers that also hold that share of the experts; ``--shapes`` runs each for
 several worker counts (``AxE``; ``2x0``: two attention workers that hold the experts themselves):
 
@@ -183,10 +184,18 @@ def step_breakdown(before: dict, after: dict, wall: float) -> dict:
     }
 
 
-Config = tuple[tuple[int, int], bool | None, float]  # ((A, E), overlap, local_expert_share)
+Config = tuple[tuple[int, int], bool | str | None, float]  # ((A, E), overlap, local_expert_share)
 
 
-def ray_llm(args, shape: tuple[int, int], overlap: bool | None, share: float) -> LLM:
+def _overlaps(overlap: bool | str | None) -> dict:
+    """Engine settings of an ``--overlap`` run: None the defaults, True/False both overlaps on/off,
+    ``"shared"`` the shared experts during the exchange without micro-batches."""
+    if overlap == "shared":
+        return {"overlap_shared_experts": True, "micro_batch_overlap": False}
+    return {} if overlap is None else {"overlap_shared_experts": overlap, "micro_batch_overlap": overlap}
+
+
+def ray_llm(args, shape: tuple[int, int], overlap: bool | str | None, share: float) -> LLM:
     """A Ray-executor ``LLM`` for one configuration, one thread per worker: ``shape`` (A attention, E expert
     workers; E=0: the attention workers hold the experts), ``share``: ``local_expert_share`` (experts the
     attention workers compute themselves)."""
@@ -198,11 +207,13 @@ def ray_llm(args, shape: tuple[int, int], overlap: bool | None, share: float) ->
         num_attention_workers=shape[0],
         num_expert_workers=shape[1],
         local_expert_share=share,
-        **({} if overlap is None else {"overlap_shared_experts": overlap, "micro_batch_overlap": overlap}),
+        **_overlaps(overlap),
     )
 
 
-def ray_batched(args, prompts: list[list[int]], shape: tuple[int, int], overlap: bool | None, share: float) -> dict:
+def ray_batched(
+    args, prompts: list[list[int]], shape: tuple[int, int], overlap: bool | str | None, share: float
+) -> dict:
     """The batched workload on the Ray executor (one thread per worker), with its time breakdown."""
     with ray_llm(args, shape, overlap, share) as llm:
         ours_batched(llm, prompts[:2], 4)  # warm-up
@@ -292,8 +303,9 @@ def local_batched(args, prompts: list[list[int]]) -> dict:
     return result
 
 
-def _name(shape: tuple[int, int], overlap: bool | None, share: float) -> str:
-    name = f"ray_{shape[0]}x{shape[1]}_overlap_" + ("default" if overlap is None else "on" if overlap else "off")
+def _name(shape: tuple[int, int], overlap: bool | str | None, share: float) -> str:
+    label = overlap if isinstance(overlap, str) else "default" if overlap is None else "on" if overlap else "off"
+    name = f"ray_{shape[0]}x{shape[1]}_overlap_{label}"
     return name + (f"_local_experts_{share:g}" if share else "")
 
 
@@ -310,9 +322,14 @@ def ray_report(args) -> dict:
         "workers_attention_x_expert": [f"{a}x{e}" for a, e in args.shapes],
         "threads_per_worker": 1,
     }
-    runs = {"default": [None], "on": [True], "off": [False], "both": [False, True], "all": [False, None, True]}[
-        args.overlap
-    ]
+    runs = {
+        "default": [None],
+        "on": [True],
+        "off": [False],
+        "shared": ["shared"],
+        "both": [False, True],
+        "all": [False, None, True],
+    }[args.overlap]
     configs = list(
         dict.fromkeys(  # without expert workers the attention workers hold every expert: share 0 (once)
             (shape, overlap, share if shape[1] else 0.0)
@@ -362,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--overlap",
         default="default",
-        choices=["default", "on", "off", "both", "all"],
+        choices=["default", "on", "off", "shared", "both", "all"],
         help="ray: the engine's default overlaps, both overlaps on, both off, off and on, or all three",
     )
     parser.add_argument(
