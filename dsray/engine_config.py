@@ -92,11 +92,12 @@ class EngineConfig(BaseModel):
     overlap_shared_experts: bool = Field(
         True, description="Compute the shared experts while routed rows are at the expert workers (ray executor)."
     )
-    micro_batch_overlap: bool = Field(
-        True,
+    micro_batch_overlap: bool | None = Field(
+        None,
         description="Split a step's batch in two micro-batches so one's attention runs while the other's rows are at "
         "the experts (ray executor with expert workers; only for steps of at least micro_batch_min_tokens tokens "
-        "on some rank).",
+        "on some rank). None (default): on, except where the attention workers compute routed experts themselves "
+        "(local_expert_share > 0, or no expert workers): a second round would read those experts again.",
     )
     micro_batch_min_tokens: int = Field(
         8, ge=2, description="Smallest per-rank batch (tokens) that micro_batch_overlap splits in two."

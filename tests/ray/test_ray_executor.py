@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+from types import SimpleNamespace
 
 import pytest
 import ray
@@ -13,6 +14,7 @@ from dsray.async_llm import AsyncLLM
 from dsray.engine_config import EngineConfig
 from dsray.make_model import make_model
 from dsray.protocol import SeqStep, StepInput
+from dsray.ray_executor import RayExecutor
 from dsray.testing import make_hf_checkpoint
 
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
@@ -104,6 +106,24 @@ def test_attention_workers_holding_the_experts_match_local(slots_cluster, models
         # Experts on every rank: a second micro-batch would read them again, so a step runs one round per layer.
         seqs = [SeqStep(str(i), 16, 0, [], True) for i in range(4)]
         assert executor._num_micro_batches([StepInput(seqs=seqs)]) == 1
+
+
+def test_micro_batches_by_default_only_where_attention_workers_hold_no_experts():
+    """The rule alone (no workers): two rounds for a big enough step, unless attention workers compute routed
+    experts themselves (a second round would read them again); an explicit setting wins over the default."""
+    big = [StepInput(seqs=[SeqStep(str(i), 16, 0, [], True) for i in range(4)])]
+    small = [StepInput(seqs=[SeqStep("0", 1, 5, [], True)])]
+
+    def rounds(steps, experts_on_attention=False, **config) -> int:
+        config = EngineConfig.model_construct(model="m", executor="ray", **config)  # the fields the rule reads
+        executor = SimpleNamespace(config=config, experts_on_attention=experts_on_attention)
+        return RayExecutor._num_micro_batches(executor, steps)
+
+    assert rounds(big) == 2 and rounds(small) == 1
+    assert rounds(big, local_expert_share=0.5) == 1
+    assert rounds(big, local_expert_share=0.5, micro_batch_overlap=True) == 2
+    assert rounds(big, micro_batch_overlap=False) == 1
+    assert rounds(big, experts_on_attention=True, micro_batch_overlap=True) == 1
 
 
 def test_overlap_on_and_off_give_identical_outputs(slots_cluster, models, local_outputs):
