@@ -113,11 +113,22 @@ def using_isa(name: str) -> Iterator[None]:
 
 
 def build(cache_dir: Path, isa: str) -> Path:
-    """The shared library of the kernels for ``isa`` in ``cache_dir``, compiled unless it is there."""
+    """The shared library of the kernels for ``isa`` in ``cache_dir``, compiled unless it is there. On an AMX
+    CPU the AVX512-BF16 build has the AMX tile code too, unless the compiler cannot build it (GCC before 11):
+    then it is built without, as on any other CPU."""
     compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if compiler is None:
         raise RuntimeError("no C compiler (gcc or cc) on PATH")
-    flags = [*CFLAGS, *ISAS[isa][0], *(AMX_FLAGS if isa == "avx512bf16" and has_amx_bf16() else [])]
+    flags = [*CFLAGS, *ISAS[isa][0]]
+    if isa == "avx512bf16" and has_amx_bf16():
+        try:
+            return _build(cache_dir, isa, compiler, [*flags, *AMX_FLAGS])
+        except RuntimeError as exc:
+            logger.warning("dsray CPU kernels: building without AMX tiles: %s", exc)
+    return _build(cache_dir, isa, compiler, flags)
+
+
+def _build(cache_dir: Path, isa: str, compiler: str, flags: list[str]) -> Path:
     source = b"".join(p.read_bytes() for p in [*SOURCES, *HEADERS])
     key = hashlib.sha256(source + " ".join(flags).encode()).hexdigest()[:16]
     target = cache_dir / f"cpu_kernels-{isa}-{key}.so"

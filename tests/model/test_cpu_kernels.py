@@ -9,6 +9,10 @@ torch's bf16 path is.
 
 from __future__ import annotations
 
+import ctypes
+import logging
+import shutil
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -440,3 +444,23 @@ def test_the_kernels_run_on_the_cpus_best_instruction_set_unless_told_otherwise(
         monkeypatch.undo()
         kernel_build.chosen_isa.cache_clear()
     assert kernel_build.isa() in have
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
+def test_an_amx_cpu_whose_compiler_lacks_amx_gets_the_kernels_without_tiles(monkeypatch, tmp_path, caplog):
+    """A compiler that refuses the AMX flags (GCC before 11) still builds the AVX512-BF16 kernels, without tiles."""
+    cc = tmp_path / "cc"
+    cc.write_text(
+        '#!/bin/sh\ncase " $* " in *" -mamx-tile "*) echo "unrecognized -mamx-tile" >&2; exit 1;; esac\nexec gcc "$@"\n'
+    )
+    cc.chmod(0o755)
+    monkeypatch.setenv("CC", str(cc))
+    monkeypatch.setattr(kernel_build, "has_amx_bf16", lambda: True)
+    with caplog.at_level(logging.WARNING, logger="dsray.kernel_build"):
+        built = kernel_build.build(tmp_path / "kernels", "avx512bf16")
+    assert "building without AMX tiles" in caplog.text and "unrecognized -mamx-tile" in caplog.text
+    lib = ctypes.CDLL(str(built))
+    assert lib.dsray_use_amx(1) == 0  # no tile code in this build: the kernels keep to AVX512-BF16
+    monkeypatch.setenv("CC", shutil.which("gcc"))
+    with_tiles = kernel_build.build(tmp_path / "kernels", "avx512bf16")
+    assert with_tiles != built  # a compiler that can: the build with the tiles, its own file
