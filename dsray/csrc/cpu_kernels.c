@@ -1049,7 +1049,7 @@ static void amx_begin(void) {
     _tile_loadconfig(&c);
 }
 
-// The 16 fp32 sums of tile `t` (stored at `buf`, 16 x 16) as acc[n] = row n.
+// The 16 x 16 fp32 sums a tile stored at `buf`, as acc[n] = row n.
 static inline void sums_of(const float* buf, __m512 acc[16]) {
     for (int n = 0; n < 16; ++n) acc[n] = _mm512_load_ps(buf + n * 16);
 }
@@ -1259,7 +1259,8 @@ void dsray_swiglu_grouped_bf16(const bf16* X, const bf16* w13, const bf16* w2, i
         blocks = 0;
     }
     grouped_ctx a = {X,         w13,       w2,         Y,        act,      row_off, slots, D, I, per_index, per_row,
-                     num_chunks(I, per_index), num_chunks(D, per_row), wide_off, pack_slot, pack_row, xp, actp, amx};
+                     num_chunks(I, per_index), num_chunks(D, per_row), wide_off, pack_slot, pack_row, xp, actp,
+                     amx && blocks > 0};  // no packed slot (a batch-1 step): no tile config to load
 #if DSRAY_WIDE_TILES
     if (blocks > 0) parallel_chunks(grouped_pack_chunk, &a, blocks, nthreads);
 #endif
