@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsray import cpu_kernels, fp8_gemm, onednn
+from dsray import cpu_kernels, fp8_gemm, kernel_threads, onednn
 
 GEMV_MAX_ROWS = 2
 
@@ -34,7 +34,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     rows = x.numel() // x.shape[-1]
     cpu_bf16 = x.dtype == weight.dtype == torch.bfloat16 and x.device.type == "cpu"
     if cpu_bf16 and onednn.takes(rows):
-        with cpu_kernels.all_threads():  # AMX tiles: oneDNN on every thread the step has
+        with kernel_threads.all_threads():  # AMX tiles: oneDNN on every thread the step has
             return onednn.linear(x, weight, bias)
     if rows <= cpu_kernels.GEMM_MAX_ROWS and weight.dtype == torch.bfloat16 and cpu_kernels.usable(x, rows):
         y = cpu_kernels.gemm(x, weight)

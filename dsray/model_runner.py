@@ -9,7 +9,7 @@ import torch
 
 from attention.kv_cache import allocate_latent_cache, num_blocks_for_budget
 from attention.metadata import AttentionMetadata
-from dsray import cpu_kernels, decode_step
+from dsray import cpu_kernels, decode_step, kernel_threads
 from dsray.cpu_load import OthersLoad
 from dsray.model import Transformer
 from dsray.protocol import SeqStep, StepInput, StepOutput
@@ -105,7 +105,7 @@ class ModelRunner:
             return self._execute(step)
 
     def _threads_for(self, num_tokens: int, num_seqs: int):
-        """A decode-sized step on the CPU kernels runs torch single-threaded (``cpu_kernels.torch_single_threaded``);
+        """A decode-sized step on the CPU kernels runs torch single-threaded (``kernel_threads.torch_single_threaded``);
         a step of more sequences than the kernels take leaves ``front_end_cores`` to the server streaming them,
         while other processes keep that many cores busy (``dsray/cpu_load.py``).
 
@@ -117,7 +117,7 @@ class ModelRunner:
         if self.device.type != "cpu":
             return contextlib.nullcontext()
         if num_tokens <= cpu_kernels.GEMM_MAX_ROWS and cpu_kernels.available():
-            return cpu_kernels.torch_single_threaded()
+            return kernel_threads.torch_single_threaded()
         if (
             self.front_end_cores
             and num_seqs > cpu_kernels.GEMM_MAX_ROWS

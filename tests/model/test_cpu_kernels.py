@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from attention.metadata import AttentionMetadata
-from dsray import cpu_kernels, kernel_build
+from dsray import cpu_kernels, kernel_build, kernel_threads
 from dsray.config import ModelArgs
 from dsray.layers import MLP, RMSNorm, linear
 from dsray.simple_generate import SingleSequence
@@ -354,11 +354,11 @@ def test_decode_steps_run_torch_single_threaded_and_the_kernels_with_torchs_thre
         return real_execute(self, s)
 
     def rmsnorm(x, *args):  # every prefill step calls it, whatever its rows
-        seen[step[0]].add((torch.get_num_threads(), cpu_kernels.threads()))
+        seen[step[0]].add((torch.get_num_threads(), kernel_threads.threads()))
         return real_rmsnorm(x, *args)
 
     def decode_step(*args):  # every decode step is this one call (dsray/decode_step.py)
-        seen[step[0]].add((torch.get_num_threads(), cpu_kernels.threads()))
+        seen[step[0]].add((torch.get_num_threads(), kernel_threads.threads()))
         return real_decode_step(*args)
 
     real_decode_step = cpu_kernels.decode_step
@@ -391,7 +391,7 @@ def test_steps_of_many_sequences_leave_the_front_end_its_cores_while_it_is_busy(
 
     def execute(self, step):
         many = len(step.seqs) > cpu_kernels.GEMM_MAX_ROWS
-        seen.add((others_busy["now"], many, torch.get_num_threads(), cpu_kernels.threads()))
+        seen.add((others_busy["now"], many, torch.get_num_threads(), kernel_threads.threads()))
         return real_execute(self, step)
 
     def busy(self, cores):

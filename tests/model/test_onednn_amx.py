@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dsray import cpu_kernels, kernel_build, onednn
+from dsray import cpu_kernels, kernel_build, kernel_threads, onednn
 from dsray.layers import MLP, linear
 from dsray.onednn import bucket_rows
 from dsray.onednn import linear as onednn_linear
@@ -69,7 +69,7 @@ def test_linear_sends_amx_sized_batches_to_onednn_on_every_thread_of_the_step(mo
     was = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        with cpu_kernels.torch_single_threaded():
+        with kernel_threads.torch_single_threaded():
             small = linear(_randn(onednn.MIN_ROWS - 1, 96, seed=3), w)
             x = _randn(onednn.MIN_ROWS, 96, seed=4)
             got = linear(x, w, b)
